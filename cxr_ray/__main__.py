@@ -1,0 +1,3 @@
+from cxr_ray.cli import main
+
+main()

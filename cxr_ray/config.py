@@ -1,0 +1,302 @@
+"""One settings tree for every command and job.
+
+Built once on the driver (CLI or job entrypoint) from, highest priority first: explicit
+overrides (CLI flags), ``CXR_*`` environment variables (``__`` separates levels, e.g.
+``CXR_TRAIN__WORKERS=4``), an optional TOML file, then the defaults below. Workers never
+build ``Settings()`` themselves: they receive ``settings.model_dump(mode="json")`` dicts.
+
+>>> s = load_settings(overrides={"train": {"epochs": 3}})
+>>> s.train.epochs
+3
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from cxr_ray.errors import ConfigError
+
+#: Backbones the model factory can build (kept here so validating settings needs no torch).
+ARCHITECTURES: tuple[str, ...] = (
+    "mobilenet_v2",
+    "efficientnet_lite0",
+    "resnet18",
+    "resnet50",
+    "densenet121",
+    "efficientnet_b0",
+    "convnext_tiny",
+)
+ENGINES: tuple[str, ...] = ("auto", "onnxruntime", "torch", "tensorrt")
+
+_URI = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<rest>.*)$")
+_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def check_uri(value: str) -> str:
+    """Accept local paths and ``scheme://bucket/key`` URIs; reject malformed URIs early."""
+    m = _URI.match(value)
+    if m is None:
+        if "://" in value or value.startswith(("s3:", "gs:")):
+            raise ValueError(
+                f"malformed URI {value!r}: expected s3://bucket/key or gs://bucket/key"
+            )
+        return value
+    scheme = m.group("scheme")
+    if scheme == "file":
+        return value
+    if scheme not in {"s3", "gs", "gcs", "hdfs", "abfs", "az"}:
+        raise ValueError(
+            f"unsupported URI scheme {scheme!r} in {value!r}: use s3://, gs:// or a path"
+        )
+    bucket = m.group("rest").split("/", 1)[0]
+    if not _BUCKET.match(bucket):
+        raise ValueError(f"malformed URI {value!r}: {bucket!r} is not a valid bucket name")
+    return value
+
+
+class RaySettings(_Section):
+    """Where the Ray cluster is."""
+
+    #: ``None`` starts (or joins) a local Ray; ``auto`` or ``ray://host:10001`` joins a cluster.
+    address: str | None = None
+    #: CPUs for a local Ray started by cxr-ray (``None``: all of this machine's cores).
+    num_cpus: int | None = Field(default=None, ge=1)
+
+
+class DataSettings(_Section):
+    """Ingestion and splits."""
+
+    #: Images with more pixels than this are refused before decoding (decompression bombs).
+    max_pixels: int = Field(default=64_000_000, ge=1)
+    #: Rows per Ray Data block when reading archives: small blocks keep memory bounded.
+    rows_per_block: int = Field(default=64, ge=1, le=100_000)
+    #: Fraction of patients held out for validation.
+    val_fraction: float = Field(default=0.15, gt=0, lt=0.5)
+    split_seed: int = 0
+    #: Name of the bytes column when the source is a Parquet table of images.
+    bytes_column: str = "image"
+    #: Optional column of a Parquet source holding the original file name (for labels).
+    name_column: str | None = "path"
+
+
+class ModelSettings(_Section):
+    """The network and the preprocessing contract recorded in its model card."""
+
+    arch: str = "mobilenet_v2"
+    #: Start from ImageNet weights (found offline; see ``cxr-ray weights``).
+    pretrained: bool = True
+    #: Where pretrained weight files live; ``None``: ``$TORCH_HOME/hub/checkpoints``.
+    weights_dir: str | None = None
+    input_size: int = Field(default=224, ge=32, le=1024)
+    #: Intensity normalisation applied after the resize: see ``cxr_ray.preprocess``.
+    intensity: Literal["none", "equalize", "clahe"] = "none"
+
+    @field_validator("arch")
+    @classmethod
+    def _known_arch(cls, v: str) -> str:
+        if v not in ARCHITECTURES:
+            raise ValueError(
+                f"unknown architecture {v!r}; choose one of {', '.join(ARCHITECTURES)}"
+            )
+        return v
+
+
+class AugmentSettings(_Section):
+    """Training-time augmentation (never applied at scoring)."""
+
+    rotation_deg: float = Field(default=10.0, ge=0, le=45)
+    scale_min: float = Field(default=0.75, gt=0, le=1)
+    translate: float = Field(default=0.06, ge=0, le=0.3)
+    brightness: float = Field(default=0.3, ge=0, le=1)
+    contrast: float = Field(default=0.3, ge=0, le=1)
+    gamma: float = Field(default=0.35, ge=0, le=1)
+    blur_prob: float = Field(default=0.2, ge=0, le=1)
+    #: Off by default: chest anatomy is not mirror-symmetric (heart on the left).
+    hflip: bool = False
+
+
+class TrainSettings(_Section):
+    """The fine-tuning recipe and its Ray Train resources."""
+
+    workers: int = Field(default=2, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: PositiveFloat = 1.0
+    epochs: int = Field(default=10, ge=1)
+    #: Per-worker batch size.
+    batch_size: int = Field(default=32, ge=1)
+    lr: PositiveFloat = 2e-3
+    #: Backbone learning rate = lr * this (the new head learns at ``lr``).
+    backbone_lr_mult: float = Field(default=0.25, ge=0, le=1)
+    weight_decay: float = Field(default=0.02, ge=0)
+    warmup_epochs: float = Field(default=0.5, ge=0)
+    label_smoothing: float = Field(default=0.05, ge=0, lt=1)
+    grad_clip: float = Field(default=2.0, ge=0)
+    #: Leading feature blocks kept frozen (BatchNorm statistics too) for the whole run.
+    frozen_blocks: int = Field(default=0, ge=0)
+    imbalance: Literal["class_weights", "oversample", "none"] = "class_weights"
+    early_stopping_patience: int = Field(default=4, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    max_failures: int = Field(default=1, ge=0)
+    storage_path: str = "runs"
+    run_name: str | None = None
+    seed: int = 0
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    #: Keep decoded training images in the Ray object store across epochs.
+    cache_decoded: bool = True
+    #: Stop each epoch after this many batches per worker (smoke tests and demos only).
+    max_steps_per_epoch: int | None = Field(default=None, ge=1)
+    augment: AugmentSettings = AugmentSettings()
+
+    @field_validator("storage_path")
+    @classmethod
+    def _storage_uri(cls, v: str) -> str:
+        return check_uri(v)
+
+
+class ScoreSettings(_Section):
+    """Batch scoring resources and engine."""
+
+    engine: str = "auto"
+    batch_size: int = Field(default=64, ge=1, le=4096)
+    actors_min: int = Field(default=1, ge=1)
+    actors_max: int = Field(default=1, ge=1)
+    #: CPUs reserved per predictor actor. Keep it below the node's cores on CPU so the
+    #: decode tasks are never starved (Ray would otherwise hang the pipeline silently).
+    cpus_per_actor: PositiveFloat = 0.5
+    #: GPUs per predictor actor (0: CPU actors).
+    gpus_per_actor: float = Field(default=0.0, ge=0)
+    #: Intra-op threads of the engine inside each actor (``None``: the engine's default).
+    threads_per_actor: int | None = Field(default=None, ge=1)
+    #: CPUs reserved per decode task (fractional oversubscribes on purpose: decode blocks on I/O).
+    cpus_per_decode_task: PositiveFloat = 1.0
+    #: Decode JPEGs on the GPU inside the actor when it has one.
+    gpu_decode: bool = True
+    #: Test-time augmentation views averaged by the predictor (1 = off).
+    tta: int = Field(default=1, ge=1, le=4)
+    #: Where exported ONNX models and TensorRT engines are cached.
+    cache_dir: str = ".cache/cxr-ray"
+    #: TensorRT build settings.
+    trt_precision: Literal["fp16", "fp32", "int8"] = "fp16"
+    trt_min_batch: int = Field(default=1, ge=1)
+    trt_opt_batch: int = Field(default=64, ge=1)
+    trt_max_batch: int = Field(default=256, ge=1)
+    trt_calibration_images: int = Field(default=512, ge=8)
+
+    @field_validator("engine")
+    @classmethod
+    def _known_engine(cls, v: str) -> str:
+        if v not in ENGINES:
+            raise ValueError(f"unknown engine {v!r}; choose one of {', '.join(ENGINES)}")
+        return v
+
+    @model_validator(mode="after")
+    def _pool_bounds(self) -> ScoreSettings:
+        if self.actors_min > self.actors_max:
+            raise ValueError(f"actors_min ({self.actors_min}) > actors_max ({self.actors_max})")
+        if not self.trt_min_batch <= self.trt_opt_batch <= self.trt_max_batch:
+            raise ValueError(
+                "TensorRT profile needs trt_min_batch <= trt_opt_batch <= trt_max_batch"
+            )
+        return self
+
+
+class Settings(BaseSettings):
+    """Every knob of cxr-ray; see the README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CXR_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+        toml_file=None,
+    )
+
+    ray: RaySettings = RaySettings()
+    data: DataSettings = DataSettings()
+    model: ModelSettings = ModelSettings()
+    train: TrainSettings = TrainSettings()
+    score: ScoreSettings = ScoreSettings()
+
+    toml_path_: ClassVar[Path | None] = None
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if cls.toml_path_ is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=cls.toml_path_))
+        return tuple(sources)
+
+
+def _without_none(d: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = _without_none(v)
+            if v:
+                out[k] = v
+        elif v is not None:
+            out[k] = v
+    return out
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    """One line per invalid field: where it is set, what is wrong, the value given."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        env = "CXR_" + "__".join(str(p).upper() for p in err["loc"])
+        msg = err["msg"].removeprefix("Value error, ")
+        given = err.get("input")
+        shown = "" if isinstance(given, dict) else f" (got {given!r})"
+        lines.append(f"  {loc}: {msg}{shown}  [flag, {env} or TOML]")
+    return "invalid settings:\n" + "\n".join(lines)
+
+
+def load_settings(
+    config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
+) -> Settings:
+    """Build the settings tree; raise ``ConfigError`` with a field-by-field message.
+
+    ``overrides`` is a nested dict (``{"train": {"epochs": 3}}``); ``None`` values are
+    ignored so unset CLI flags do not mask environment variables or the TOML file.
+    """
+    toml_path: Path | None = None
+    if config_file is not None:
+        toml_path = Path(config_file)
+        if not toml_path.is_file():
+            raise ConfigError(f"config file {str(toml_path)!r} does not exist")
+    cls = type("Settings", (Settings,), {"toml_path_": toml_path})
+    try:
+        return cls(**_without_none(overrides or {}))
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None
+    except ValueError as exc:  # malformed TOML or env JSON
+        raise ConfigError(f"invalid settings: {exc}") from None
+
+
+def settings_from_dict(data: dict[str, Any]) -> Settings:
+    """Rebuild settings from ``model_dump`` output on a worker (no env, no files)."""
+    return Settings.model_validate(data)

@@ -1,0 +1,1 @@
+"""Ingestion: list sources, read bytes, decode, manifests and patient-grouped splits."""

@@ -1,0 +1,72 @@
+"""DICOM to 8-bit grayscale, the way a radiologist's viewer would show it.
+
+Order: modality LUT (rescale slope/intercept) -> VOI LUT or window centre/width -> invert
+MONOCHROME1 (where high values are dark) -> scale the windowed range to 0..255.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+
+import numpy as np
+
+from cxr_ray.errors import DecodeError
+
+logger = logging.getLogger(__name__)
+
+
+def decode_dicom(data: bytes, *, max_pixels: int) -> np.ndarray:
+    """Pixels of a DICOM file as ``uint8`` HxW; ``DecodeError`` with a reason otherwise."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    try:
+        with warnings.catch_warnings():
+            # pydicom warns about every odd value; the error row carries what matters.
+            warnings.simplefilter("ignore")
+            ds = pydicom.dcmread(io.BytesIO(data), force=True)
+    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
+        raise DecodeError(f"unreadable DICOM: {exc}") from None
+    if "PixelData" not in ds:
+        raise DecodeError("DICOM file has no pixel data (not an image object)")
+    try:
+        rows, cols = int(ds.Rows), int(ds.Columns)
+    except (AttributeError, TypeError, ValueError):
+        raise DecodeError("DICOM file lacks Rows/Columns") from None
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if rows * cols > max_pixels:
+        raise DecodeError(
+            f"image is {cols}x{rows} = {rows * cols} pixels, over the {max_pixels}-pixel limit "
+            "(possible decompression bomb)"
+        )
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:  # pydicom raises many types for missing codecs and bad data
+        syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+        hint = f" (transfer syntax {syntax.name})" if syntax is not None else ""
+        raise DecodeError(
+            f"cannot decode DICOM pixel data{hint}: {exc}. Compressed DICOM needs the "
+            "'pylibjpeg' or 'gdcm' plugins for pydicom"
+        ) from None
+    if frames > 1:
+        arr = arr[0]
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    if arr.ndim == 3:  # colour DICOM (secondary capture): luminance
+        arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
+        photometric = "MONOCHROME2"
+    elif arr.ndim != 2:
+        raise DecodeError(f"DICOM pixel array has unexpected shape {arr.shape}")
+    try:
+        arr = apply_modality_lut(arr, ds)
+        arr = apply_voi_lut(arr, ds)
+    except Exception as exc:
+        logger.debug("LUT application failed (%s); using raw values", exc)
+    arr = np.asarray(arr, dtype=np.float32)
+    lo, hi = float(np.min(arr)), float(np.max(arr))
+    scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+    if photometric == "MONOCHROME1":
+        scaled = 1.0 - scaled
+    return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)

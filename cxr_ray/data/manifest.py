@@ -1,0 +1,172 @@
+"""Manifests: one row per file of a source, with identity, label, geometry and status.
+
+``image_id`` is the SHA-256 of the file's bytes, so the same image has the same id in a
+folder, a tar, a zip or a Parquet table, and renamed copies are recognised. A row has
+``status="ok"`` only if the image was fully decoded; otherwise ``status="error"`` and
+``error`` says why.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cxr_ray import labels as labels_mod
+from cxr_ray.config import DataSettings
+from cxr_ray.data.sources import ReadOptions, ReadUnit, list_source, units_from_uris
+from cxr_ray.errors import DataError, DecodeError
+from cxr_ray.preprocess import PreprocessSpec, decode
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_SCHEMA = pa.schema(
+    [
+        pa.field("uri", pa.string(), nullable=False),
+        pa.field("image_id", pa.string()),
+        pa.field("label", pa.string()),
+        pa.field("patient_id", pa.string()),
+        pa.field("format", pa.string()),
+        pa.field("width", pa.int32()),
+        pa.field("height", pa.int32()),
+        pa.field("bytes", pa.int64()),
+        pa.field("status", pa.string(), nullable=False),
+        pa.field("error", pa.string()),
+    ]
+)
+
+#: Decoding for validation only: a small draft size keeps the manifest fast.
+_CHECK_SIZE = 64
+
+
+def read_options(settings: DataSettings) -> ReadOptions:
+    return ReadOptions(
+        bytes_column=settings.bytes_column,
+        name_column=settings.name_column,
+        rows_per_block=settings.rows_per_block,
+    )
+
+
+def identify(name: str | None, uri: str) -> labels_mod.LabelInfo:
+    """Label and patient from the entry's name (or its URI when it has none)."""
+    return labels_mod.parse_kermany_path(name or uri)
+
+
+def inspect_block(batch: pa.Table, *, max_pixels: int) -> pa.Table:
+    """Raw rows (``sources.RAW_SCHEMA``) -> manifest rows."""
+    spec = PreprocessSpec(height=_CHECK_SIZE, width=_CHECK_SIZE, max_pixels=max_pixels)
+    cols: dict[str, list[Any]] = {f.name: [] for f in MANIFEST_SCHEMA}
+    for row in batch.to_pylist():
+        data: bytes | None = row["data"]
+        info = identify(row["name"], row["uri"])
+        fmt = width = height = image_id = None
+        error = row["error"]
+        if data is not None:
+            image_id = hashlib.sha256(data).hexdigest()
+            try:
+                d = decode(data, spec, row["name"])
+                fmt, width, height = d.format, d.width, d.height
+            except DecodeError as exc:
+                error = str(exc)
+        values = {
+            "uri": row["uri"],
+            "image_id": image_id,
+            "label": info.label,
+            "patient_id": info.patient_id,
+            "format": fmt,
+            "width": width,
+            "height": height,
+            "bytes": None if data is None else len(data),
+            "status": "error" if error else "ok",
+            "error": error,
+        }
+        for k, v in values.items():
+            cols[k].append(v)
+    return pa.Table.from_pydict(cols, schema=MANIFEST_SCHEMA)
+
+
+def image_dataset(units: list[ReadUnit], options: ReadOptions) -> Any:
+    """A Ray Dataset of raw image rows for ``units`` (Ray must be initialised)."""
+    import ray.data
+
+    from cxr_ray.data.datasource import ImageDatasource
+
+    return ray.data.read_datasource(ImageDatasource(units, options))
+
+
+def source_dataset(source: str, settings: DataSettings) -> Any:
+    """Raw image rows of every entry of ``source``."""
+    options = read_options(settings)
+    units = list_source(source, options)
+    logger.info("listed %s: %d read units", source, len(units))
+    return image_dataset(units, options)
+
+
+def uri_dataset(table: pa.Table, settings: DataSettings) -> Any:
+    """Raw image rows for the ``uri`` column of a manifest-like table."""
+    options = read_options(settings)
+    names = table.column("name").to_pylist() if "name" in table.column_names else None
+    items = zip(table.column("uri").to_pylist(), names or [None] * table.num_rows, strict=True)
+    return image_dataset(units_from_uris(items, options.rows_per_block), options)
+
+
+def iter_manifest(source: str, settings: DataSettings) -> Iterator[pa.Table]:
+    """Stream manifest blocks for ``source`` in listing order."""
+    ds = source_dataset(source, settings)
+    # Deterministic manifests (same source, same file) are worth the small cost.
+    ds.context.execution_options.preserve_order = True
+    ds = ds.map_batches(
+        inspect_block,
+        batch_format="pyarrow",
+        batch_size=None,
+        fn_kwargs={"max_pixels": settings.max_pixels},
+    )
+    yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
+
+
+@dataclass
+class ManifestSummary:
+    path: str
+    rows: int = 0
+    status: collections.Counter[str] = field(default_factory=collections.Counter)
+    labels: collections.Counter[str] = field(default_factory=collections.Counter)
+
+    def add(self, block: pa.Table) -> None:
+        self.rows += block.num_rows
+        self.status.update(block.column("status").to_pylist())
+        ok = block.filter(pc.equal(block.column("status"), "ok"))
+        self.labels.update(str(v) for v in ok.column("label").to_pylist())
+
+
+def write_manifest(source: str, out: str, settings: DataSettings) -> ManifestSummary:
+    """Write the manifest of ``source`` to ``out`` (atomically) and count what is in it."""
+    from cxr_ray.export import atomic_parquet_writer
+
+    summary = ManifestSummary(out)
+    with atomic_parquet_writer(out, MANIFEST_SCHEMA) as writer:
+        for block in iter_manifest(source, settings):
+            writer.write_table(block)
+            summary.add(block)
+    return summary
+
+
+def read_manifest(uri: str) -> pa.Table:
+    """Read a manifest and check it has the columns cxr-ray needs."""
+    from cxr_ray.export import read_table
+
+    try:
+        table = read_table(uri)
+    except FileNotFoundError:
+        raise DataError(
+            f"manifest {uri!r} does not exist; create it with `cxr-ray manifest`"
+        ) from None
+    missing = {"uri", "image_id", "label", "patient_id", "status"} - set(table.column_names)
+    if missing:
+        raise DataError(f"{uri!r} is not a cxr-ray manifest: missing columns {sorted(missing)}")
+    return table

@@ -1,0 +1,1 @@
+"""Networks, offline pretrained weights, model cards and artifacts."""

@@ -1,0 +1,134 @@
+"""Model artifacts: the directory that training writes and scoring, export and reports read.
+
+::
+
+    ARTIFACT/
+      model_card.json        the ModelCard (architecture, labels, preprocessing, thresholds...)
+      model.safetensors      weights of the CxrNet (tensors only: no code can hide in it)
+      val_metrics.parquet    validation metrics (written by training)
+      training_curve.png     loss / macro-F1 per epoch (written by training)
+
+Loading checks that the card is valid, that the weights' SHA-256 is the one the card
+records (a swapped or tampered file is refused) and that every tensor fits the architecture.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from cxr_ray import export
+from cxr_ray.errors import ModelError
+from cxr_ray.models.card import CARD_FILE, ModelCard
+from cxr_ray.models.factory import CxrNet, create_model, load_state_file
+
+
+def weights_bytes(net: torch.nn.Module) -> bytes:
+    from safetensors.torch import save
+
+    state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
+    return save(state, metadata={"format": "pt"})
+
+
+def save_artifact(net: CxrNet, card: ModelCard, out: str) -> ModelCard:
+    """Write weights and card to ``out``; the card's ``weights_sha256`` is filled in here."""
+    data = weights_bytes(net)
+    card = card.model_copy(update={"weights_sha256": hashlib.sha256(data).hexdigest()})
+    export.ensure_dir(out)
+    export.write_bytes(data, export.join(out, card.weights_file))
+    # The card goes last: an artifact without a card is incomplete and refused on load.
+    export.write_bytes(card.to_json().encode(), export.join(out, CARD_FILE))
+    return card
+
+
+def read_card(artifact: str) -> ModelCard:
+    uri = export.join(artifact, CARD_FILE)
+    try:
+        text = export.read_bytes(uri).decode("utf-8")
+    except FileNotFoundError:
+        raise ModelError(
+            f"{artifact!r} is not a cxr-ray model artifact: {CARD_FILE} is missing "
+            "(train one with `cxr-ray train` or pass the artifact directory)"
+        ) from None
+    except UnicodeDecodeError:
+        raise ModelError(f"{uri} is not UTF-8 JSON") from None
+    return ModelCard.from_json(text, where=uri)
+
+
+def _state_from_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    if name.endswith(".safetensors"):
+        from safetensors.torch import load
+
+        try:
+            return load(data)
+        except Exception as exc:
+            raise ModelError(f"{name} is not a valid safetensors file: {exc}") from None
+    import io
+
+    return load_state_file(io.BytesIO(data))
+
+
+@dataclass(frozen=True)
+class Artifact:
+    uri: str
+    card: ModelCard
+    state: dict[str, torch.Tensor]
+
+    def build(self) -> CxrNet:
+        """The network with the artifact's weights, in eval mode."""
+        net = create_model(self.card.arch, num_classes=len(self.card.labels), pretrained=False)
+        try:
+            net.load_state_dict(self.state, strict=True)
+        except RuntimeError as exc:
+            raise ModelError(
+                f"weights in {self.uri} do not match the card's architecture "
+                f"{self.card.arch!r} with {len(self.card.labels)} labels: "
+                f"{str(exc).splitlines()[0]}"
+            ) from None
+        return net.eval()
+
+    @property
+    def fingerprint(self) -> str:
+        return self.card.weights_sha256
+
+
+def load_artifact(artifact: str) -> Artifact:
+    """Read and verify an artifact (card, weights hash, tensor shapes)."""
+    card = read_card(artifact)
+    wuri = export.join(artifact, card.weights_file)
+    try:
+        data = export.read_bytes(wuri)
+    except FileNotFoundError:
+        raise ModelError(f"weights file {wuri} named by the model card is missing") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != card.weights_sha256:
+        raise ModelError(
+            f"weights {wuri} do not match the model card (sha256 {digest[:12]}... but the card "
+            f"records {card.weights_sha256[:12]}...): the files were modified or mixed up"
+        )
+    art = Artifact(artifact, card, _state_from_bytes(data, card.weights_file))
+    art.build()  # fail now, with a clear message, if shapes or labels disagree
+    return art
+
+
+def card_for(
+    net: CxrNet, arch: str, *, input_size: int, intensity: str, **fields: Any
+) -> ModelCard:
+    """A card for a freshly built network (weights hash filled in by ``save_artifact``)."""
+    from cxr_ray.models.factory import target_layer_name
+
+    mean = tuple(float(v) for v in net.mean.flatten().tolist())
+    std = tuple(float(v) for v in net.std.flatten().tolist())
+    return ModelCard(
+        arch=arch,
+        input_size=(input_size, input_size),
+        mean=mean,
+        std=std,
+        intensity=intensity,
+        target_layer=target_layer_name(arch),
+        weights_sha256="0" * 64,
+        **fields,
+    )

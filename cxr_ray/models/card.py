@@ -1,0 +1,103 @@
+"""The model card: everything needed to use a set of weights correctly, saved beside them.
+
+Scoring, export and reports derive preprocessing, label order, thresholds and calibration
+from the card; nothing else hard-codes 224 or the label order.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from cxr_ray.errors import ModelError
+from cxr_ray.labels import LABELS
+from cxr_ray.preprocess import INTENSITY_MODES, PreprocessSpec
+
+CARD_FILE = "model_card.json"
+
+
+def _package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cxr-ray")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+class ModelCard(BaseModel):
+    """Frozen description of a trained model (``model_card.json``)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: Literal[1] = 1
+    arch: str
+    labels: tuple[str, ...] = LABELS
+    #: (height, width) of the network input.
+    input_size: tuple[int, int] = (224, 224)
+    in_chans: Literal[1] = 1
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    intensity: str = "none"
+    resize: Literal["squash"] = "squash"
+    interpolation: Literal["bilinear"] = "bilinear"
+    #: Softmax temperature fitted on validation (1.0 = uncalibrated).
+    temperature: float = Field(default=1.0, gt=0)
+    #: Decision thresholds; ``pneumonia`` applies to P(bacterial) + P(viral).
+    thresholds: dict[str, float] = Field(default_factory=lambda: {"pneumonia": 0.5})
+    #: Grad-CAM target layer (dotted module name inside ``CxrNet``).
+    target_layer: str
+    weights_file: str = "model.safetensors"
+    weights_sha256: str
+    training: dict[str, Any] = Field(default_factory=dict)
+    metrics: dict[str, Any] = Field(default_factory=dict)
+    package_version: str = Field(default_factory=_package_version)
+    created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
+    intended_use: str = (
+        "Research and triage support for pediatric (1-5 years) frontal chest X-rays: normal vs "
+        "bacterial vs viral pneumonia. Not a diagnostic device; a clinician reads every study."
+    )
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_known(cls, v: tuple[str, ...]) -> tuple[str, ...]:
+        if tuple(v) != LABELS:
+            raise ValueError(f"labels {list(v)} differ from this cxr-ray's {list(LABELS)}")
+        return v
+
+    @field_validator("intensity")
+    @classmethod
+    def _intensity_known(cls, v: str) -> str:
+        if v not in INTENSITY_MODES:
+            raise ValueError(f"unknown intensity mode {v!r}")
+        return v
+
+    @property
+    def version(self) -> str:
+        """Model version used in predictions and ledgers: arch + weights hash prefix."""
+        return f"{self.arch}-{self.weights_sha256[:12]}"
+
+    @property
+    def pneumonia_threshold(self) -> float:
+        return float(self.thresholds.get("pneumonia", 0.5))
+
+    def preprocess_spec(self, max_pixels: int = 64_000_000) -> PreprocessSpec:
+        h, w = self.input_size
+        return PreprocessSpec(height=h, width=w, intensity=self.intensity, max_pixels=max_pixels)
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_json(cls, text: str, where: str = "model_card.json") -> ModelCard:
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in e['loc']) or '(card)'}: {e['msg']}"
+                for e in exc.errors()
+            )
+            raise ModelError(f"invalid model card {where}: {problems}") from None

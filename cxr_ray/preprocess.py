@@ -1,0 +1,208 @@
+"""The one preprocessing implementation, shared by training, export calibration and scoring.
+
+Contract (recorded in every model card and checked when a model is loaded):
+
+1. Decode to 8-bit grayscale. JPEGs are decoded in draft mode straight to the smallest
+   DCT scale that is still at least the input size (4-8x less work on full-size X-rays).
+   16-bit PNGs and DICOMs are windowed to 8 bits (see ``cxr_ray.data.dicom``).
+2. Resize the whole image to the model's input size ignoring aspect ratio ("squash", as
+   the Kermany 224 px release does), bilinear with antialiasing. Nothing about the original
+   size, aspect ratio or file size survives: the dataset's normals are larger files, and a
+   model must not read the class off that.
+3. Optional intensity normalisation: ``equalize`` (global histogram equalisation) removes
+   much of the exposure/contrast difference between acquisition sites.
+4. The model receives ``float32 [N, 1, H, W]`` in 0..1. Channel replication and ImageNet
+   mean/std normalisation happen inside the exported network (``cxr_ray.models``), so every
+   engine is fed the same tensor.
+
+Training augmentation (``TrainAugment``) works on the output of step 3 and is never used at
+scoring time. Horizontal flips are off by default: the heart sits on the patient's left,
+and a flipped chest is not a realistic input.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from cxr_ray.errors import DecodeError
+
+FORMATS = ("jpeg", "png", "dicom")
+INTENSITY_MODES = ("none", "equalize")
+
+_MAGIC: tuple[tuple[bytes, int, str], ...] = (
+    (b"\xff\xd8\xff", 0, "jpeg"),
+    (b"\x89PNG\r\n\x1a\n", 0, "png"),
+    (b"DICM", 128, "dicom"),
+    (b"GIF8", 0, "gif"),
+    (b"BM", 0, "bmp"),
+    (b"II*\x00", 0, "tiff"),
+    (b"MM\x00*", 0, "tiff"),
+    (b"RIFF", 0, "webp"),
+    (b"%PDF", 0, "pdf"),
+    (b"\x00\x00\x00\x01Bud1", 0, "macos-ds_store"),
+    (b"PK\x03\x04", 0, "zip"),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class PreprocessSpec:
+    """What the model expects; built from a model card (``ModelCard.preprocess_spec``)."""
+
+    height: int = 224
+    width: int = 224
+    intensity: str = "none"
+    max_pixels: int = 64_000_000
+
+    def __post_init__(self) -> None:
+        if self.intensity not in INTENSITY_MODES:
+            raise ValueError(f"unknown intensity mode {self.intensity!r}; use {INTENSITY_MODES}")
+
+
+@dataclass(frozen=True, slots=True)
+class Decoded:
+    pixels: np.ndarray  # uint8 [H, W] at the model's input size
+    format: str
+    width: int  # original size
+    height: int
+
+
+def sniff_format(data: bytes, name: str | None = None) -> str:
+    """The format of ``data`` from its magic bytes (``unknown`` when none matches).
+
+    Some DICOM files have no 128-byte preamble; those are recognised by their extension.
+    """
+    for magic, offset, fmt in _MAGIC:
+        if data[offset : offset + len(magic)] == magic:
+            return fmt
+    if name is not None and name.lower().endswith((".dcm", ".dicom")):
+        return "dicom"
+    head = data[:512]
+    if head and all(32 <= b < 127 or b in (9, 10, 13) for b in head):
+        return "text"
+    return "unknown"
+
+
+def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+    if width * height > max_pixels:
+        raise DecodeError(
+            f"image is {width}x{height} = {width * height} pixels, over the {max_pixels}-pixel "
+            "limit (possible decompression bomb); raise data.max_pixels if it is genuine"
+        )
+
+
+def _to_gray_u8(im: Image.Image) -> Image.Image:
+    if im.mode == "L":
+        return im
+    if im.mode in ("I;16", "I;16B", "I;16L", "I"):
+        arr = np.asarray(im, dtype=np.float32)
+        lo, hi = float(arr.min()), float(arr.max())
+        scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
+        return Image.fromarray(np.rint(scaled * 255).astype(np.uint8), mode="L")
+    return im.convert("L")
+
+
+def _decode_pil(data: bytes, fmt: str, spec: PreprocessSpec) -> tuple[Image.Image, int, int]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data), formats=[fmt.upper()])
+            width, height = im.size
+            _check_pixels(width, height, spec.max_pixels)
+            if fmt == "jpeg":
+                im.draft("L", (spec.width, spec.height))
+            im.load()
+    except DecodeError:
+        raise
+    except Image.DecompressionBombError as exc:
+        raise DecodeError(f"decompression bomb refused: {exc}") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        # PIL reports truncated and corrupt data as OSError("image file is truncated ...").
+        raise DecodeError(f"corrupt or truncated {fmt.upper()}: {exc}") from None
+    return _to_gray_u8(im), width, height
+
+
+def decode(data: bytes, spec: PreprocessSpec, name: str | None = None) -> Decoded:
+    """Decode and preprocess one image to ``uint8 [H, W]`` (steps 1-3 of the contract).
+
+    Raises ``DecodeError`` with a message fit for an error row.
+    """
+    if not data:
+        raise DecodeError("empty file (0 bytes)")
+    fmt = sniff_format(data, name)
+    if fmt not in FORMATS:
+        raise DecodeError(f"unsupported format ({fmt}); cxr-ray reads JPEG, PNG and DICOM")
+    if fmt == "dicom":
+        from cxr_ray.data.dicom import decode_dicom
+
+        arr = decode_dicom(data, max_pixels=spec.max_pixels)
+        height, width = arr.shape
+        im = Image.fromarray(arr, mode="L")
+    else:
+        im, width, height = _decode_pil(data, fmt, spec)
+    return Decoded(_finish(im, spec), fmt, width, height)
+
+
+def _finish(im: Image.Image, spec: PreprocessSpec) -> np.ndarray:
+    if im.size != (spec.width, spec.height):
+        im = im.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+    if spec.intensity == "equalize":
+        im = ImageOps.equalize(im)
+    return np.asarray(im, dtype=np.uint8)
+
+
+def to_model_input(pixels: np.ndarray) -> np.ndarray:
+    """``uint8 [N, H, W]`` -> ``float32 [N, 1, H, W]`` in 0..1 (step 4's input)."""
+    if pixels.ndim != 3 or pixels.dtype != np.uint8:
+        raise ValueError(f"expected uint8 [N, H, W], got {pixels.dtype} {pixels.shape}")
+    return (pixels.astype(np.float32) * np.float32(1.0 / 255.0))[:, None, :, :]
+
+
+class TrainAugment:
+    """Random geometric and intensity augmentation for training batches.
+
+    Works on ``float32 [N, 1, H, W]`` tensors in 0..1 (the output of ``to_model_input``) and
+    returns the same shape. Parameters are keyword-only and mirror ``AugmentSettings``.
+    """
+
+    def __init__(
+        self,
+        *,
+        rotation_deg: float = 10.0,
+        scale_min: float = 0.75,
+        translate: float = 0.06,
+        brightness: float = 0.3,
+        contrast: float = 0.3,
+        gamma: float = 0.35,
+        blur_prob: float = 0.2,
+        hflip: bool = False,
+    ) -> None:
+        from torchvision.transforms import v2
+
+        self.geometric = v2.RandomAffine(
+            degrees=rotation_deg,
+            translate=(translate, translate),
+            scale=(scale_min, 1.0 / scale_min**0.5),
+        )
+        self.jitter = v2.ColorJitter(brightness=brightness, contrast=contrast)
+        self.gamma = gamma
+        self.blur = v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=blur_prob)
+        self.hflip = v2.RandomHorizontalFlip(p=0.5 if hflip else 0.0)
+
+    def __call__(self, batch: Any, generator: Any = None) -> Any:
+        import torch
+
+        out = torch.empty_like(batch)
+        for i in range(batch.shape[0]):
+            x = self.hflip(self.geometric(batch[i]))
+            x = self.jitter(x)
+            if self.gamma > 0:
+                g = float(torch.empty(()).uniform_(1 - self.gamma, 1 + self.gamma))
+                x = x.clamp(0, 1).pow(g)
+            out[i] = self.blur(x).clamp(0, 1)
+        return out

@@ -1,0 +1,1 @@
+"""`ray job submit` entrypoints: retrain, nightly_score, screen_archive."""

@@ -1,0 +1,67 @@
+import pytest
+from click.testing import CliRunner
+
+from cxr_ray.cli import main
+from cxr_ray.config import Settings, check_uri, load_settings, settings_from_dict
+from cxr_ray.errors import ConfigError
+
+
+def test_priority_flags_over_env_over_toml(tmp_path, monkeypatch):
+    toml = tmp_path / "cxr.toml"
+    toml.write_text('[train]\nepochs = 7\nworkers = 3\nlr = 0.5\n[score]\nengine = "torch"\n')
+    monkeypatch.setenv("CXR_TRAIN__WORKERS", "5")
+    monkeypatch.setenv("CXR_TRAIN__LR", "0.25")
+    s = load_settings(toml, {"train": {"lr": 0.125, "epochs": None}})
+    assert s.train.epochs == 7  # TOML (flag unset)
+    assert s.train.workers == 5  # env beats TOML
+    assert s.train.lr == 0.125  # flag beats env
+    assert s.score.engine == "torch"
+    assert s.train.batch_size == Settings().train.batch_size  # default
+
+
+def test_field_by_field_errors():
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, {"train": {"workers": -1}, "score": {"engine": "tpu"}})
+    lines = str(err.value).splitlines()
+    assert lines[0] == "invalid settings:"
+    assert any(line.strip().startswith("train.workers:") and "-1" in line for line in lines)
+    assert any("score.engine" in line and "onnxruntime" in line for line in lines)
+
+
+def test_unknown_keys_and_missing_file(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nepoch = 3\n")
+    with pytest.raises(ConfigError, match=r"train\.epoch"):
+        load_settings(bad)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_settings(tmp_path / "nope.toml")
+
+
+@pytest.mark.parametrize("uri", ["s3://", "s3:/bucket/x", "s3://UPPER_bucket/x", "ftp://host/x"])
+def test_malformed_uris_rejected(uri):
+    with pytest.raises(ValueError):
+        check_uri(uri)
+
+
+@pytest.mark.parametrize(
+    "uri", ["runs", "/abs/runs", "s3://my-bucket/runs", "gs://bkt/p", "file:///x"]
+)
+def test_good_uris_accepted(uri):
+    assert check_uri(uri) == uri
+
+
+def test_workers_get_plain_dicts_back():
+    s = load_settings(None, {"model": {"input_size": 192}})
+    again = settings_from_dict(s.model_dump(mode="json"))
+    assert again.model_dump() == s.model_dump()
+    assert again.model.input_size == 192
+
+
+def test_cli_invalid_setting_exits_2_without_traceback(tmp_path, monkeypatch):
+    monkeypatch.setenv("CXR_DATA__MAX_PIXELS", "-5")
+    result = CliRunner().invoke(
+        main, ["manifest", str(tmp_path), "--out", str(tmp_path / "m.parquet")]
+    )
+    assert result.exit_code == 2
+    assert "data.max_pixels" in result.output
+    assert "Traceback" not in result.output

@@ -1,0 +1,1 @@
+"""Ray Train trainers: thin assemblies over cxr_ray.training."""
