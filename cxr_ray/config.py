@@ -53,17 +53,13 @@ def check_uri(value: str) -> str:
     m = _URI.match(value)
     if m is None:
         if "://" in value or value.startswith(("s3:", "gs:")):
-            raise ValueError(
-                f"malformed URI {value!r}: expected s3://bucket/key or gs://bucket/key"
-            )
+            raise ValueError(f"malformed URI {value!r}: expected s3://bucket/key or gs://bucket/key")
         return value
     scheme = m.group("scheme")
     if scheme == "file":
         return value
     if scheme not in {"s3", "gs", "gcs", "hdfs", "abfs", "az"}:
-        raise ValueError(
-            f"unsupported URI scheme {scheme!r} in {value!r}: use s3://, gs:// or a path"
-        )
+        raise ValueError(f"unsupported URI scheme {scheme!r} in {value!r}: use s3://, gs:// or a path")
     bucket = m.group("rest").split("/", 1)[0]
     if not _BUCKET.match(bucket):
         raise ValueError(f"malformed URI {value!r}: {bucket!r} is not a valid bucket name")
@@ -111,9 +107,7 @@ class ModelSettings(_Section):
     @classmethod
     def _known_arch(cls, v: str) -> str:
         if v not in ARCHITECTURES:
-            raise ValueError(
-                f"unknown architecture {v!r}; choose one of {', '.join(ARCHITECTURES)}"
-            )
+            raise ValueError(f"unknown architecture {v!r}; choose one of {', '.join(ARCHITECTURES)}")
         return v
 
 
@@ -210,9 +204,7 @@ class ScoreSettings(_Section):
         if self.actors_min > self.actors_max:
             raise ValueError(f"actors_min ({self.actors_min}) > actors_max ({self.actors_max})")
         if not self.trt_min_batch <= self.trt_opt_batch <= self.trt_max_batch:
-            raise ValueError(
-                "TensorRT profile needs trt_min_batch <= trt_opt_batch <= trt_max_batch"
-            )
+            raise ValueError("TensorRT profile needs trt_min_batch <= trt_opt_batch <= trt_max_batch")
         return self
 
 
@@ -275,9 +267,7 @@ def format_validation_error(exc: ValidationError) -> str:
     return "invalid settings:\n" + "\n".join(lines)
 
 
-def load_settings(
-    config_file: str | Path | None = None, overrides: dict[str, Any] | None = None
-) -> Settings:
+def load_settings(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:
     """Build the settings tree; raise ``ConfigError`` with a field-by-field message.
 
     ``overrides`` is a nested dict (``{"train": {"epochs": 3}}``); ``None`` values are

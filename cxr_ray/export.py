@@ -36,6 +36,15 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
+def parent(uri: str) -> str:
+    """The folder holding ``uri`` (keeps ``s3://`` schemes; ``.`` for a bare relative name)."""
+    stripped = uri.rstrip("/")
+    if "/" not in stripped:
+        return "."
+    head = stripped.rsplit("/", 1)[0]
+    return head + "/" if head.endswith(":/") else head
+
+
 def exists(uri: str) -> bool:
     fs, path = uris.resolve(uri)
     return fs.get_file_info(path).type != pafs.FileType.NotFound

@@ -19,9 +19,7 @@ from PIL import Image
 from cxr_ray.labels import BACTERIAL, LABELS, NORMAL, VIRAL
 
 
-def xray_array(
-    h: int = 320, w: int = 256, seed: int = 0, bits: int = 8, label: str = NORMAL
-) -> np.ndarray:
+def xray_array(h: int = 320, w: int = 256, seed: int = 0, bits: int = 8, label: str = NORMAL) -> np.ndarray:
     """A chest-like grayscale image with the pattern of ``label``."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)

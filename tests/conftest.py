@@ -60,3 +60,38 @@ def kermany_manifest(kermany224, ray_local, tmp_path_factory):
     out = tmp_path_factory.mktemp("manifest") / "kermany224.parquet"
     write_manifest(str(kermany224), str(out), DataSettings())
     return read_manifest(str(out))
+
+
+def make_artifact(
+    out: Path,
+    *,
+    input_size: int = 64,
+    arch: str = "mobilenet_v2",
+    seed: int = 0,
+    intensity: str = "none",
+) -> Path:
+    """A model artifact with a random 3-class head (ImageNet backbone when available offline)."""
+    import torch
+
+    from cxr_ray.errors import WeightsUnavailableError
+    from cxr_ray.models.artifact import card_for, save_artifact
+    from cxr_ray.models.factory import create_model
+
+    torch.manual_seed(seed)
+    try:
+        net = create_model(arch, pretrained=True)
+    except WeightsUnavailableError:
+        net = create_model(arch, pretrained=False)
+    card = card_for(net, arch, input_size=input_size, intensity=intensity, thresholds={"pneumonia": 0.5})
+    save_artifact(net, card, str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_artifact(tmp_path_factory) -> Path:
+    return make_artifact(tmp_path_factory.mktemp("artifact") / "model", input_size=64)
+
+
+@pytest.fixture(scope="session")
+def artifact_224(tmp_path_factory) -> Path:
+    return make_artifact(tmp_path_factory.mktemp("artifact224") / "model", input_size=224)

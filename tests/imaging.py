@@ -17,9 +17,7 @@ def xray_array(h: int = 320, w: int = 256, seed: int = 0, bits: int = 8) -> np.n
     return synthetic.xray_array(h, w, seed, bits=bits)
 
 
-def jpeg_bytes(
-    h: int = 320, w: int = 256, seed: int = 0, mode: str = "L", quality: int = 90
-) -> bytes:
+def jpeg_bytes(h: int = 320, w: int = 256, seed: int = 0, mode: str = "L", quality: int = 90) -> bytes:
     im = Image.fromarray(xray_array(h, w, seed), mode="L")
     if mode != "L":
         im = im.convert(mode)

@@ -29,8 +29,6 @@ def test_python_dash_m_entrypoint():
     import subprocess
     import sys
 
-    out = subprocess.run(
-        [sys.executable, "-m", "cxr_ray", "--help"], capture_output=True, text=True
-    )
+    out = subprocess.run([sys.executable, "-m", "cxr_ray", "--help"], capture_output=True, text=True)
     assert out.returncode == 0
     assert "cxr-ray" in out.stdout

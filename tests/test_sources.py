@@ -160,7 +160,7 @@ def test_units_from_uris_reread_members(xray_folder, tmp_path):
     t = _tar(xray_folder, tmp_path / "a.tgz", "w:gz")
     listed = rows(str(z)) + rows(str(t)) + rows(str(xray_folder))
     options = ReadOptions(rows_per_block=4)
-    units = units_from_uris([(r["uri"], r["name"]) for r in listed], 4)
+    units = units_from_uris([(r["uri"], r["name"], None) for r in listed], 4)
     again = {r["uri"]: r for u in units for b in read_unit(u, options) for r in b.to_pylist()}
     assert {u: r["data"] for u, r in again.items()} == {r["uri"]: r["data"] for r in listed}
 

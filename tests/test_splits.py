@@ -33,9 +33,7 @@ def _synthetic(n_patients=60, seed=0):
             "status": "error",
         }
     )
-    rows.append(
-        {"uri": "/x/unl.jpeg", "image_id": "u", "label": None, "patient_id": None, "status": "ok"}
-    )
+    rows.append({"uri": "/x/unl.jpeg", "image_id": "u", "label": None, "patient_id": None, "status": "ok"})
     return pa.Table.from_pylist(rows)
 
 

@@ -43,9 +43,7 @@ class ImageDatasource(Datasource):
                 exec_stats=None,
             )
             fn = functools.partial(_read, unit, self._options)
-            tasks.append(
-                ReadTask(fn, meta, schema=RAW_SCHEMA, per_task_row_limit=per_task_row_limit)
-            )
+            tasks.append(ReadTask(fn, meta, schema=RAW_SCHEMA, per_task_row_limit=per_task_row_limit))
         return tasks
 
     def get_name(self) -> str:

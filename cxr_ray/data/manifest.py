@@ -100,8 +100,28 @@ def image_dataset(units: list[ReadUnit], options: ReadOptions) -> Any:
     return ray.data.read_datasource(ImageDatasource(units, options))
 
 
+def is_manifest(source: str) -> bool:
+    """Whether ``source`` is a cxr-ray manifest or split table (a list of URIs, no bytes)."""
+    if not source.endswith((".parquet", ".pq")):
+        return False
+    import pyarrow.parquet as pq
+
+    from cxr_ray.data import uris
+
+    try:
+        fs, path = uris.resolve(source)
+        with fs.open_input_file(path) as f:
+            names = set(pq.ParquetFile(f).schema_arrow.names)
+    except Exception:
+        return False
+    return {"uri", "image_id", "status"} <= names
+
+
 def source_dataset(source: str, settings: DataSettings) -> Any:
-    """Raw image rows of every entry of ``source``."""
+    """Raw image rows of every entry of ``source`` (or of the URIs a manifest lists)."""
+    if is_manifest(source):
+        table = read_manifest(source)
+        return uri_dataset(table.select([c for c in ("uri", "label") if c in table.column_names]), settings)
     options = read_options(settings)
     units = list_source(source, options)
     logger.info("listed %s: %d read units", source, len(units))
@@ -109,10 +129,12 @@ def source_dataset(source: str, settings: DataSettings) -> Any:
 
 
 def uri_dataset(table: pa.Table, settings: DataSettings) -> Any:
-    """Raw image rows for the ``uri`` column of a manifest-like table."""
+    """Raw image rows for the ``uri`` column of a manifest-like table (labels carried along)."""
     options = read_options(settings)
-    names = table.column("name").to_pylist() if "name" in table.column_names else None
-    items = zip(table.column("uri").to_pylist(), names or [None] * table.num_rows, strict=True)
+    none = [None] * table.num_rows
+    names = table.column("name").to_pylist() if "name" in table.column_names else none
+    labels = table.column("label").to_pylist() if "label" in table.column_names else none
+    items = zip(table.column("uri").to_pylist(), names, labels, strict=True)
     return image_dataset(units_from_uris(items, options.rows_per_block), options)
 
 
@@ -163,9 +185,7 @@ def read_manifest(uri: str) -> pa.Table:
     try:
         table = read_table(uri)
     except FileNotFoundError:
-        raise DataError(
-            f"manifest {uri!r} does not exist; create it with `cxr-ray manifest`"
-        ) from None
+        raise DataError(f"manifest {uri!r} does not exist; create it with `cxr-ray manifest`") from None
     missing = {"uri", "image_id", "label", "patient_id", "status"} - set(table.column_names)
     if missing:
         raise DataError(f"{uri!r} is not a cxr-ray manifest: missing columns {sorted(missing)}")

@@ -38,6 +38,8 @@ RAW_SCHEMA = pa.schema(
         pa.field("name", pa.string()),
         pa.field("data", pa.large_binary()),
         pa.field("error", pa.string()),
+        # A label known before reading (from a manifest); listing leaves it null.
+        pa.field("label", pa.string()),
     ]
 )
 
@@ -51,6 +53,7 @@ class ImageRef:
     error: str | None = None
     #: (offset, size) of a tar member's data, so readers seek instead of re-listing.
     tar_span: tuple[int, int] | None = None
+    label: str | None = None
 
 
 @dataclass(slots=True)
@@ -103,13 +106,15 @@ def list_source(source: str, options: ReadOptions | None = None) -> list[ReadUni
     return units
 
 
-def units_from_uris(items: Iterable[tuple[str, str | None]], rows_per_block: int) -> list[ReadUnit]:
-    """Read units for known URIs (for example from a manifest), grouped by container."""
+def units_from_uris(
+    items: Iterable[tuple[str, str | None, str | None]], rows_per_block: int
+) -> list[ReadUnit]:
+    """Read units for known ``(uri, name, label)`` (e.g. from a manifest), grouped by container."""
     by_container: dict[tuple[str, str], list[ImageRef]] = {}
     plain: list[tuple[ImageRef, int]] = []
-    for uri, name in items:
+    for uri, name, label in items:
         split = uris.split_uri(uri)
-        ref = ImageRef(uri, name or (split.member or uri))
+        ref = ImageRef(uri, name or (split.member or uri), label=label)
         if split.member is None:
             plain.append((ref, 0))
         else:
@@ -255,13 +260,16 @@ class _Rows:
 
     def __init__(self, rows_per_block: int) -> None:
         self.rows_per_block = rows_per_block
-        self.cols: dict[str, list[Any]] = {"uri": [], "name": [], "data": [], "error": []}
+        self.cols: dict[str, list[Any]] = {f.name: [] for f in RAW_SCHEMA}
 
-    def add(self, uri: str, name: str | None, data: bytes | None, error: str | None) -> None:
+    def add(
+        self, uri: str, name: str | None, data: bytes | None, error: str | None, label: str | None
+    ) -> None:
         self.cols["uri"].append(uri)
         self.cols["name"].append(name)
         self.cols["data"].append(data)
         self.cols["error"].append(error)
+        self.cols["label"].append(label)
 
     def full(self) -> bool:
         return len(self.cols["uri"]) >= self.rows_per_block
@@ -279,9 +287,10 @@ def read_unit(unit: ReadUnit, options: ReadOptions) -> Iterator[pa.Table]:
     """Read the bytes of every entry of ``unit``; yields blocks of ``RAW_SCHEMA`` rows."""
     rows = _Rows(options.rows_per_block)
     done: set[str] = set()
+    known = {r.uri: r.label for r in unit.refs if r.label is not None}
     try:
         for uri, name, data, error in _READERS[unit.kind](unit, options):
-            rows.add(uri, name, data, error)
+            rows.add(uri, name, data, error, known.get(uri))
             done.add(uri)
             if rows.full():
                 yield rows.take()
@@ -291,9 +300,9 @@ def read_unit(unit: ReadUnit, options: ReadOptions) -> Iterator[pa.Table]:
         reason = f"cannot read {unit.kind} {unit.container or ''}: {exc}".replace("  ", " ")
         for ref in unit.refs:
             if ref.uri not in done:
-                rows.add(ref.uri, ref.name, None, reason)
+                rows.add(ref.uri, ref.name, None, reason, ref.label)
         if not unit.refs:
-            rows.add(unit.container or "?", None, None, reason)
+            rows.add(unit.container or "?", None, None, reason, None)
     if len(rows):
         yield rows.take()
 
@@ -408,10 +417,7 @@ def _parquet_rows(
     col = options.bytes_column
     missing = None
     if col not in names:
-        missing = (
-            f"Parquet source has no {col!r} column (columns: {sorted(names)}); "
-            "set data.bytes_column"
-        )
+        missing = f"Parquet source has no {col!r} column (columns: {sorted(names)}); set data.bytes_column"
     data_col = table.column(col).to_pylist() if missing is None else [None] * table.num_rows
     name_col = (
         table.column(options.name_column).to_pylist()

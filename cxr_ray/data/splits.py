@@ -37,9 +37,7 @@ def _groups(table: pa.Table) -> np.ndarray:
         a, b = find(f"img:{i}"), find(f"pat:{p}" if p else f"img:{i}")
         if a != b:
             parent[a] = b
-    return np.array(
-        [find(f"pat:{p}" if p else f"img:{i}") for p, i in zip(patients, images, strict=True)]
-    )
+    return np.array([find(f"pat:{p}" if p else f"img:{i}") for p, i in zip(patients, images, strict=True)])
 
 
 def split_manifest(table: pa.Table, *, val_fraction: float = 0.15, seed: int = 0) -> pa.Table:
@@ -70,9 +68,7 @@ def split_manifest(table: pa.Table, *, val_fraction: float = 0.15, seed: int = 0
 
 def data_fingerprint(table: pa.Table) -> str:
     """SHA-256 over the sorted (image_id, label) pairs: identifies a training set's content."""
-    pairs = sorted(
-        zip(table.column("image_id").to_pylist(), table.column("label").to_pylist(), strict=True)
-    )
+    pairs = sorted(zip(table.column("image_id").to_pylist(), table.column("label").to_pylist(), strict=True))
     h = hashlib.sha256()
     for image_id, label in pairs:
         h.update(f"{image_id}:{label}\n".encode())

@@ -114,14 +114,13 @@ def load_artifact(artifact: str) -> Artifact:
     return art
 
 
-def card_for(
-    net: CxrNet, arch: str, *, input_size: int, intensity: str, **fields: Any
-) -> ModelCard:
+def card_for(net: CxrNet, arch: str, *, input_size: int, intensity: str, **fields: Any) -> ModelCard:
     """A card for a freshly built network (weights hash filled in by ``save_artifact``)."""
     from cxr_ray.models.factory import target_layer_name
 
-    mean = tuple(float(v) for v in net.mean.flatten().tolist())
-    std = tuple(float(v) for v in net.std.flatten().tolist())
+    # float32 buffers -> short decimals (0.485, not 0.48500001430511475) in the JSON card.
+    mean = tuple(round(float(v), 6) for v in net.mean.flatten().tolist())
+    std = tuple(round(float(v), 6) for v in net.std.flatten().tolist())
     return ModelCard(
         arch=arch,
         input_size=(input_size, input_size),

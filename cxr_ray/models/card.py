@@ -97,7 +97,6 @@ class ModelCard(BaseModel):
             return cls.model_validate_json(text)
         except ValidationError as exc:
             problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or '(card)'}: {e['msg']}"
-                for e in exc.errors()
+                f"{'.'.join(str(p) for p in e['loc']) or '(card)'}: {e['msg']}" for e in exc.errors()
             )
             raise ModelError(f"invalid model card {where}: {problems}") from None

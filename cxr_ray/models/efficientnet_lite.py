@@ -150,9 +150,7 @@ class EfficientNetLite(nn.Module):
         layers.append(_conv_bn(_LITE0_STAGES[-1][-1], _HEAD_CHANNELS, 1))
         self.features = nn.Sequential(*layers)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = nn.Sequential(
-            nn.Dropout(p=dropout), nn.Linear(_HEAD_CHANNELS, num_classes)
-        )
+        self.classifier = nn.Sequential(nn.Dropout(p=dropout), nn.Linear(_HEAD_CHANNELS, num_classes))
         self._init_weights()
 
     def _init_weights(self) -> None:

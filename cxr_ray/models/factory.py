@@ -159,9 +159,7 @@ def backbone_spec(arch: str) -> Backbone:
     try:
         return BACKBONES[arch]
     except KeyError:
-        raise ModelError(
-            f"unknown architecture {arch!r}; choose one of {', '.join(BACKBONES)}"
-        ) from None
+        raise ModelError(f"unknown architecture {arch!r}; choose one of {', '.join(BACKBONES)}") from None
 
 
 def load_state_file(path: Any) -> dict[str, torch.Tensor]:

@@ -53,12 +53,8 @@ WEIGHTS: dict[str, WeightSpec] = {
         "0.1.0",
         "TF EfficientNet-Lite0 ImageNet weights",
     ),
-    "resnet18": WeightSpec(
-        "resnet18", "resnet18-f37072fd.pth", note="ResNet18_Weights.IMAGENET1K_V1"
-    ),
-    "resnet50": WeightSpec(
-        "resnet50", "resnet50-11ad3fa6.pth", note="ResNet50_Weights.IMAGENET1K_V2"
-    ),
+    "resnet18": WeightSpec("resnet18", "resnet18-f37072fd.pth", note="ResNet18_Weights.IMAGENET1K_V1"),
+    "resnet50": WeightSpec("resnet50", "resnet50-11ad3fa6.pth", note="ResNet50_Weights.IMAGENET1K_V2"),
     "densenet121": WeightSpec(
         "densenet121", "densenet121-a639ec97.pth", note="DenseNet121_Weights.IMAGENET1K_V1"
     ),

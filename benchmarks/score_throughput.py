@@ -1,0 +1,170 @@
+"""End-to-end scoring throughput on full-resolution X-rays: cxr-ray vs a naive loop.
+
+    python benchmarks/score_throughput.py [--images 2000] [--model ARTIFACT]
+
+Uses ../shared/data/kermany-fullres (original-resolution JPEGs), hard-linked into a temp
+folder until there are at least --images files. Measured in one run, on one machine:
+
+  naive      one process: PIL full decode -> resize -> torch eager, batch 32
+  cxr-ray    cxr_ray.scoring.pipeline.score on a local Ray, default CPU engine and settings
+  ceilings   decode-only img/s on one core (full decode and cxr-ray's draft decode) and
+             model-only img/s (torch eager and onnxruntime) on preprocessed batches
+
+Prints img/s, the cxr-ray/naive ratio and the fixed start-up overhead (time to first rows,
+Ray already running). Not a test: numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "kermany-fullres"
+
+
+def replicate(src: Path, dst: Path, n: int) -> list[Path]:
+    files = sorted(src.rglob("*.jpeg"))
+    if not files:
+        sys.exit(f"no images under {src}: the benchmark needs ../shared/data/kermany-fullres")
+    out = []
+    for i in range(n):
+        f = files[i % len(files)]
+        target = dst / f"copy{i // len(files):02d}" / f.parent.name / f.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(f, target)
+        out.append(target)
+    return out
+
+
+def naive(files: list[Path], net: torch.nn.Module, size: int, batch: int = 32) -> float:
+    start = time.perf_counter()
+    buf: list[np.ndarray] = []
+    with torch.inference_mode():
+        for i, f in enumerate(files):
+            im = Image.open(f).convert("L").resize((size, size), Image.Resampling.BILINEAR)
+            buf.append(np.asarray(im))
+            if len(buf) == batch or i == len(files) - 1:
+                x = torch.from_numpy(np.stack(buf)).float().div(255).unsqueeze(1)
+                net(x).softmax(1)
+                buf = []
+    return len(files) / (time.perf_counter() - start)
+
+
+def decode_ceiling(datas: list[bytes], size: int) -> tuple[float, float]:
+    from cxr_ray.preprocess import PreprocessSpec, decode
+
+    spec = PreprocessSpec(height=size, width=size)
+    t = time.perf_counter()
+    for d in datas:
+        Image.open(io.BytesIO(d)).convert("L").resize((size, size), Image.Resampling.BILINEAR)
+    full = len(datas) / (time.perf_counter() - t)
+    t = time.perf_counter()
+    for d in datas:
+        decode(d, spec)
+    draft = len(datas) / (time.perf_counter() - t)
+    return full, draft
+
+
+def model_ceilings(artifact: str, size: int, cache: str) -> tuple[float, float]:
+    from cxr_ray.engines import build_engine, prepare_payload
+
+    x = np.random.rand(64, 1, size, size).astype(np.float32)
+    out = []
+    for name in ("torch", "onnxruntime"):
+        engine = build_engine(prepare_payload(artifact, name, cache_dir=cache))
+        engine(x[:8])
+        t = time.perf_counter()
+        reps = 4
+        for _ in range(reps):
+            engine(x)
+        out.append(64 * reps / (time.perf_counter() - t))
+    return out[0], out[1]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--model", default=None, help="artifact (default: MobileNetV2, random head)")
+    ap.add_argument("--data", default=str(DATA))
+    args = ap.parse_args()
+
+    import ray
+
+    from cxr_ray.config import load_settings
+    from cxr_ray.models.artifact import card_for, load_artifact, save_artifact
+    from cxr_ray.models.factory import create_model
+    from cxr_ray.scoring.pipeline import score
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpd = Path(tmp)
+        files = replicate(Path(args.data), tmpd / "images", args.images)
+        artifact = args.model
+        if artifact is None:
+            torch.manual_seed(0)
+            net = create_model("mobilenet_v2", pretrained=True)
+            artifact = str(tmpd / "model")
+            save_artifact(net, card_for(net, "mobilenet_v2", input_size=224, intensity="none"), artifact)
+        art = load_artifact(artifact)
+        size = art.card.input_size[0]
+        cache = str(tmpd / "cache")
+        settings = load_settings(None, {"score": {"cache_dir": cache}})
+        print(f"{len(files)} full-resolution JPEGs, model {art.card.version} at {size}px, "
+              f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+
+        datas = [f.read_bytes() for f in files[:200]]
+        full, draft = decode_ceiling(datas, size)
+        m_torch, m_ort = model_ceilings(artifact, size, cache)  # also warms the ONNX cache
+
+        from cxr_ray.models.factory import Probabilities
+
+        eager = Probabilities(art.build(), art.card.temperature).eval()
+        base = naive(files, eager, size)
+
+        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        marks: list[tuple[float, int]] = []
+
+        def mark(block) -> None:
+            done = (marks[-1][1] if marks else 0) + block.num_rows
+            marks.append((time.perf_counter(), done))
+
+        t = time.perf_counter()
+        result = score(str(tmpd / "images"), artifact, str(tmpd / "out"), settings, on_block=mark)
+        wall = time.perf_counter() - t
+        ray.shutdown()
+        assert result.images == len(files), (result.images, len(files))
+        e2e = result.images / wall
+        # Rows per second between the first and the last committed block.
+        steady = (marks[-1][1] - marks[0][1]) / max(1e-9, marks[-1][0] - marks[0][0])
+
+        rows = [
+            ("naive loop (PIL full decode + torch eager, batch 32)", base),
+            ("cxr-ray end to end (local Ray, onnxruntime)", e2e),
+            ("cxr-ray after first rows (steady state)", steady),
+            ("ceiling: decode only, PIL full decode, 1 core", full),
+            ("ceiling: decode only, cxr-ray draft decode, 1 core", draft),
+            ("ceiling: model only, torch eager, batch 64", m_torch),
+            ("ceiling: model only, onnxruntime, batch 64", m_ort),
+        ]
+        print(f"\n{'what':<56} {'img/s':>8}")
+        for name, v in rows:
+            print(f"{name:<56} {v:>8.1f}")
+        print(f"\ncxr-ray / naive: {e2e / base:.2f}x end to end ({steady / base:.2f}x steady state)")
+        print(f"start-up to first rows (Ray running, ONNX cached): {result.first_row_seconds:.1f} s")
+        print(f"rows: {result.images} ({result.ok} ok, {result.errors} errors)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""Probability calibration and operating points, fitted on the validation split.
+
+- Temperature scaling (Guo et al., 2017): one scalar T dividing the logits, fitted by
+  minimising validation NLL. It changes confidence, never the argmax.
+- The pneumonia flag threshold: the largest threshold on P(bacterial) + P(viral) that still
+  reaches the target sensitivity on validation (default 0.95), i.e. the most specific
+  operating point that meets the screening requirement.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from cxr_ray.labels import LABELS, NORMAL
+
+
+def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
+    """The temperature minimising NLL of ``softmax(logits / T)`` (bounded to 0.05..20)."""
+    from scipy.optimize import minimize_scalar
+
+    logits = np.asarray(logits, np.float64)
+    y_true = np.asarray(y_true, np.int64)
+    if len(y_true) == 0:
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        z = logits / math.exp(log_t)
+        z = z - z.max(axis=1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+        return float(-logp[np.arange(len(y_true)), y_true].mean())
+
+    res = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    return float(math.exp(res.x))
+
+
+def threshold_for_sensitivity(probs: np.ndarray, y_true: np.ndarray, target: float = 0.95) -> float:
+    """Largest threshold on P(pneumonia) whose validation sensitivity is >= ``target``."""
+    normal = LABELS.index(NORMAL)
+    p = 1.0 - np.asarray(probs)[:, normal]
+    pos = np.sort(p[np.asarray(y_true) != normal])
+    if len(pos) == 0:
+        return 0.5
+    # Flag when p >= t: keeping ceil(target * n) positives means t = the k-th largest score.
+    k = math.ceil(target * len(pos))
+    return float(pos[len(pos) - k])

@@ -1,0 +1,1 @@
+"""Batch scoring with Ray Data: sources -> decode tasks -> predictor actors -> Parquet."""

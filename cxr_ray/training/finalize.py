@@ -1,0 +1,146 @@
+"""Turn the best checkpoint of a Ray Train run into a model artifact.
+
+Writes the weights and card (``cxr_ray.models.artifact``), ``val_metrics.parquet`` (per-class
+precision/recall/F1/support/AUROC, confusion matrix cells, calibration) and
+``training_curve.png``. Temperature and the pneumonia threshold are fitted on validation.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import platform
+from typing import Any
+
+import pyarrow as pa
+
+from cxr_ray import export, metrics
+from cxr_ray.calibration import fit_temperature, threshold_for_sensitivity
+from cxr_ray.config import Settings
+from cxr_ray.labels import LABELS
+from cxr_ray.models.artifact import card_for, save_artifact
+from cxr_ray.models.card import ModelCard
+from cxr_ray.models.factory import create_model
+from cxr_ray.training.checkpoint import load_state
+from cxr_ray.training.loop import softmax
+
+logger = logging.getLogger(__name__)
+
+TARGET_SENSITIVITY = 0.95
+
+
+def val_metrics_table(before: metrics.Metrics, after: metrics.Metrics, temperature: float) -> pa.Table:
+    table = metrics.metrics_table(after)
+    extra = [
+        {"metric": "ece_uncalibrated", "label": None, "value": before.ece, "n": before.n},
+        {"metric": "temperature", "label": None, "value": temperature, "n": before.n},
+    ]
+    for i, true in enumerate(LABELS):
+        for j, pred in enumerate(LABELS):
+            extra.append(
+                {
+                    "metric": f"confusion_pred_{pred}",
+                    "label": true,
+                    "value": float(after.confusion[i][j]),
+                    "n": after.n,
+                }
+            )
+    rows = [dict(r, run_id=None, model_version=None) for r in extra]
+    return pa.concat_tables([table, pa.Table.from_pylist(rows, schema=metrics.METRICS_SCHEMA)])
+
+
+def training_curve_png(history: list[dict[str, float]]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [h["epoch"] for h in history]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(9, 3.4), dpi=110)
+    a.plot(epochs, [h["train_loss"] for h in history], "o-", label="train loss")
+    a.set_xlabel("epoch")
+    a.set_ylabel("loss")
+    a.legend()
+    for key, name in (
+        ("val_macro_f1", "val macro-F1"),
+        ("val_accuracy", "val accuracy"),
+        ("val_binary_sensitivity", "val pneumonia sensitivity"),
+    ):
+        b.plot(epochs, [h.get(key, math.nan) for h in history], "o-", label=name)
+    b.set_xlabel("epoch")
+    b.set_ylim(0.5, 1.0)
+    b.grid(alpha=0.3)
+    b.legend(loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def write_artifact(
+    checkpoint_dir: str,
+    settings: Settings,
+    out: str,
+    training_info: dict[str, Any],
+    history: list[dict[str, Any]] | None = None,
+) -> ModelCard:
+    """Build the artifact at ``out`` from the best checkpoint the trainer wrote.
+
+    ``history`` is the full per-epoch history (from the latest checkpoint); the best
+    checkpoint's own history ends at its epoch.
+    """
+    state = load_state(checkpoint_dir)
+    arch = settings.model.arch
+    net = create_model(arch, pretrained=False)
+    net.load_state_dict(state["model"])
+    logits = state["val_logits"].numpy()
+    y = state["val_labels"].numpy()
+    before = metrics.classification_metrics(y, softmax(logits))
+    temperature = fit_temperature(logits, y)
+    probs = softmax(logits, temperature)
+    threshold = threshold_for_sensitivity(probs, y, TARGET_SENSITIVITY)
+    after = metrics.classification_metrics(y, probs, threshold=threshold)
+    history = history if history is not None else state["history"]
+    card = card_for(
+        net,
+        arch,
+        input_size=settings.model.input_size,
+        intensity=settings.model.intensity,
+        temperature=temperature,
+        thresholds={"pneumonia": threshold, "target_sensitivity": TARGET_SENSITIVITY},
+        training={
+            **training_info,
+            "best_epoch": int(state["epoch"]),
+            "epochs_run": len(history),
+            "recipe": settings.train.model_dump(mode="json"),
+            "model_settings": settings.model.model_dump(mode="json"),
+            "split": {"val_fraction": settings.data.val_fraction, "seed": settings.data.split_seed},
+            "history": history,
+            "python": platform.python_version(),
+        },
+        metrics={
+            "validation": after.summary(),
+            "validation_confusion": after.confusion,
+            "ece_before_temperature": before.ece,
+        },
+    )
+    card = save_artifact(net, card, out)
+    export.write_table(val_metrics_table(before, after, temperature), export.join(out, "val_metrics.parquet"))
+    export.write_bytes(training_curve_png(history), export.join(out, "training_curve.png"))
+    logger.info("artifact %s written to %s", card.version, out)
+    return card
+
+
+def best_checkpoint(result: Any) -> Any:
+    """The best checkpoint (by validation macro-F1) of a Ray Train result."""
+    best = None
+    for ckpt, m in result.best_checkpoints or []:
+        score = m.get("val_macro_f1", -math.inf)
+        if best is None or score > best[0]:
+            best = (score, ckpt)
+    ckpt = best[1] if best is not None else result.checkpoint
+    if ckpt is None:
+        raise RuntimeError("the training run reported no checkpoint")
+    return ckpt

@@ -1,0 +1,188 @@
+"""The three job entrypoints, in-process and through `ray job submit` against a real head."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from cxr_ray.config import load_settings
+from cxr_ray.synthetic import jpeg_bytes, kermany_name
+from tests import imaging
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _settings(tmp_path: Path):
+    return load_settings(None, {"score": {"cache_dir": str(tmp_path / "cache")}})
+
+
+def _add_images(root: Path, start: int, n: int) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(start, start + n):
+        label = ("normal", "bacterial", "viral")[i % 3]
+        (root / kermany_name(label, i)).write_bytes(jpeg_bytes(200, 180, seed=1000 + i, label=label))
+
+
+def test_nightly_scores_only_new_images(ray_local, tiny_artifact, tmp_path, capsys):
+    from jobs import nightly_score
+
+    archive, root = tmp_path / "archive", tmp_path / "nightly"
+    _add_images(archive, 0, 20)
+    (archive / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    args = argparse.Namespace(source=str(archive), model=str(tiny_artifact), root=str(root))
+    nightly_score.main(args, _settings(tmp_path))
+    _add_images(archive, 20, 10)
+    nightly_score.main(args, _settings(tmp_path))
+    nightly_score.main(args, _settings(tmp_path))  # nothing new: adds nothing
+    runs = sorted((root / "runs").iterdir())
+    assert len(runs) == 3
+    counts = [pq.read_table(r / "predictions.parquet").num_rows for r in runs]
+    assert counts == [21, 10, 0]
+    ledger = pq.read_table(root / "ledger.parquet")
+    assert ledger.num_rows == 31
+    keys = list(zip(ledger["image_id"].to_pylist(), ledger["model_version"].to_pylist(), strict=True))
+    assert len(set(keys)) == len(keys)  # each image exactly once per model version
+    out = capsys.readouterr().out
+    assert "ledger: 31 images already scored" in out and "0 added" in out
+
+
+def test_screen_archive_summarises_flagged(ray_local, tiny_artifact, tmp_path, capsys):
+    from jobs import screen_archive
+
+    archive = imaging.kermany_folder(tmp_path / "archive", per_class=4)
+    args = argparse.Namespace(source=str(archive), model=str(tiny_artifact), out=str(tmp_path / "s"), top=3)
+    screen_archive.main(args, _settings(tmp_path))
+    flagged = pq.read_table(tmp_path / "s" / "flagged.parquet")
+    probs = flagged["prob_pneumonia"].to_pylist()
+    assert probs == sorted(probs, reverse=True) and all(flagged["flagged"].to_pylist())
+    assert "flagged studies:" in capsys.readouterr().out
+
+
+def test_job_exit_code_2_on_bad_settings(tmp_path):
+    env = os.environ | {"CXR_SCORE__ENGINE": "tpu"}
+    out = subprocess.run(
+        [sys.executable, "-m", "jobs.screen_archive", "--source", str(tmp_path), "--model", str(tmp_path),
+         "--out", str(tmp_path / "o")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 2
+    assert "score.engine" in out.stderr and "Traceback" not in out.stderr
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def ray_head(tmp_path_factory):
+    """A real Ray head started like a user would (`ray start --head`), stopped on teardown.
+
+    Only this head's processes are stopped (its own process group): `ray stop` would kill
+    every Ray on the machine, the test session's own included. Token auth is set the same
+    way for the head, the jobs and this client, as Ray 2.60 requires.
+    """
+    ray_bin = Path(sys.executable).with_name("ray")
+    port, dash = _free_port(), _free_port()
+    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    temp = tmp_path_factory.mktemp("rayhead")
+    proc = subprocess.Popen(
+        [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+         "--include-dashboard=true", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
+         f"--temp-dir={temp}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    from ray.job_submission import JobSubmissionClient
+
+    old = os.environ.get("RAY_AUTH_MODE")
+    os.environ["RAY_AUTH_MODE"] = "token"
+    client = None
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
+            client.list_jobs()
+            break
+        except Exception:
+            time.sleep(1)
+    assert client is not None, "the Ray head did not come up"
+    yield client
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+    if old is None:
+        os.environ.pop("RAY_AUTH_MODE", None)
+    else:
+        os.environ["RAY_AUTH_MODE"] = old
+    shutil.rmtree(temp, ignore_errors=True)
+
+
+def _submit_and_wait(client, entrypoint: str, timeout: float = 600) -> str:
+    from ray.job_submission import JobStatus
+
+    job = client.submit_job(
+        entrypoint=entrypoint,
+        runtime_env={"working_dir": str(REPO), "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
+    )
+    deadline = time.time() + timeout
+    status = None
+    while time.time() < deadline:
+        status = client.get_job_status(job)
+        if status in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
+            break
+        time.sleep(1)
+    logs = client.get_job_logs(job)
+    assert status == JobStatus.SUCCEEDED, logs[-3000:]
+    return logs
+
+
+def test_screen_archive_via_ray_job_submit(ray_head, tiny_artifact, tmp_path):
+    archive = imaging.kermany_folder(tmp_path / "archive", per_class=3)
+    (archive / "empty.jpeg").write_bytes(b"")
+    out = tmp_path / "screen"
+    logs = _submit_and_wait(
+        ray_head,
+        f"python -m jobs.screen_archive --source {archive} --model {tiny_artifact} --out {out}",
+    )
+    assert "10 images, 9 ok, 1 errors" in logs
+    assert pq.read_table(out / "predictions.parquet").num_rows == 10
+
+
+def test_nightly_score_via_ray_job_submit(ray_head, tiny_artifact, tmp_path):
+    archive = tmp_path / "archive"
+    _add_images(archive, 0, 6)
+    cmd = f"python -m jobs.nightly_score --source {archive} --model {tiny_artifact} --root {tmp_path / 'n'}"
+    _submit_and_wait(ray_head, cmd)
+    _add_images(archive, 6, 2)
+    logs = _submit_and_wait(ray_head, cmd)
+    assert "2 added" in logs
+    assert pq.read_table(tmp_path / "n" / "ledger.parquet").num_rows == 8
+
+
+@pytest.mark.slow
+def test_retrain_via_ray_job_submit(ray_head, tmp_path):
+    from cxr_ray.synthetic import write_kermany_folder
+
+    data = write_kermany_folder(tmp_path / "data", per_class=12, size=(96, 80))
+    cfg = tmp_path / "cxr.toml"
+    cfg.write_text('[model]\npretrained = false\ninput_size = 64\n[train]\nbatch_size = 4\n')
+    logs = _submit_and_wait(
+        ray_head,
+        f"python -m jobs.retrain --config {cfg} --data {data} --out {tmp_path / 'model'} "
+        f"--epochs 1 --max-steps-per-epoch 2 --storage-path {tmp_path / 'runs'}",
+        timeout=900,
+    )
+    assert "artifact mobilenet_v2-" in logs
+    assert (tmp_path / "model" / "model_card.json").exists()

@@ -1,0 +1,193 @@
+"""Batch scoring: predictor without Ray, engines agree, the Ray Data pipeline end to end."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from click.testing import CliRunner
+
+from cxr_ray.cli import main
+from cxr_ray.config import load_settings
+from cxr_ray.data.sources import ReadOptions, list_source, read_unit
+from cxr_ray.engines import build_engine, prepare_payload, select_engine
+from cxr_ray.errors import EngineUnavailableError
+from cxr_ray.models.artifact import read_card
+from cxr_ray.preprocess import decode, to_model_input
+from cxr_ray.scoring.pipeline import score
+from cxr_ray.scoring.schema import PREDICTIONS_SCHEMA
+from cxr_ray.scoring.stages import CxrPredictor, decode_stage
+from tests import imaging
+
+
+def _raw_batch(folder: Path) -> pa.Table:
+    opts = ReadOptions(rows_per_block=1000)
+    return pa.concat_tables([b for u in list_source(str(folder), opts) for b in read_unit(u, opts)])
+
+
+def _settings(tmp_path: Path, **score):
+    return load_settings(None, {"score": {"cache_dir": str(tmp_path / "cache"), **score}})
+
+
+def _broken_folder(root: Path) -> tuple[Path, int, int]:
+    imaging.kermany_folder(root, per_class=4)
+    bad = {k: v for k, v in imaging.bad_inputs().items() if k != "wrong-extension.png"}
+    for name, data in bad.items():
+        (root / name).write_bytes(data)
+    return root, 12 + len(bad), len(bad)
+
+
+def test_decode_stage_uses_the_one_preprocessing(tiny_artifact, xray_folder):
+    spec = read_card(str(tiny_artifact)).preprocess_spec()
+    raw = _raw_batch(xray_folder)
+    out = decode_stage(raw, spec=spec)
+    for i, row in enumerate(raw.to_pylist()):
+        assert np.array_equal(out["pixels"][i], decode(row["data"], spec).pixels)
+    assert set(out["label"]) == {"normal", "bacterial", "viral"}
+    assert all(len(x) == 64 for x in out["image_id"])
+
+
+def test_predictor_on_a_plain_batch_without_ray(tiny_artifact, tmp_path):
+    root, n, n_bad = _broken_folder(tmp_path / "in")
+    spec = read_card(str(tiny_artifact)).preprocess_spec()
+    batch = decode_stage(_raw_batch(root), spec=spec)
+    payload = prepare_payload(str(tiny_artifact), "onnxruntime", cache_dir=str(tmp_path / "c"))
+    out = CxrPredictor(payload)(batch)
+    assert len(out["uri"]) == n
+    ok = out["status"] == "ok"
+    assert ok.sum() == n - n_bad
+    probs = np.stack([out["prob_normal"], out["prob_bacterial"], out["prob_viral"]], 1)
+    assert np.allclose(probs[ok].sum(1), 1, atol=1e-5)
+    assert np.isnan(probs[~ok]).all() and all(out["error"][~ok])
+    assert np.allclose(out["prob_pneumonia"][ok], probs[ok][:, 1:].sum(1), atol=1e-6)
+    assert list(out["flagged"][ok]) == list(out["prob_pneumonia"][ok] >= 0.5)
+
+
+@pytest.mark.parametrize("intensity", ["none", "equalize"])
+def test_onnxruntime_and_torch_agree(tmp_path, intensity, request):
+    from tests.conftest import KERMANY_FULLRES, make_artifact
+
+    art = make_artifact(tmp_path / "m", input_size=224, intensity=intensity)
+    spec = read_card(str(art)).preprocess_spec()
+    if KERMANY_FULLRES.is_dir():
+        files = sorted(KERMANY_FULLRES.rglob("*.jpeg"))[::20][:24]
+        datas = [f.read_bytes() for f in files]
+    else:
+        datas = [imaging.jpeg_bytes(800, 700, seed=i) for i in range(16)]
+    x = to_model_input(np.stack([decode(d, spec).pixels for d in datas]))
+    engines = {
+        name: build_engine(prepare_payload(str(art), name, cache_dir=str(tmp_path / "c")))
+        for name in ("onnxruntime", "torch")
+    }
+    probs = {name: e(x.copy()) for name, e in engines.items()}
+    assert probs["onnxruntime"].shape == (len(datas), 3)
+    assert np.abs(probs["onnxruntime"] - probs["torch"]).max() <= 1e-4
+    assert probs["torch"].std() > 1e-3  # a real, non-constant model
+
+
+def test_engine_selection_errors():
+    assert select_engine("auto") == "onnxruntime"  # CPU machine, no TensorRT
+    with pytest.raises(EngineUnavailableError, match="tensorrt"):
+        select_engine("tensorrt")
+    with pytest.raises(EngineUnavailableError, match="unknown engine"):
+        select_engine("tpu")
+
+
+def test_score_folder_with_broken_files_yields_one_row_per_file(ray_local, tiny_artifact, tmp_path):
+    from sklearn.metrics import f1_score
+
+    root, n, n_bad = _broken_folder(tmp_path / "in")
+    r = score(
+        str(root),
+        str(tiny_artifact),
+        str(tmp_path / "out"),
+        _settings(tmp_path),
+        history=str(tmp_path / "history.parquet"),
+    )
+    t = pq.read_table(tmp_path / "out" / "predictions.parquet")
+    assert t.schema.equals(PREDICTIONS_SCHEMA)
+    assert t.num_rows == n == r.images
+    assert Counter(t["status"].to_pylist()) == {"ok": n - n_bad, "error": n_bad}
+    assert len(set(t["uri"].to_pylist())) == n
+    assert r.engine == "onnxruntime" and set(t["engine"].to_pylist()) == {"onnxruntime"}
+    labelled = t.filter(
+        pa.compute.and_(pa.compute.equal(t["status"], "ok"), pa.compute.is_valid(t["label"]))
+    ).to_pylist()
+    assert len(labelled) == 12
+    m = {
+        (row["metric"], row["label"]): row["value"]
+        for row in pq.read_table(tmp_path / "out" / "metrics.parquet").to_pylist()
+    }
+    y = [row["label"] for row in labelled]
+    pred = [row["pred_label"] for row in labelled]
+    assert m[("macro_f1", None)] == pytest.approx(f1_score(y, pred, average="macro"))
+    conf = pq.read_table(tmp_path / "out" / "confusion.parquet")
+    assert sum(conf["count"].to_pylist()) == 12
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["images"] == n and summary["errors"] == n_bad
+    # A second run appends to the history table.
+    score(
+        str(root),
+        str(tiny_artifact),
+        str(tmp_path / "out2"),
+        _settings(tmp_path),
+        history=str(tmp_path / "history.parquet"),
+    )
+    hist = pq.read_table(tmp_path / "history.parquet")
+    assert len(set(hist["run_id"].to_pylist())) == 2
+
+
+def test_crashed_run_leaves_nothing_half_written(ray_local, tiny_artifact, tmp_path):
+    root = imaging.kermany_folder(tmp_path / "in", per_class=6)
+    out = tmp_path / "out"
+
+    def boom(block):
+        raise RuntimeError("driver died")
+
+    with pytest.raises(RuntimeError, match="driver died"):
+        score(
+            str(root),
+            str(tiny_artifact),
+            str(out),
+            _settings(tmp_path, batch_size=4),
+            on_block=boom,
+        )
+    assert not (out / "predictions.parquet").exists()
+    assert not (out / "summary.json").exists()
+    assert [p.name for p in out.iterdir()] == []  # no temp files left either
+
+
+def test_cli_score_prints_summary_and_metrics(ray_local, tiny_artifact, tmp_path):
+    root, n, n_bad = _broken_folder(tmp_path / "in")
+    result = CliRunner().invoke(
+        main,
+        ["score", str(root), "--model", str(tiny_artifact), "--out", str(tmp_path / "runs" / "a")],
+        env={"CXR_SCORE__CACHE_DIR": str(tmp_path / "cache")},
+    )
+    assert result.exit_code == 0, result.output
+    assert f"{n} images, {n - n_bad} ok, {n_bad} errors" in result.output
+    assert "img/s" in result.output and "macro-F1" in result.output
+    assert (tmp_path / "runs" / "metrics_history.parquet").exists()
+
+
+def test_cli_score_unknown_engine_exits_2(tiny_artifact, tmp_path):
+    result = CliRunner().invoke(
+        main,
+        [
+            "score",
+            str(tmp_path),
+            "--model",
+            str(tiny_artifact),
+            "--out",
+            str(tmp_path / "o"),
+            "--engine",
+            "tpu",
+        ],
+    )
+    assert result.exit_code == 2
+    assert "score.engine" in result.output
