@@ -181,8 +181,10 @@ class ScoreSettings(_Section):
     cpus_per_decode_task: PositiveFloat = 1.0
     #: Decode JPEGs on the GPU inside the actor when it has one.
     gpu_decode: bool = True
-    #: Test-time augmentation views averaged by the predictor (1 = off).
-    tta: int = Field(default=1, ge=1, le=4)
+    #: Grad-CAM overlays written by a torch stage after the predictor: none, flagged or all rows.
+    explain: Literal["none", "flagged", "all"] = "none"
+    #: At most this many heatmaps per explaining actor (``None``: no limit).
+    explain_limit: int | None = Field(default=None, ge=1)
     #: Where exported ONNX models and TensorRT engines are cached.
     cache_dir: str = ".cache/cxr-ray"
     #: TensorRT build settings.

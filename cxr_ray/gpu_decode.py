@@ -102,7 +102,7 @@ def _gpu_decode(datas: list[bytes], rows: list[int], device: torch.device) -> di
     try:
         images = decode_jpeg(inputs, mode=ImageReadMode.GRAY, device=device)
         return dict(zip(rows, images, strict=True))
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:  # torchvision/nvJPEG reject bad data
         logger.warning(
             "batched JPEG decode of %d images on %s failed (%s); retrying one by one",
             len(rows),
@@ -113,7 +113,7 @@ def _gpu_decode(datas: list[bytes], rows: list[int], device: torch.device) -> di
     for i, tensor in zip(rows, inputs, strict=True):
         try:
             out[i] = decode_jpeg([tensor], mode=ImageReadMode.GRAY, device=device)[0]
-        except RuntimeError as exc:
+        except (RuntimeError, ValueError) as exc:
             logger.debug("row %d: JPEG rejected on %s (%s); using the CPU decoder", i, device, exc)
     return out
 

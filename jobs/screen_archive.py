@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 from cxr_ray import export
 from cxr_ray.config import Settings
 from cxr_ray.metrics import format_metrics_summary
+from cxr_ray.report import write_report
 from cxr_ray.scoring.pipeline import format_summary, score
 from jobs._common import parser, run
 
@@ -41,6 +42,7 @@ def main(args: argparse.Namespace, settings: Settings) -> None:
         print(f"  {row['prob_pneumonia']:.3f}  {row['pred_label']:<9}  {row['uri']}")
     if result.metrics:
         print(format_metrics_summary(result.metrics, title="metrics"))
+    print(f"report: {write_report(args.out)}")
 
 
 if __name__ == "__main__":

@@ -70,9 +70,22 @@ def test_screen_archive_summarises_flagged(ray_local, tiny_artifact, tmp_path, c
 def test_job_exit_code_2_on_bad_settings(tmp_path):
     env = os.environ | {"CXR_SCORE__ENGINE": "tpu"}
     out = subprocess.run(
-        [sys.executable, "-m", "jobs.screen_archive", "--source", str(tmp_path), "--model", str(tmp_path),
-         "--out", str(tmp_path / "o")],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "jobs.screen_archive",
+            "--source",
+            str(tmp_path),
+            "--model",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert out.returncode == 2
     assert "score.engine" in out.stderr and "Traceback" not in out.stderr
@@ -97,10 +110,23 @@ def ray_head(tmp_path_factory):
     env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     temp = tmp_path_factory.mktemp("rayhead")
     proc = subprocess.Popen(
-        [str(ray_bin), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
-         "--include-dashboard=true", f"--dashboard-port={dash}", "--dashboard-host=127.0.0.1",
-         f"--temp-dir={temp}", "--disable-usage-stats"],
-        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        [
+            str(ray_bin),
+            "start",
+            "--head",
+            "--block",
+            f"--port={port}",
+            "--num-cpus=2",
+            "--include-dashboard=true",
+            f"--dashboard-port={dash}",
+            "--dashboard-host=127.0.0.1",
+            f"--temp-dir={temp}",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     from ray.job_submission import JobSubmissionClient
 
@@ -177,7 +203,7 @@ def test_retrain_via_ray_job_submit(ray_head, tmp_path):
 
     data = write_kermany_folder(tmp_path / "data", per_class=12, size=(96, 80))
     cfg = tmp_path / "cxr.toml"
-    cfg.write_text('[model]\npretrained = false\ninput_size = 64\n[train]\nbatch_size = 4\n')
+    cfg.write_text("[model]\npretrained = false\ninput_size = 64\n[train]\nbatch_size = 4\n")
     logs = _submit_and_wait(
         ray_head,
         f"python -m jobs.retrain --config {cfg} --data {data} --out {tmp_path / 'model'} "

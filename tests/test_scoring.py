@@ -14,7 +14,8 @@ from click.testing import CliRunner
 
 from cxr_ray.cli import main
 from cxr_ray.config import load_settings
-from cxr_ray.data.sources import ReadOptions, list_source, read_unit
+from cxr_ray.data.readers import read_unit
+from cxr_ray.data.sources import ReadOptions, list_source
 from cxr_ray.engines import build_engine, prepare_payload, select_engine
 from cxr_ray.errors import EngineUnavailableError
 from cxr_ray.models.artifact import read_card

@@ -10,7 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from cxr_ray.data import uris
-from cxr_ray.data.sources import ReadOptions, list_source, read_unit, units_from_uris
+from cxr_ray.data.readers import read_unit
+from cxr_ray.data.sources import ReadOptions, list_source, units_from_uris
 from cxr_ray.errors import DataError
 from tests import imaging
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import tempfile
 import threading
@@ -145,6 +146,9 @@ def test_train_writes_a_complete_artifact(ray_local, synthetic_data, tmp_path):
             assert (metric, label) in names
     assert ("confusion_pred_viral", "normal") in names and ("ece_uncalibrated", None) in names
     assert (tmp_path / "model" / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
+    md = (tmp_path / "model" / "model_card.md").read_text()
+    assert "95% bootstrap" in md and "## Limitations" in md and card.version in md
+    assert re.search(r"\| 3-class accuracy \| [0-9.]+ \([0-9.]+-[0-9.]+\) \|", md)
 
 
 def train_worker_pids() -> list[int]:

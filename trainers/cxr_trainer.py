@@ -38,8 +38,7 @@ _DTYPES = {"pixels": torch.uint8, "label": torch.int64}
 def train_loop_per_worker(config: dict[str, Any]) -> None:
     cfg = TrainSettings.model_validate(config["train"])
     model_cfg = ModelSettings.model_validate(config["model"])
-    # Per-epoch progress bars from every worker would drown the driver's log.
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker drowns logs
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     loop.seed_everything(cfg.seed + rank)
@@ -47,26 +46,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     net = create_model(model_cfg.arch, pretrained=model_cfg.pretrained, weights_dir=model_cfg.weights_dir)
     frozen = recipe.freeze_blocks(net, model_cfg.arch, cfg.frozen_blocks)
-    optimizer = torch.optim.AdamW(
-        recipe.param_groups(
-            net,
-            model_cfg.arch,
-            lr=cfg.lr,
-            backbone_lr_mult=cfg.backbone_lr_mult,
-            weight_decay=cfg.weight_decay,
-        )
-    )
-    n_train = sum(config["class_counts"]) if cfg.imbalance != "oversample" else config["n_train_rows"]
-    steps = n_train // (cfg.batch_size * world)
-    if cfg.max_steps_per_epoch is not None:
-        steps = min(steps, cfg.max_steps_per_epoch)
-    warmup = int(cfg.warmup_epochs * steps)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, recipe.warmup_cosine(warmup, max(1, steps * cfg.epochs))
-    )
+    steps = recipe.steps_per_epoch(config["n_train_rows"], cfg, world)
+    optimizer, scheduler = recipe.optimization(net, model_cfg.arch, cfg, steps)
     weights = recipe.class_weights(config["class_counts"]) if cfg.imbalance == "class_weights" else None
-    use_amp = device.type == "cuda" and cfg.precision in ("auto", "fp16")
-    scaler = torch.amp.GradScaler("cuda") if use_amp and not torch.cuda.is_bf16_supported() else None
+    amp_fp16 = (
+        device.type == "cuda" and cfg.precision in ("auto", "fp16") and not torch.cuda.is_bf16_supported()
+    )
+    scaler = torch.amp.GradScaler("cuda") if amp_fp16 else None
 
     start_epoch, history = 0, []
     resumed = ray.train.get_checkpoint()
@@ -76,13 +62,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         net.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        loop.set_rng_state(state["rng"][rank] if rank < len(state["rng"]) else state["rng"][0])
+        loop.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
         start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
         logger.info("rank %d resumed after epoch %d", rank, start_epoch - 1)
     model = ray.train.torch.prepare_model(net.to(memory_format=torch.channels_last))
     augment = TrainAugment(**cfg.augment.model_dump())
-    train_shard = ray.train.get_dataset_shard("train")
-    val_data = ray.train.get_dataset_shard("val")
+    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
 
     for epoch in range(start_epoch, cfg.epochs):
         if should_stop(history, cfg.early_stopping_patience):
@@ -90,9 +75,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         batches = train_shard.iter_torch_batches(
             batch_size=cfg.batch_size,
             drop_last=True,
+            dtypes=_DTYPES,
             local_shuffle_buffer_size=4 * cfg.batch_size,
             local_shuffle_seed=cfg.seed * 1000 + epoch * world + rank,
-            dtypes=_DTYPES,
         )
         stats = loop.run_epoch(
             model,
@@ -109,44 +94,29 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             scaler=scaler,
             precision=cfg.precision,
         )
-        # Every worker reads the whole (small) validation set and scores every world-th row.
-        idx, y, logits = loop.predict(
-            model,
-            val_data.iter_torch_batches(batch_size=128, dtypes=_DTYPES),
-            device=device,
-            precision=cfg.precision,
-            keep=lambda i: i % world == rank,
+        val_batches = val_shard.iter_torch_batches(batch_size=128, dtypes=_DTYPES)
+        y, logits = loop.validate(
+            model, val_batches, device=device, precision=cfg.precision, rank=rank, world=world
         )
-        idx, y, logits = gather_arrays(idx, y, logits)
-        order = np.argsort(idx)
-        y, logits = y[order], logits[order]
         m = metrics.classification_metrics(y, loop.softmax(logits))
-        losses = gather_arrays(np.array([stats.loss]))[0]
         report = {
             "epoch": epoch,
             "attempt_start_epoch": start_epoch,
-            "train_loss": float(losses.mean()),
+            "train_loss": float(gather_arrays(np.array([stats.loss]))[0].mean()),
             "train_images_per_s": stats.images_per_s * world,
             **{f"val_{k}": v for k, v in m.summary().items()},
         }
         history.append(report)
-        rngs = gather_objects(loop.rng_state())
+        rngs = gather_objects(loop.rng_state())  # every rank's RNG, for an exact resume
         with tempfile.TemporaryDirectory() as tmp:
             checkpoint = None
             if rank == 0:
-                ckpt_mod.save_state(
-                    tmp,
-                    {
-                        "model": net.state_dict(),  # the module DDP wraps: no "module." prefix
-                        "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(),
-                        "epoch": epoch,
-                        "history": history,
-                        "rng": rngs,
-                        "val_logits": torch.from_numpy(logits),
-                        "val_labels": torch.from_numpy(y),
-                    },
-                )
+                ckpt_mod.save_state(tmp, {
+                    "model": net.state_dict(),  # the module DDP wraps: no "module." prefix
+                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "epoch": epoch, "history": history, "rng": rngs,
+                    "val_logits": torch.from_numpy(logits), "val_labels": torch.from_numpy(y),
+                })  # fmt: skip
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(report, checkpoint=checkpoint)
 
@@ -159,7 +129,7 @@ def build_trainer(settings: Settings, data: data_mod.TrainingData, run_name: str
             "train": t.model_dump(mode="json"),
             "model": settings.model.model_dump(mode="json"),
             "class_counts": data.class_counts,
-            "n_train_rows": data.train.count(),
+            "n_train_rows": data.train.count(),  # differs from the class counts when oversampling
         },
         scaling_config=ScalingConfig(
             num_workers=t.workers,
@@ -188,32 +158,19 @@ def _storage(path: str) -> str:
 
 
 def train(settings: Settings, source: str, out: str) -> ModelCard:
-    """Split, train with Ray Train, and write the model artifact to ``out``."""
+    """Split, train with Ray Train, and write the model artifact (and its split) to ``out``."""
     started = time.time()
     data = data_mod.prepare(source, settings)
     run_name = settings.train.run_name or f"cxr-{settings.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = build_trainer(settings, data, run_name).fit()
     if result.error is not None:
         raise result.error
-    info = {
-        "data_fingerprint": data.fingerprint,
-        "source": source,
-        "split_counts": data.split_counts(),
-        "run_name": run_name,
-        "storage_path": settings.train.storage_path,
-        "workers": settings.train.workers,
-        "use_gpu": settings.train.use_gpu,
-        "wall_seconds": round(time.time() - started, 1),
-        "ray_version": ray.__version__,
-        "torch_version": torch.__version__,
-    }
     if result.checkpoint is None:
         raise RuntimeError(f"training run {run_name} reported no checkpoint")
     with result.checkpoint.as_directory() as d:
-        history = ckpt_mod.load_state(d)["history"]
-    best = finalize.best_checkpoint(result)
-    with best.as_directory() as d:
+        history = ckpt_mod.load_state(d)["history"]  # the best checkpoint's history ends early
+    info = finalize.training_info(settings, data, run_name, time.time() - started) | {"source": source}
+    with finalize.best_checkpoint(result).as_directory() as d:
         card = finalize.write_artifact(d, settings, out, info, history)
-    # Which images trained and which validated the model: reproducibility and honest demos.
-    export.write_table(data.table, export.join(out, "split.parquet"))
+    export.write_table(data.table, export.join(out, "split.parquet"))  # which images trained/validated
     return card

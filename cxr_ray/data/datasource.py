@@ -9,7 +9,8 @@ import pyarrow as pa
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from cxr_ray.data.sources import RAW_SCHEMA, ReadOptions, ReadUnit, read_unit
+from cxr_ray.data.readers import read_unit
+from cxr_ray.data.sources import RAW_SCHEMA, ReadOptions, ReadUnit
 
 
 def _read(unit: ReadUnit, options: ReadOptions) -> list[pa.Table] | Any:

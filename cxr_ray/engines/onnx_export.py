@@ -47,6 +47,7 @@ def export_onnx(art: Artifact, path: Path) -> Path:
         dynamic_shapes=({0: torch.export.Dim("batch", min=1, max=MAX_BATCH)},),
         opset_version=OPSET,
         external_data=True,
+        verbose=False,
     )
     proto = onnx.load(str(staged), load_external_data=True)
     onnx.checker.check_model(proto)

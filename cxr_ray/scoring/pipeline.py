@@ -125,6 +125,7 @@ def build_dataset(
     settings: Settings,
     *,
     engine: str,
+    out_dir: str = ".",
     seen_ids: list[str] | None = None,
 ) -> Any:
     """The lazy Ray Dataset of prediction rows (without run columns) for ``source``."""
@@ -148,22 +149,43 @@ def build_dataset(
     if seen_ids:
         seen = ray.remote(SeenIndex).options(num_cpus=0).remote(seen_ids)
     spec = card.preprocess_spec(settings.data.max_pixels)
+    explain = sc.explain != "none"
     ds = source_dataset(source, settings.data)
     ds = ds.map_batches(
         decode_stage,
         batch_format="pyarrow",
         batch_size=None,
         num_cpus=sc.cpus_per_decode_task,
-        fn_kwargs={"spec": spec, "seen": seen, "gpu_jpeg": gpu_actors and sc.gpu_decode},
+        # Heatmaps need the decoded pixels on the CPU side, so explaining turns GPU decode off.
+        fn_kwargs={"spec": spec, "seen": seen, "gpu_jpeg": gpu_actors and sc.gpu_decode and not explain},
     )
-    return ds.map_batches(
+    ds = ds.map_batches(
         CxrPredictor,
         batch_size=sc.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=sc.actors_min, max_size=sc.actors_max),
         num_cpus=sc.cpus_per_actor,
         num_gpus=sc.gpus_per_actor or None,
-        fn_constructor_kwargs={"payload": payload_ref, "gpu_decode": sc.gpu_decode},
+        fn_constructor_kwargs={"payload": payload_ref, "gpu_decode": sc.gpu_decode, "keep_pixels": explain},
+    )
+    if not explain:
+        return ds
+    from cxr_ray.explain import Explainer
+
+    torch_payload = payload if payload.weights else prepare_payload(artifact, "torch", cache_dir=sc.cache_dir)
+    return ds.map_batches(
+        Explainer,
+        batch_size=sc.batch_size,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=sc.actors_max),
+        num_cpus=sc.cpus_per_actor,
+        num_gpus=sc.gpus_per_actor or None,
+        fn_constructor_kwargs={
+            "payload": ray.put(torch_payload),
+            "out_dir": export.join(out_dir, "heatmaps"),
+            "only_flagged": sc.explain == "flagged",
+            "limit": sc.explain_limit,
+        },
     )
 
 
@@ -172,6 +194,8 @@ def _with_run_columns(batch: pa.Table, *, version: str, run_id: str) -> pa.Table
     now = datetime.now(UTC)
     cols = {c: batch.column(c) for c in batch.column_names if c in PREDICTIONS_SCHEMA.names}
     cols["model_version"] = pa.array([version] * n, pa.string())
+    if "heatmap_uri" not in cols:
+        cols["heatmap_uri"] = pa.nulls(n, pa.string())
     cols["run_id"] = pa.array([run_id] * n, pa.string())
     cols["scored_at"] = pa.array([now] * n, pa.timestamp("us", tz="UTC"))
     table = pa.table(cols)
@@ -203,7 +227,7 @@ def score(
     engine = "auto" if requested == "auto" and gpu_actors else select_engine(requested)
     run_id = run_id or new_run_id()
     result = ScoreResult(out, run_id, card.version, engine)
-    ds = build_dataset(source, artifact, settings, engine=engine, seen_ids=seen_ids)
+    ds = build_dataset(source, artifact, settings, engine=engine, out_dir=out, seen_ids=seen_ids)
     acc = _Accumulator(result)
     export.ensure_dir(out)
     with export.atomic_parquet_writer(export.join(out, "predictions.parquet"), PREDICTIONS_SCHEMA) as w:

@@ -22,6 +22,7 @@ PREDICTIONS_SCHEMA = pa.schema(
         pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
         pa.field("status", pa.string(), nullable=False),  # ok | error
         pa.field("error", pa.string()),
+        pa.field("heatmap_uri", pa.string()),  # Grad-CAM overlay PNG, when explained
     ]
 )
 

@@ -76,7 +76,7 @@ class CxrPredictor:
     Rows that failed decoding pass through with null probabilities; every input row comes out.
     """
 
-    def __init__(self, payload: Any, *, gpu_decode: bool = False) -> None:
+    def __init__(self, payload: Any, *, gpu_decode: bool = False, keep_pixels: bool = False) -> None:
         import ray
 
         from cxr_ray.engines import EnginePayload, build_engine, select_engine
@@ -94,6 +94,7 @@ class CxrPredictor:
         self.threshold = card.pneumonia_threshold
         self.normal = LABELS.index(NORMAL)
         self.gpu_decode = gpu_decode and getattr(self.engine, "device", "cpu") == "cuda"
+        self.keep_pixels = keep_pixels  # for a Grad-CAM stage downstream
         logger.info("predictor ready: %s on %s", self.engine.name, self.engine.device)
 
     def _probs(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -141,6 +142,8 @@ class CxrPredictor:
         out["status"] = np.where(ok, "ok", "error").astype(object)
         out["error"] = np.where(ok, np.array(None), errors)
         out["engine"] = np.full(len(ok), self.engine.name, dtype=object)
+        if self.keep_pixels:
+            out["pixels"] = batch["pixels"]
         return out
 
 

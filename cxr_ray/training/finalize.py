@@ -129,8 +129,29 @@ def write_artifact(
     card = save_artifact(net, card, out)
     export.write_table(val_metrics_table(before, after, temperature), export.join(out, "val_metrics.parquet"))
     export.write_bytes(training_curve_png(history), export.join(out, "training_curve.png"))
+    from cxr_ray.models import card_md
+
+    export.write_bytes(card_md.render(card, y, probs).encode(), export.join(out, "model_card.md"))
     logger.info("artifact %s written to %s", card.version, out)
     return card
+
+
+def training_info(settings: Settings, data: Any, run_name: str, seconds: float) -> dict[str, Any]:
+    """What the model card records about how and on what the model was trained."""
+    import ray
+    import torch
+
+    return {
+        "data_fingerprint": data.fingerprint,
+        "split_counts": data.split_counts(),
+        "run_name": run_name,
+        "storage_path": settings.train.storage_path,
+        "workers": settings.train.workers,
+        "use_gpu": settings.train.use_gpu,
+        "wall_seconds": round(seconds, 1),
+        "ray_version": ray.__version__,
+        "torch_version": torch.__version__,
+    }
 
 
 def best_checkpoint(result: Any) -> Any:

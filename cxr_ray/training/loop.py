@@ -172,3 +172,27 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     z = z - z.max(axis=1, keepdims=True)
     e = np.exp(z)
     return e / e.sum(axis=1, keepdims=True)
+
+
+def validate(
+    net: nn.Module,
+    batches: Iterable[dict[str, torch.Tensor]],
+    *,
+    device: torch.device,
+    precision: str,
+    rank: int,
+    world: int,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, logits) of the whole validation set, in dataset order, on every worker.
+
+    Every worker reads the whole (small) validation set and scores every ``world``-th row;
+    the parts are gathered exactly (no padding, no duplicate rows skewing the metrics).
+    """
+    from cxr_ray.training.distributed import gather_arrays
+
+    idx, y, logits = predict(
+        net, batches, device=device, precision=precision, keep=lambda i: i % world == rank
+    )
+    idx, y, logits = gather_arrays(idx, y, logits.reshape(len(idx), -1))
+    order = np.argsort(idx)
+    return y[order], logits[order]

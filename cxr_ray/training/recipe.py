@@ -18,6 +18,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from cxr_ray.config import TrainSettings
 from cxr_ray.models.factory import CxrNet, feature_blocks, head_parameters
 
 
@@ -84,3 +85,24 @@ def loss_fn(
     if weights is not None:
         per_sample = per_sample * weights.to(per_sample.device)[target]
     return per_sample.mean()
+
+
+def steps_per_epoch(n_rows: int, cfg: TrainSettings, world: int) -> int:
+    """Optimisation steps per epoch: full global batches, capped by ``max_steps_per_epoch``."""
+    steps = max(1, n_rows // (cfg.batch_size * world))
+    return min(steps, cfg.max_steps_per_epoch) if cfg.max_steps_per_epoch else steps
+
+
+def optimization(
+    net: CxrNet, arch: str, cfg: TrainSettings, steps: int
+) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW over the trainable parameters and its warmup + cosine schedule."""
+    groups = param_groups(
+        net, arch, lr=cfg.lr, backbone_lr_mult=cfg.backbone_lr_mult, weight_decay=cfg.weight_decay
+    )
+    optimizer = torch.optim.AdamW(groups)
+    warmup = int(cfg.warmup_epochs * steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(warmup, max(1, steps * cfg.epochs))
+    )
+    return optimizer, scheduler

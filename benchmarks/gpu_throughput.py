@@ -1,0 +1,233 @@
+"""GPU scoring throughput on full-resolution X-rays: torch-cuda vs TensorRT, per GPU.
+
+    python benchmarks/gpu_throughput.py [--images 2000] [--model ARTIFACT] [--append-results]
+
+Needs a CUDA GPU (exits with a message otherwise). Uses ../shared/data/kermany-fullres
+(original-resolution JPEGs), hard-linked into a temp folder until there are at least
+--images files. Measured in one run, on one machine:
+
+  end to end   cxr_ray.scoring.pipeline.score on a local Ray, one predictor actor per GPU,
+               GPU JPEG decode in the actor, for engine torch (CUDA, fp16) and tensorrt
+               (only when the tensorrt package imports); img/s per GPU
+  decode only  GPU decode_batch (nvJPEG + resize on the GPU) vs the CPU contract
+               (cxr_ray.preprocess.decode) on one core
+  model only   engine.run_tensor on batches already on the GPU (no decode, no copies)
+  in-actor     decode_batch + run_tensor in a loop, no Ray: what one actor can sustain
+
+Prints a table with ratios and the GPU name; --append-results appends it to
+benchmarks/RESULTS.md. Not a test: numbers depend on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "kermany-fullres"
+RESULTS = ROOT / "benchmarks" / "RESULTS.md"
+
+
+def replicate(src: Path, dst: Path, n: int) -> list[Path]:
+    files = sorted(src.rglob("*.jpeg"))
+    if not files:
+        sys.exit(f"no images under {src}: the benchmark needs ../shared/data/kermany-fullres")
+    out = []
+    for i in range(n):
+        f = files[i % len(files)]
+        target = dst / f"copy{i // len(files):02d}" / f.parent.name / f.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.link(f, target)
+        out.append(target)
+    return out
+
+
+def _rate(n: int, fn, *, sync: bool = True) -> float:
+    """Items per second of ``fn()`` processing ``n`` items (CUDA work included)."""
+    if sync:
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if sync:
+        torch.cuda.synchronize()
+    return n / (time.perf_counter() - t)
+
+
+def decode_ceilings(datas: list[bytes], spec, batch: int) -> tuple[float, float]:
+    from cxr_ray.gpu_decode import decode_batch
+    from cxr_ray.preprocess import decode
+
+    decode_batch(datas[:batch], spec, device="cuda")  # nvJPEG handles, CUDA context
+
+    def gpu() -> None:
+        for i in range(0, len(datas), batch):
+            decode_batch(datas[i : i + batch], spec, device="cuda")
+
+    def cpu() -> None:
+        for d in datas[:300]:
+            decode(d, spec)
+
+    return _rate(len(datas), gpu), _rate(min(300, len(datas)), cpu, sync=False)
+
+
+def engine_ceilings(engine, datas: list[bytes], spec, batch: int) -> tuple[float, float]:
+    """(model-only img/s, in-actor decode+model img/s) for one engine."""
+    from cxr_ray.gpu_decode import decode_batch
+
+    x = torch.rand(batch, 1, spec.height, spec.width, device="cuda")
+    for _ in range(3):
+        engine.run_tensor(x)  # warm-up: cuDNN autotune, TensorRT context memory
+    reps = 20
+    model = _rate(batch * reps, lambda: [engine.run_tensor(x) for _ in range(reps)])
+
+    def in_actor() -> None:
+        for i in range(0, len(datas), batch):
+            images, errors = decode_batch(datas[i : i + batch], spec, device="cuda")
+            engine.run_tensor(images[[k for k, e in enumerate(errors) if e is None]])
+
+    return model, _rate(len(datas), in_actor)
+
+
+def end_to_end(images: Path, artifact: str, out: Path, score_settings: dict) -> tuple[float, float]:
+    """(img/s wall, img/s steady state) of the scoring pipeline on a local Ray."""
+    from cxr_ray.config import load_settings
+    from cxr_ray.scoring.pipeline import score
+
+    settings = load_settings(None, {"score": score_settings})
+    marks: list[tuple[float, int]] = []
+
+    def mark(block) -> None:
+        done = (marks[-1][1] if marks else 0) + block.num_rows
+        marks.append((time.perf_counter(), done))
+
+    t = time.perf_counter()
+    result = score(str(images), artifact, str(out), settings, on_block=mark)
+    wall = time.perf_counter() - t
+    if result.errors:
+        print(f"  warning: {result.errors} error rows, e.g. {result.error_examples[:1]}")
+    steady = (marks[-1][1] - marks[0][1]) / max(1e-9, marks[-1][0] - marks[0][0])
+    return result.images / wall, steady
+
+
+def _model(tmpd: Path, size: int) -> str:
+    from cxr_ray.errors import WeightsUnavailableError
+    from cxr_ray.models.artifact import card_for, save_artifact
+    from cxr_ray.models.factory import create_model
+
+    torch.manual_seed(0)
+    try:
+        net = create_model("mobilenet_v2", pretrained=True)
+    except WeightsUnavailableError:  # throughput does not depend on the weights' values
+        net = create_model("mobilenet_v2", pretrained=False)
+    artifact = str(tmpd / "model")
+    save_artifact(net, card_for(net, "mobilenet_v2", input_size=size, intensity="none"), artifact)
+    return artifact
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--images", type=int, default=2000)
+    ap.add_argument("--model", default=None, help="artifact (default: MobileNetV2 at 224 px)")
+    ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--batch", type=int, default=128, help="predictor batch size")
+    ap.add_argument("--precision", default="fp16", choices=["fp16", "fp32", "int8"])
+    ap.add_argument("--append-results", action="store_true", help=f"append to {RESULTS}")
+    args = ap.parse_args()
+
+    if not torch.cuda.is_available():
+        sys.exit("gpu_throughput.py needs a CUDA GPU and none is visible; run it on a GPU node")
+    gpus = torch.cuda.device_count()
+    gpu_name = torch.cuda.get_device_name(0)
+    has_trt = importlib.util.find_spec("tensorrt") is not None
+
+    import ray
+    import ray.data
+
+    from cxr_ray.engines import build_engine, prepare_payload
+    from cxr_ray.models.artifact import read_card
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmpd = Path(tmp)
+        files = replicate(Path(args.data), tmpd / "images", args.images)
+        artifact = args.model or _model(tmpd, 224)
+        card = read_card(artifact)
+        spec = card.preprocess_spec()
+        cache = str(tmpd / "cache")
+        trt = {"trt_precision": args.precision, "trt_opt_batch": args.batch}
+        trt["trt_max_batch"] = max(256, args.batch)
+        options = {"cache_dir": cache, **trt}
+        print(
+            f"{len(files)} full-resolution JPEGs, model {card.version} at {spec.height}px, "
+            f"{gpus} x {gpu_name}, {os.cpu_count()} CPUs, tensorrt: {has_trt}"
+        )
+
+        datas = [f.read_bytes() for f in files[:1000]]
+        gpu_dec, cpu_dec = decode_ceilings(datas, spec, args.batch)
+        engines = ["torch"] + (["tensorrt"] if has_trt else [])
+        ceilings: dict[str, tuple[float, float]] = {}
+        for name in engines:
+            # Also warms the ONNX export and the TensorRT engine cache the actors will use.
+            payload = prepare_payload(artifact, name, cache_dir=cache, options=options)
+            ceilings[name] = engine_ceilings(build_engine(payload), datas, spec, args.batch)
+            torch.cuda.empty_cache()
+
+        ray.init(include_dashboard=False, log_to_driver=False)
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        e2e: dict[str, tuple[float, float]] = {}
+        for name in engines:
+            score_settings = {
+                "engine": name,
+                "gpus_per_actor": 1,
+                "actors_min": gpus,
+                "actors_max": gpus,
+                "batch_size": args.batch,
+                "gpu_decode": True,
+                "cache_dir": cache,
+                **trt,
+            }
+            rate = end_to_end(tmpd / "images", artifact, tmpd / f"out-{name}", score_settings)
+            e2e[name] = (rate[0] / gpus, rate[1] / gpus)
+        ray.shutdown()
+
+    rows = [(f"end to end, {n} (per GPU)", e2e[n][0]) for n in engines]
+    rows += [(f"end to end, {n}, steady state (per GPU)", e2e[n][1]) for n in engines]
+    rows += [(f"in-actor decode+model, {n} (no Ray)", ceilings[n][1]) for n in engines]
+    rows += [(f"model only, {n}, batch {args.batch} on GPU", ceilings[n][0]) for n in engines]
+    rows += [
+        (f"decode only, GPU decode_batch, batch {args.batch}", gpu_dec),
+        ("decode only, CPU draft decode, 1 core", cpu_dec),
+    ]
+    lines = [f"{'what':<52} {'img/s':>9}", *(f"{k:<52} {v:>9.1f}" for k, v in rows), ""]
+    lines.append(f"GPU decode / CPU decode per core: {gpu_dec / cpu_dec:.1f}x")
+    if "tensorrt" in engines:
+        lines.append(f"tensorrt / torch end to end: {e2e['tensorrt'][0] / e2e['torch'][0]:.2f}x")
+        lines.append(f"tensorrt / torch model only: {ceilings['tensorrt'][0] / ceilings['torch'][0]:.2f}x")
+    else:
+        lines.append("tensorrt: not installed here (pip install 'cxr-ray[tensorrt]'), skipped")
+    table = "\n".join(lines)
+    print(f"\n{gpu_name} x {gpus}, TensorRT precision {args.precision}\n{table}")
+
+    if args.append_results:
+        stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+        with RESULTS.open("a") as f:
+            f.write(
+                f"\n## gpu_throughput.py, {stamp}\n\n{gpus} x {gpu_name}, {platform.node()}, "
+                f"{os.cpu_count()} CPUs, {len(files)} images, model {card.version}, "
+                f"batch {args.batch}, TensorRT {args.precision}\n\n```\n{table}\n```\n"
+            )
+        print(f"appended to {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+"""The ``cxr-ray`` command line: thin commands that build settings and call one library function.
+
+Every command accepts ``--config FILE`` (TOML) before its name; ``CXR_*`` environment
+variables and flags override the file. Invalid settings print one line per field and exit 2.
+"""
+
+from cxr_ray.cli import data, model, scoring  # noqa: F401  (registers the commands)
+from cxr_ray.cli._app import EXIT_USAGE, handle_errors, main
+
+__all__ = ["EXIT_USAGE", "handle_errors", "main"]

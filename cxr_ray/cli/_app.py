@@ -1,0 +1,78 @@
+"""The ``cxr-ray`` group, error handling and settings; commands live in the sibling modules.
+
+Every command accepts ``--config FILE`` (TOML) before its name; ``CXR_*`` environment
+variables and flags override the file. Invalid settings print one line per field and exit 2.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from cxr_ray.config import Settings, load_settings
+from cxr_ray.errors import ConfigError, CxrRayError, DataError, ModelError
+
+F = TypeVar("F", bound=Callable[..., Any])
+logger = logging.getLogger("cxr_ray")
+
+#: Exit codes: 2 for bad usage/settings/inputs the user must fix, 1 for other failures.
+EXIT_USAGE = 2
+
+
+def _fail(msg: str, code: int) -> None:
+    click.secho(f"error: {msg}", fg="red", err=True)
+    sys.exit(code)
+
+
+def handle_errors(fn: F) -> F:
+    """Turn cxr-ray errors into a message and an exit code instead of a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, DataError, ModelError) as exc:
+            _fail(str(exc), EXIT_USAGE)
+        except CxrRayError as exc:
+            _fail(str(exc), 1)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def settings_from(ctx: click.Context, overrides: dict[str, Any]) -> Settings:
+    return load_settings(ctx.obj.get("config"), overrides)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option(
+    "--config",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="TOML settings file ([train], [score], [data], [model], [ray] tables).",
+)
+@click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
+@click.version_option(package_name="cxr-ray")
+@click.pass_context
+def main(ctx: click.Context, config: str | None, verbose: int) -> None:
+    """cxr-ray: fine-tune and batch-score pediatric chest X-rays on Ray.
+
+    \b
+    Typical flow:
+      cxr-ray weights --link                       # offline ImageNet weights
+      cxr-ray manifest DATA --out manifest.parquet # list and check every image
+      cxr-ray train DATA --out model/              # Ray Train fine-tuning
+      cxr-ray score ARCHIVE --model model/ --out scores/
+      cxr-ray evaluate scores/predictions.parquet
+
+    Settings come from flags, CXR_* environment variables (CXR_TRAIN__WORKERS=4) and
+    --config FILE, in that order of priority. Run any command with --help for details.
+    """
+    level = [logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)]
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    ctx.ensure_object(dict)
+    ctx.obj["config"] = config

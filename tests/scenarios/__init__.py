@@ -1,0 +1,1 @@
+"""Fault scenarios run in their own processes (they start and kill their own Ray clusters)."""

@@ -1,0 +1,137 @@
+"""Real faults: a node dies while scoring, drivers are SIGKILLed mid-run; nothing lost or doubled.
+
+Scenarios that start their own Ray clusters run in subprocesses (tests/scenarios/): a process
+can only hold one Ray connection, and killing a driver must not take the test session down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from cxr_ray.config import load_settings
+from cxr_ray.synthetic import jpeg_bytes, kermany_name
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
+
+
+def _images(root: Path, n: int, broken: int = 0) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    for i in range(n):
+        label = ("normal", "bacterial", "viral")[i % 3]
+        (root / kermany_name(label, i)).write_bytes(jpeg_bytes(160, 140, seed=i, label=label))
+    for i in range(broken):
+        (root / f"broken{i}.jpeg").write_bytes(b"\xff\xd8\xff" + bytes(20))
+    return root
+
+
+@pytest.mark.slow
+def test_worker_node_killed_while_scoring_loses_and_doubles_nothing(tiny_artifact, tmp_path):
+    images = _images(tmp_path / "images", 240, broken=3)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.scenarios.node_loss",
+            str(images),
+            str(tiny_artifact),
+            str(tmp_path / "o"),
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(next(line for line in out.stdout.splitlines() if line.startswith('{"rows"')))
+    assert r["killed"], "no node was killed"
+    assert r["blocks"] > 2  # the node died mid-stream, with blocks still to come
+    assert r["rows"] == r["unique_uris"] == 243  # one row per input, none twice
+    assert r["ok"] == 240
+
+
+def test_killed_nightly_driver_is_finished_by_the_next_run(ray_local, tiny_artifact, tmp_path):
+    from jobs import nightly_score
+
+    source, root = _images(tmp_path / "archive", 30, broken=1), tmp_path / "nightly"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.scenarios.interrupted_nightly",
+            str(source),
+            str(tiny_artifact),
+            str(root),
+        ],
+        cwd=REPO,
+        env=ENV,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        start_new_session=True,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert "killing the driver mid-run" in proc.stdout
+    killed_run = next((root / "runs").iterdir())
+    # Readers never see a partial table: the killed run committed nothing.
+    assert not (killed_run / "predictions.parquet").exists()
+    assert not (killed_run / "summary.json").exists()
+    assert not (root / "ledger.parquet").exists()
+
+    settings = load_settings(None, {"score": {"cache_dir": str(tmp_path / "cache")}})
+    args = argparse.Namespace(source=str(source), model=str(tiny_artifact), root=str(root))
+    nightly_score.main(args, settings)
+    ledger = pq.read_table(root / "ledger.parquet")
+    assert ledger.num_rows == 31  # 30 images + 1 broken file, each exactly once
+    assert len(set(ledger["image_id"].to_pylist())) == 31
+    nightly_score.main(args, settings)
+    assert pq.read_table(root / "ledger.parquet").num_rows == 31
+
+
+def _registered(storage: Path) -> int:
+    for snap in storage.glob("*/checkpoint_manager_snapshot.json"):
+        try:
+            return len(json.loads(snap.read_text())["checkpoint_results"])
+        except (ValueError, KeyError):
+            return 0
+    return 0
+
+
+@pytest.mark.slow
+def test_killed_training_driver_resumes_with_the_same_run_name(ray_local, tmp_path):
+    from cxr_ray.synthetic import write_kermany_folder
+    from trainers.cxr_trainer import train
+
+    data = write_kermany_folder(tmp_path / "data", per_class=24, size=(96, 80))
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "cxr_ray", "train", str(data), "--out", str(tmp_path / "m1"),
+           "--no-pretrained", "--input-size", "160", "--epochs", "3", "--batch-size", "8",
+           "--storage-path", str(runs), "--run-name", "r"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, cwd=REPO, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    deadline = time.time() + 300
+    while _registered(runs) < 1 and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert _registered(runs) >= 1 and proc.poll() is None, "no checkpoint before the kill"
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its whole local Ray
+    proc.wait()
+    settings = load_settings(None, {
+        "model": {"pretrained": False, "input_size": 160},
+        "train": {"epochs": 3, "batch_size": 8, "storage_path": str(runs), "run_name": "r"},
+    })  # fmt: skip
+    card = train(settings, str(data), str(tmp_path / "m2"))
+    history = card.training["history"]
+    assert [h["epoch"] for h in history] == [0, 1, 2]
+    assert history[-1]["attempt_start_epoch"] >= 1
