@@ -131,18 +131,20 @@ class TrainSettings(_Section):
     workers: int = Field(default=2, ge=1)
     use_gpu: bool = False
     cpus_per_worker: PositiveFloat = 1.0
-    epochs: int = Field(default=10, ge=1)
+    epochs: int = Field(default=12, ge=1)
     #: Per-worker batch size.
     batch_size: int = Field(default=32, ge=1)
-    lr: PositiveFloat = 2e-3
+    lr: PositiveFloat = 1.5e-3
     #: Backbone learning rate = lr * this (the new head learns at ``lr``).
-    backbone_lr_mult: float = Field(default=0.25, ge=0, le=1)
+    backbone_lr_mult: float = Field(default=0.3, ge=0, le=1)
     weight_decay: float = Field(default=0.02, ge=0)
     warmup_epochs: float = Field(default=0.5, ge=0)
-    label_smoothing: float = Field(default=0.05, ge=0, lt=1)
+    label_smoothing: float = Field(default=0.1, ge=0, lt=1)
     grad_clip: float = Field(default=2.0, ge=0)
-    #: Leading feature blocks kept frozen (BatchNorm statistics too) for the whole run.
-    frozen_blocks: int = Field(default=0, ge=0)
+    #: Leading feature blocks kept frozen (BatchNorm statistics too) for the whole run. On
+    #: MobileNetV2 the first 7 are the high-resolution, cheap-to-keep, generic ones: freezing
+    #: them halves CPU step time and cost no validation accuracy in our comparisons.
+    frozen_blocks: int = Field(default=7, ge=0)
     imbalance: Literal["class_weights", "oversample", "none"] = "class_weights"
     early_stopping_patience: int = Field(default=4, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)

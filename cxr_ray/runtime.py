@@ -23,7 +23,8 @@ def ray_session(settings: RaySettings, *, quiet: bool = False) -> Iterator[None]
     if ray.is_initialized():
         yield
         return
-    kwargs: dict[str, object] = {"include_dashboard": False, "log_to_driver": not quiet}
+    # The dashboard also serves the state API that Ray Train's controller polls.
+    kwargs: dict[str, object] = {"log_to_driver": not quiet}
     if settings.address is not None:
         kwargs["address"] = settings.address
     elif settings.num_cpus is not None:

@@ -61,3 +61,15 @@ def test_cli_invalid_setting_exits_2_without_traceback(tmp_path, monkeypatch):
     assert result.exit_code == 2
     assert "data.max_pixels" in result.output
     assert "Traceback" not in result.output
+
+
+def test_every_shipped_recipe_is_valid():
+    from pathlib import Path
+
+    recipes = sorted((Path(__file__).resolve().parents[1] / "trainers" / "recipes").glob("*.toml"))
+    assert len(recipes) >= 7
+    for recipe in recipes:
+        s = load_settings(recipe)
+        assert s.model.arch in recipe.name
+    default = load_settings(recipes[[r.name for r in recipes].index("mobilenet_v2_cpu.toml")])
+    assert default.train == Settings().train  # the file documents the built-in defaults

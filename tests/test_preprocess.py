@@ -63,6 +63,19 @@ def test_dicom_window_is_applied():
     assert sat(narrow) > sat(full) + 0.05
 
 
+@pytest.mark.parametrize("syntax", ["RLELossless", "JPEG2000Lossless"])
+def test_compressed_dicom_decodes_like_uncompressed(syntax):
+    import pydicom
+    from pydicom import uid
+
+    ds = pydicom.dcmread(io.BytesIO(imaging.dicom_bytes(seed=6)))
+    ds.compress(getattr(uid, syntax))
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    plain = decode(imaging.dicom_bytes(seed=6), SPEC).pixels
+    assert np.array_equal(decode(buf.getvalue(), SPEC).pixels, plain)
+
+
 def test_dicom_without_preamble_found_by_extension():
     data = imaging.dicom_bytes(seed=1, preamble=False)
     assert sniff_format(data, "scan.dcm") == "dicom"

@@ -100,6 +100,10 @@ def export_cmd(ctx: click.Context, artifact: str, fmt: str, out: str | None) -> 
         "trt_opt_batch": sc.trt_opt_batch,
         "trt_max_batch": sc.trt_max_batch,
     }
+    if sc.trt_precision == "int8":
+        from cxr_ray.engines.base import calibration_images
+
+        options["calibration"] = calibration_images(artifact, sc.trt_calibration_images)
     payload = prepare_payload(artifact, "tensorrt", cache_dir=sc.cache_dir, options=options)
     path = build_engine_file(payload.onnx, art.card, payload.options)
     if out:

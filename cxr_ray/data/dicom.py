@@ -48,8 +48,8 @@ def decode_dicom(data: bytes, *, max_pixels: int) -> np.ndarray:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         hint = f" (transfer syntax {syntax.name})" if syntax is not None else ""
         raise DecodeError(
-            f"cannot decode DICOM pixel data{hint}: {exc}. Compressed DICOM needs the "
-            "'pylibjpeg' or 'gdcm' plugins for pydicom"
+            f"cannot decode DICOM pixel data{hint}: {exc}. cxr-ray ships the pylibjpeg plugins "
+            "(JPEG, JPEG-LS, JPEG 2000, RLE); other syntaxes need 'python-gdcm'"
         ) from None
     if frames > 1:
         arr = arr[0]

@@ -97,7 +97,9 @@ def image_dataset(units: list[ReadUnit], options: ReadOptions) -> Any:
 
     from cxr_ray.data.datasource import ImageDatasource
 
-    return ray.data.read_datasource(ImageDatasource(units, options))
+    # One block stream per unit, as listed: Ray's default (at least 200 blocks) would split
+    # the reads further, and a split read cannot be fused with the decode stage after it.
+    return ray.data.read_datasource(ImageDatasource(units, options), override_num_blocks=max(1, len(units)))
 
 
 def is_manifest(source: str) -> bool:

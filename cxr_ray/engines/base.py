@@ -130,6 +130,33 @@ def prepare_payload(
     return EnginePayload(engine, art.card.to_json(), weights=weights, onnx=onnx, options=opts)
 
 
+def calibration_images(artifact: str, n: int, *, seed: int = 0, max_pixels: int = 64_000_000) -> np.ndarray:
+    """``uint8 [n, H, W]`` training images through the shared preprocessing (INT8 calibration).
+
+    Drawn from the artifact's own training split (``split.parquet``), so calibration sees the
+    distribution the model was fitted on, and preprocessed exactly as scoring will.
+    """
+    import pyarrow.compute as pc
+
+    from cxr_ray import export
+    from cxr_ray.models.artifact import read_card
+    from cxr_ray.preprocess import decode
+
+    card = read_card(artifact)
+    split_uri = export.join(artifact, "split.parquet")
+    if not export.exists(split_uri):
+        raise EngineUnavailableError(
+            f"INT8 calibration needs training images: {split_uri} is missing (artifacts written "
+            "by `cxr-ray train` have it); use trt_precision = 'fp16' instead"
+        )
+    split = export.read_table(split_uri)
+    uris = split.filter(pc.equal(split["split"], "train"))["uri"].to_pylist()
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(uris), size=min(n, len(uris)), replace=False)
+    spec = card.preprocess_spec(max_pixels)
+    return np.stack([decode(export.read_bytes(uris[i]), spec).pixels for i in sorted(picked)])
+
+
 def _builders() -> dict[str, Callable[[EnginePayload], Engine]]:
     from cxr_ray.engines import onnx_engine, tensorrt_engine, torch_engine
 

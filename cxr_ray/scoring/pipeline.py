@@ -88,13 +88,13 @@ class _Accumulator:
         r.ok += n_ok
         r.errors += t.num_rows - n_ok
         r.flagged += int(pc.sum(pc.fill_null(t["flagged"], False)).as_py() or 0)
-        if len(r.error_examples) < 20:
-            for row in t.filter(pc.invert(ok)).select(["uri", "error"]).to_pylist()[:20]:
-                r.error_examples.append(row)
-        lab = t.filter(pc.and_(ok, pc.is_in(t["label"], pa.array(LABELS))))
-        if lab.num_rows:
-            self.y.append(np.array([LABELS.index(v) for v in lab["label"].to_pylist()]))
-            self.p.append(np.stack([lab[f"prob_{k}"].to_numpy() for k in LABELS], axis=1).astype(np.float64))
+        room = 20 - len(r.error_examples)
+        if room > 0:
+            r.error_examples += t.filter(pc.invert(ok)).select(["uri", "error"]).slice(0, room).to_pylist()
+        y, p = labelled_arrays(t)
+        if len(y):
+            self.y.append(y)
+            self.p.append(p)
 
     def metrics(self, threshold: float) -> metrics.Metrics | None:
         if not self.y:
@@ -143,6 +143,10 @@ def build_dataset(
         "trt_opt_batch": sc.trt_opt_batch,
         "trt_max_batch": sc.trt_max_batch,
     }
+    if sc.trt_precision == "int8" and engine in ("tensorrt", "auto"):
+        from cxr_ray.engines.base import calibration_images
+
+        options["calibration"] = calibration_images(artifact, sc.trt_calibration_images)
     payload = prepare_payload(artifact, engine, cache_dir=sc.cache_dir, options=options)
     payload_ref = ray.put(payload)
     seen = None

@@ -32,14 +32,20 @@ def decode_stage(
     version (nightly runs). With ``gpu_jpeg`` the JPEG bytes are passed on undecoded for the
     actor to decode on its GPU; other formats are decoded here either way.
     """
-    n = batch.num_rows
+    rows = batch.to_pylist()
+    ids = [hashlib.sha256(r["data"]).hexdigest() if r["data"] is not None else None for r in rows]
+    if seen is not None:  # hash first, decode only what this model version has not scored
+        import ray
+
+        new = set(ray.get(seen.new_ids.remote([i for i in ids if i is not None])))
+        keep = [k for k, i in enumerate(ids) if i is None or i in new]
+        rows, ids = [rows[k] for k in keep], [ids[k] for k in keep]
     out: dict[str, list[Any]] = {k: [] for k in _PASS}
-    pixels = np.zeros((n, spec.height, spec.width), np.uint8)
+    pixels = np.zeros((len(rows), spec.height, spec.width), np.uint8)
     jpeg: list[bytes | None] = []
-    for i, row in enumerate(batch.to_pylist()):
+    for i, (row, image_id) in enumerate(zip(rows, ids, strict=True)):
         data, error = row["data"], row["error"]
         info = identify(row["name"], row["uri"])
-        image_id = hashlib.sha256(data).hexdigest() if data is not None else None
         raw = None
         if error is None and data is not None:
             if gpu_jpeg and sniff_format(data) == "jpeg":
@@ -56,17 +62,10 @@ def decode_stage(
         out["status"].append("error" if error else "ok")
         out["error"].append(error)
         jpeg.append(raw)
-    keep = np.ones(n, bool)
-    if seen is not None:
-        import ray
-
-        ids = [i for i in out["image_id"] if i is not None]
-        new = set(ray.get(seen.new_ids.remote(ids)))
-        keep = np.array([i is None or i in new for i in out["image_id"]], bool)
-    result = {k: np.array(v, dtype=object)[keep] for k, v in out.items()}
-    result["pixels"] = pixels[keep]
+    result = {k: np.array(v, dtype=object) for k, v in out.items()}
+    result["pixels"] = pixels
     if gpu_jpeg:
-        result["jpeg"] = np.array(jpeg, dtype=object)[keep]
+        result["jpeg"] = np.array(jpeg, dtype=object)
     return result
 
 

@@ -122,7 +122,12 @@ def prepare(source: str, settings: Settings) -> TrainingData:
             )
             .filter(expr="label >= 0")
         )
-        parts[name] = ds.materialize() if settings.train.cache_decoded else ds
+        if settings.train.cache_decoded:
+            ds = ds.materialize()
+            lost = part.num_rows - ds.count()
+            if lost:  # the manifest said ok, but the file changed or vanished since
+                logger.warning("%d %s images could not be decoded now and are left out", lost, name)
+        parts[name] = ds
     train_table = table.filter(pc.equal(table["split"], "train"))
     train_labels = train_table.column("label").to_pylist()
     counts = [train_labels.count(label) for label in labels_mod.LABELS]
