@@ -26,9 +26,9 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "kermany-fullres"
@@ -120,8 +120,10 @@ def main() -> None:
         size = art.card.input_size[0]
         cache = str(tmpd / "cache")
         settings = load_settings(None, {"score": {"cache_dir": cache}})
-        print(f"{len(files)} full-resolution JPEGs, model {art.card.version} at {size}px, "
-              f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}")
+        print(
+            f"{len(files)} full-resolution JPEGs, model {art.card.version} at {size}px, "
+            f"{os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}"
+        )
 
         datas = [f.read_bytes() for f in files[:200]]
         full, draft = decode_ceiling(datas, size)

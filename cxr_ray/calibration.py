@@ -16,6 +16,12 @@ import numpy as np
 from cxr_ray.labels import LABELS, NORMAL
 
 
+def nll(probs: np.ndarray, y_true: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes (what temperature scaling minimises)."""
+    p = np.asarray(probs, dtype=np.float64)[np.arange(len(y_true)), np.asarray(y_true)]
+    return float(-np.log(np.clip(p, 1e-12, 1.0)).mean()) if len(y_true) else math.nan
+
+
 def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
     """The temperature minimising NLL of ``softmax(logits / T)`` (bounded to 0.05..20)."""
     from scipy.optimize import minimize_scalar
@@ -38,7 +44,7 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
 def threshold_for_sensitivity(probs: np.ndarray, y_true: np.ndarray, target: float = 0.95) -> float:
     """Largest threshold on P(pneumonia) whose validation sensitivity is >= ``target``."""
     normal = LABELS.index(NORMAL)
-    p = 1.0 - np.asarray(probs)[:, normal]
+    p = 1.0 - np.asarray(probs, dtype=np.float64)[:, normal]  # as metrics.binary_metrics does
     pos = np.sort(p[np.asarray(y_true) != normal])
     if len(pos) == 0:
         return 0.5

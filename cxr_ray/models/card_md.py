@@ -61,6 +61,7 @@ def render(card: ModelCard, y: np.ndarray, probs: np.ndarray, n_boot: int = 500)
     t = card.training
     counts = t.get("split_counts", {})
     fingerprint = str(t.get("data_fingerprint", "n/a"))[:16]
+    m = card.metrics
 
     def fmt(k: str) -> str:
         v, lo, hi = ci[k]
@@ -113,8 +114,10 @@ def render(card: ModelCard, y: np.ndarray, probs: np.ndarray, n_boot: int = 500)
 |---|---|---|---|
 {per_class}
 
-Expected calibration error: {card.metrics.get("ece_before_temperature", math.nan):.4f} before temperature
-scaling, {card.metrics.get("validation", {}).get("ece", math.nan):.4f} after.
+Temperature scaling (T = {card.temperature:.3f}, fitted by validation NLL): NLL
+{m.get("nll_before_temperature", math.nan):.4f} -> {m.get("nll_after_temperature", math.nan):.4f},
+expected calibration error (15 bins) {card.metrics.get("ece_before_temperature", math.nan):.4f} ->
+{card.metrics.get("validation", {}).get("ece", math.nan):.4f}.
 
 ## Limitations
 {LIMITATIONS}

@@ -16,7 +16,7 @@ from typing import Any
 import pyarrow as pa
 
 from cxr_ray import export, metrics
-from cxr_ray.calibration import fit_temperature, threshold_for_sensitivity
+from cxr_ray.calibration import fit_temperature, nll, threshold_for_sensitivity
 from cxr_ray.config import Settings
 from cxr_ray.labels import LABELS
 from cxr_ray.models.artifact import card_for, save_artifact
@@ -30,10 +30,14 @@ logger = logging.getLogger(__name__)
 TARGET_SENSITIVITY = 0.95
 
 
-def val_metrics_table(before: metrics.Metrics, after: metrics.Metrics, temperature: float) -> pa.Table:
+def val_metrics_table(
+    before: metrics.Metrics, after: metrics.Metrics, temperature: float, nlls: tuple[float, float]
+) -> pa.Table:
     table = metrics.metrics_table(after)
     extra = [
         {"metric": "ece_uncalibrated", "label": None, "value": before.ece, "n": before.n},
+        {"metric": "nll_uncalibrated", "label": None, "value": nlls[0], "n": before.n},
+        {"metric": "nll", "label": None, "value": nlls[1], "n": before.n},
         {"metric": "temperature", "label": None, "value": temperature, "n": before.n},
     ]
     for i, true in enumerate(LABELS):
@@ -99,6 +103,7 @@ def write_artifact(
     y = state["val_labels"].numpy()
     before = metrics.classification_metrics(y, softmax(logits))
     temperature = fit_temperature(logits, y)
+    nlls = (nll(softmax(logits), y), nll(softmax(logits, temperature), y))
     probs = softmax(logits, temperature)
     threshold = threshold_for_sensitivity(probs, y, TARGET_SENSITIVITY)
     after = metrics.classification_metrics(y, probs, threshold=threshold)
@@ -124,10 +129,14 @@ def write_artifact(
             "validation": after.summary(),
             "validation_confusion": after.confusion,
             "ece_before_temperature": before.ece,
+            "nll_before_temperature": nlls[0],
+            "nll_after_temperature": nlls[1],
         },
     )
     card = save_artifact(net, card, out)
-    export.write_table(val_metrics_table(before, after, temperature), export.join(out, "val_metrics.parquet"))
+    export.write_table(
+        val_metrics_table(before, after, temperature, nlls), export.join(out, "val_metrics.parquet")
+    )
     export.write_bytes(training_curve_png(history), export.join(out, "training_curve.png"))
     from cxr_ray.models import card_md
 
