@@ -107,6 +107,16 @@ def ray_head(tmp_path_factory):
     """
     ray_bin = Path(sys.executable).with_name("ray")
     port, dash = _free_port(), _free_port()
+    # Every fixed default port gets a free one: the test session's own local Ray already
+    # holds the defaults (the dashboard agent's 52365, the client server's 10001), and a
+    # head whose agent cannot bind refuses every job ("No available agent to submit job").
+    ports = {
+        "--dashboard-agent-listen-port": _free_port(),
+        "--dashboard-agent-grpc-port": _free_port(),
+        "--metrics-export-port": _free_port(),
+        "--runtime-env-agent-port": _free_port(),
+        "--ray-client-server-port": _free_port(),
+    }
     env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
     temp = tmp_path_factory.mktemp("rayhead")
     proc = subprocess.Popen(
@@ -122,6 +132,7 @@ def ray_head(tmp_path_factory):
             "--dashboard-host=127.0.0.1",
             f"--temp-dir={temp}",
             "--disable-usage-stats",
+            *(f"{flag}={p}" for flag, p in ports.items()),
         ],
         env=env,
         stdout=subprocess.DEVNULL,
@@ -132,22 +143,30 @@ def ray_head(tmp_path_factory):
 
     old = os.environ.get("RAY_AUTH_MODE")
     os.environ["RAY_AUTH_MODE"] = "token"
-    client = None
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        try:
-            client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
-            client.list_jobs()
-            break
-        except Exception:
-            time.sleep(1)
-    assert client is not None, "the Ray head did not come up"
-    yield client
-    os.killpg(proc.pid, 15)
     try:
-        proc.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
+        client = None
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
+                client.list_jobs()
+                break
+            except Exception:
+                client = None
+                time.sleep(1)
+        assert client is not None, "the Ray head did not come up"
+        yield client
+    finally:
+        os.killpg(proc.pid, 15)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pass
+        # The head's raylet, GCS and agents share its process group; make sure none outlive it.
+        try:
+            os.killpg(proc.pid, 9)
+        except ProcessLookupError:
+            pass
     if old is None:
         os.environ.pop("RAY_AUTH_MODE", None)
     else:
@@ -158,10 +177,18 @@ def ray_head(tmp_path_factory):
 def _submit_and_wait(client, entrypoint: str, timeout: float = 600) -> str:
     from ray.job_submission import JobStatus
 
-    job = client.submit_job(
-        entrypoint=entrypoint,
-        runtime_env={"working_dir": str(REPO), "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}},
-    )
+    runtime_env = {"working_dir": str(REPO), "env_vars": {"RAY_USAGE_STATS_ENABLED": "0"}}
+    # The dashboard answers before the node's job agent registers; until then a submit is
+    # refused with "No available agent to submit job, please try again later".
+    deadline = time.time() + 120
+    while True:
+        try:
+            job = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env)
+            break
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.time() > deadline:
+                raise
+            time.sleep(2)
     deadline = time.time() + timeout
     status = None
     while time.time() < deadline:
