@@ -232,7 +232,8 @@ def test_checkpoint_state_is_weights_only_loadable(ray_local, synthetic_data, tm
     from trainers.cxr_trainer import train
 
     train(_settings(tmp_path, epochs=1), str(synthetic_data), str(tmp_path / "m"))
-    ckpts = sorted((tmp_path / "runs").glob("**/checkpoint_*"))
+    # Only the checkpoint directories (Ray also writes checkpoint_manager_snapshot.json there).
+    ckpts = sorted(p for p in (tmp_path / "runs").glob("**/checkpoint_*") if p.is_dir())
     assert ckpts
     state = load_state(ckpts[-1])
     assert {"model", "optimizer", "scheduler", "epoch", "rng", "history"} <= set(state)
