@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -117,8 +119,14 @@ def ray_head(tmp_path_factory):
         "--runtime-env-agent-port": _free_port(),
         "--ray-client-server-port": _free_port(),
     }
-    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Token auth as Ray 2.60 sets it up, with a token of this head's own: the client sends it
+    # as a header, so neither ~/.ray/auth_token nor this process's cached auth state matters.
+    token = secrets.token_hex(32)
+    env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     temp = tmp_path_factory.mktemp("rayhead")
+    log_path = temp / "ray_start.log"
+    log = log_path.open("w")
     proc = subprocess.Popen(
         [
             str(ray_bin),
@@ -135,43 +143,38 @@ def ray_head(tmp_path_factory):
             *(f"{flag}={p}" for flag, p in ports.items()),
         ],
         env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=log,
+        stderr=subprocess.STDOUT,
         start_new_session=True,
     )
     from ray.job_submission import JobSubmissionClient
 
-    old = os.environ.get("RAY_AUTH_MODE")
-    os.environ["RAY_AUTH_MODE"] = "token"
     try:
-        client = None
+        client, last = None, None
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
-                client = JobSubmissionClient(f"http://127.0.0.1:{dash}")
+                client = JobSubmissionClient(
+                    f"http://127.0.0.1:{dash}", headers={"Authorization": f"Bearer {token}"}
+                )
                 client.list_jobs()
                 break
-            except Exception:
-                client = None
+            except Exception as exc:
+                client, last = None, exc
                 time.sleep(1)
-        assert client is not None, "the Ray head did not come up"
+        if client is None:
+            log.flush()
+            pytest.fail(f"the Ray head did not come up: {last!r}\n{log_path.read_text()[-3000:]}")
         yield client
     finally:
         os.killpg(proc.pid, 15)
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            pass
         # The head's raylet, GCS and agents share its process group; make sure none outlive it.
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
-    if old is None:
-        os.environ.pop("RAY_AUTH_MODE", None)
-    else:
-        os.environ["RAY_AUTH_MODE"] = old
-    shutil.rmtree(temp, ignore_errors=True)
+        log.close()
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 def _submit_and_wait(client, entrypoint: str, timeout: float = 600) -> str:

@@ -5,6 +5,7 @@ Slow tier (a few minutes on 2 CPUs); skipped with a reason where ../shared/data 
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -38,8 +39,12 @@ def test_short_fine_tune_learns_and_calibrates(real_artifact):
     card = load_artifact(str(real_artifact)).card
     val = card.metrics["validation"]
     assert val["macro_f1"] > 0.6 and val["binary_auroc"] > 0.9
-    # Temperature scaling fitted on validation lowers the expected calibration error.
-    assert val["ece"] < card.metrics["ece_before_temperature"]
+    # Temperature scaling is fitted on validation by NLL: it lowers that NLL (T=1 is a candidate,
+    # so a higher NLL means the fit is broken) and moves T away from 1 on a real model.
+    assert card.metrics["nll_after_temperature"] <= card.metrics["nll_before_temperature"] + 1e-9
+    assert card.temperature != pytest.approx(1.0, abs=1e-3)
+    # Calibration error stays small either way (ECE is binned and need not fall with NLL).
+    assert val["ece"] < 0.1
     assert 0.0 < card.thresholds["pneumonia"] < 1.0
     assert val["binary_sensitivity_at_threshold"] >= 0.95
 
@@ -70,12 +75,13 @@ def test_scoring_with_explain_on_real_images(real_artifact, kermany_fullres, tmp
     sample = tmp_path / "sample"
     for f in sorted(kermany_fullres.rglob("*.jpeg"))[::12]:
         (sample / f.parent.name).mkdir(parents=True, exist_ok=True)
-        (sample / f.parent.name / f.name).symlink_to(f)
+        # Copies: symlinks leaving the source root are refused (an error row each), by design.
+        shutil.copyfile(f, sample / f.parent.name / f.name)
     settings = load_settings(None, {"score": {"explain": "flagged", "cache_dir": str(tmp_path / "c")}})
     r = score(str(sample), str(real_artifact), str(tmp_path / "run"), settings)
     t = export.read_table(str(tmp_path / "run" / "predictions.parquet"))
     flagged = t.filter(pc.fill_null(t["flagged"], False))
-    assert r.images == t.num_rows and flagged.num_rows > 0
+    assert r.images == t.num_rows == r.ok and flagged.num_rows > 0
     assert all(flagged["heatmap_uri"].to_pylist())
     assert r.metrics["binary_auroc"] > 0.85
     html = Path(write_report(str(tmp_path / "run"))).read_text()

@@ -131,6 +131,9 @@ def test_score_folder_with_broken_files_yields_one_row_per_file(ray_local, tiny_
     assert sum(conf["count"].to_pylist()) == 12
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["images"] == n and summary["errors"] == n_bad
+    errors = t.filter(pa.compute.equal(t["status"], "error"))
+    for col in ("pred_label", "prob_normal", "prob_pneumonia", "flagged"):
+        assert errors[col].null_count == n_bad, col
     # A second run appends to the history table.
     score(
         str(root),
@@ -141,6 +144,19 @@ def test_score_folder_with_broken_files_yields_one_row_per_file(ray_local, tiny_
     )
     hist = pq.read_table(tmp_path / "history.parquet")
     assert len(set(hist["run_id"].to_pylist())) == 2
+
+
+def test_a_run_of_only_broken_files_flags_nothing(ray_local, tiny_artifact, tmp_path):
+    # Every block all errors: the missing flags must stay null (a column of only missing
+    # values once arrived as NaN and was cast to True, flagging every broken file).
+    root = tmp_path / "in"
+    root.mkdir()
+    for i in range(5):
+        (root / f"broken{i}.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    r = score(str(root), str(tiny_artifact), str(tmp_path / "out"), _settings(tmp_path))
+    t = pq.read_table(tmp_path / "out" / "predictions.parquet")
+    assert (r.images, r.errors, r.flagged) == (5, 5, 0)
+    assert t["flagged"].null_count == 5 and t["prob_pneumonia"].null_count == 5
 
 
 def test_crashed_run_leaves_nothing_half_written(ray_local, tiny_artifact, tmp_path):
