@@ -177,7 +177,10 @@ class ScoreSettings(_Section):
     cpus_per_actor: PositiveFloat = 0.5
     #: GPUs per predictor actor (0: CPU actors).
     gpus_per_actor: float = Field(default=0.0, ge=0)
-    #: Intra-op threads of the engine inside each actor (``None``: the engine's default).
+    #: Intra-op threads of the engine inside each CPU actor (``None``: as many as the CPUs it
+    #: reserves, at least 1). One thread per reserved CPU leaves the decode tasks their cores:
+    #: on 2 cores, 1 onnxruntime thread scored 120 img/s steady state against 111 with the
+    #: engine's own default (a thread per core, competing with decode).
     threads_per_actor: int | None = Field(default=None, ge=1)
     #: CPUs reserved per decode task (fractional oversubscribes on purpose: decode blocks on I/O).
     cpus_per_decode_task: PositiveFloat = 1.0

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import pickle
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -208,3 +211,21 @@ def test_cli_score_unknown_engine_exits_2(tiny_artifact, tmp_path):
     )
     assert result.exit_code == 2
     assert "score.engine" in result.output
+
+
+def test_onnxruntime_predictor_starts_without_importing_torch(tiny_artifact, tmp_path):
+    # Actor start-up is on every run's critical path; importing torch costs seconds there.
+    payload = prepare_payload(str(tiny_artifact), "onnxruntime", cache_dir=str(tmp_path / "c"))
+    (tmp_path / "payload.pkl").write_bytes(pickle.dumps(payload))
+    code = (
+        "import pickle, sys\n"
+        f"payload = pickle.loads(open({str(tmp_path / 'payload.pkl')!r}, 'rb').read())\n"
+        "from cxr_ray.scoring.stages import CxrPredictor\n"
+        "p = CxrPredictor(payload)\n"
+        "import numpy as np\n"
+        "assert p.engine.name == 'onnxruntime'\n"
+        "print('torch' in sys.modules)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

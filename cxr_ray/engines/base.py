@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -157,19 +156,21 @@ def calibration_images(artifact: str, n: int, *, seed: int = 0, max_pixels: int 
     return np.stack([decode(export.read_bytes(uris[i]), spec).pixels for i in sorted(picked)])
 
 
-def _builders() -> dict[str, Callable[[EnginePayload], Engine]]:
-    from cxr_ray.engines import onnx_engine, tensorrt_engine, torch_engine
-
-    return {
-        "onnxruntime": onnx_engine.OnnxEngine.from_payload,
-        "torch": torch_engine.TorchEngine.from_payload,
-        "tensorrt": tensorrt_engine.TensorRTEngine.from_payload,
-    }
+#: engine name -> (module, class). Only the chosen engine's module is imported: an actor that
+#: runs onnxruntime never pays for importing torch (about 3 s of actor start-up here).
+_BUILDERS = {
+    "onnxruntime": ("cxr_ray.engines.onnx_engine", "OnnxEngine"),
+    "torch": ("cxr_ray.engines.torch_engine", "TorchEngine"),
+    "tensorrt": ("cxr_ray.engines.tensorrt_engine", "TensorRTEngine"),
+}
 
 
 def build_engine(payload: EnginePayload) -> Engine:
     """Actor side: the engine for ``payload`` on this process's device."""
-    builders = _builders()
-    if payload.engine not in builders:
-        raise EngineUnavailableError(f"unknown engine {payload.engine!r}; known: {sorted(builders)}")
-    return builders[payload.engine](payload)
+    import importlib
+
+    if payload.engine not in _BUILDERS:
+        raise EngineUnavailableError(f"unknown engine {payload.engine!r}; known: {sorted(_BUILDERS)}")
+    module, cls = _BUILDERS[payload.engine]
+    engine: Engine = getattr(importlib.import_module(module), cls).from_payload(payload)
+    return engine

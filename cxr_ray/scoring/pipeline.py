@@ -136,7 +136,7 @@ def build_dataset(
     card = read_card(artifact)
     gpu_actors = sc.gpus_per_actor > 0
     options: dict[str, Any] = {
-        "threads": sc.threads_per_actor,
+        "threads": sc.threads_per_actor or (None if gpu_actors else max(1, int(sc.cpus_per_actor))),
         "cache_dir": sc.cache_dir,
         "trt_precision": sc.trt_precision,
         "trt_min_batch": sc.trt_min_batch,
