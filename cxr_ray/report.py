@@ -179,7 +179,7 @@ def render(run_dir: str, *, top: int = 24, title: str | None = None) -> str:
     ]
     y, p = labelled_arrays(t)
     if len(y):
-        m = metrics.classification_metrics(y, p)
+        m = metrics.classification_metrics(y, p, threshold=float(summary.get("threshold", 0.5)))
         figs = _plots(y, p)
         parts += [
             f"<h2>Per-class metrics ({len(y)} labelled images)</h2>",

@@ -69,6 +69,7 @@ def make_artifact(
     arch: str = "mobilenet_v2",
     seed: int = 0,
     intensity: str = "none",
+    threshold: float = 0.5,
 ) -> Path:
     """A model artifact with a random 3-class head (ImageNet backbone when available offline)."""
     import torch
@@ -82,7 +83,8 @@ def make_artifact(
         net = create_model(arch, pretrained=True)
     except WeightsUnavailableError:
         net = create_model(arch, pretrained=False)
-    card = card_for(net, arch, input_size=input_size, intensity=intensity, thresholds={"pneumonia": 0.5})
+    thresholds = {"pneumonia": threshold}
+    card = card_for(net, arch, input_size=input_size, intensity=intensity, thresholds=thresholds)
     save_artifact(net, card, str(out))
     return out
 

@@ -195,6 +195,28 @@ def test_cli_score_prints_summary_and_metrics(ray_local, tiny_artifact, tmp_path
     assert (tmp_path / "runs" / "metrics_history.parquet").exists()
 
 
+def test_evaluate_and_report_use_the_runs_flag_threshold(ray_local, tmp_path):
+    from cxr_ray.report import render
+    from tests.conftest import make_artifact
+
+    model = make_artifact(tmp_path / "model", threshold=0.731)
+    root = imaging.kermany_folder(tmp_path / "in", per_class=3)
+    env = {"CXR_SCORE__CACHE_DIR": str(tmp_path / "cache")}
+    out = tmp_path / "run"
+    res = CliRunner().invoke(main, ["score", str(root), "--model", str(model), "--out", str(out)], env=env)
+    assert res.exit_code == 0, res.output
+    assert json.loads((out / "summary.json").read_text())["threshold"] == pytest.approx(0.731)
+    t = pq.read_table(out / "predictions.parquet")
+    flagged = np.array(t["prob_pneumonia"].to_numpy()) >= 0.731
+    assert t["flagged"].to_pylist() == flagged.tolist()
+    res = CliRunner().invoke(main, ["evaluate", str(out / "predictions.parquet")])
+    assert res.exit_code == 0, res.output
+    assert "at threshold 0.731" in res.output
+    res = CliRunner().invoke(main, ["evaluate", str(out / "predictions.parquet"), "--threshold", "0.2"])
+    assert "at threshold 0.200" in res.output
+    assert "flag threshold 0.731" in render(str(out))
+
+
 def test_cli_score_unknown_engine_exits_2(tiny_artifact, tmp_path):
     result = CliRunner().invoke(
         main,

@@ -203,6 +203,8 @@ def demo(ctx: click.Context, out: str, data_dir: str | None) -> None:
     from cxr_ray import export, metrics
     from cxr_ray.scoring.pipeline import evaluate_table
 
-    m = evaluate_table(export.read_table(str(Path(out) / "scores" / "predictions.parquet")))
+    m = evaluate_table(
+        export.read_table(str(Path(out) / "scores" / "predictions.parquet")), result.scored.threshold
+    )
     if m is not None:
         click.echo(metrics.format_metrics(m))

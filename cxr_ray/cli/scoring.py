@@ -81,7 +81,12 @@ def score(
 @main.command()
 @click.argument("predictions")
 @click.option("--out", default=None, help="Folder to write metrics.parquet and confusion.parquet to.")
-@click.option("--threshold", type=float, default=None, help="Pneumonia flag threshold (default: 0.5).")
+@click.option(
+    "--threshold",
+    type=float,
+    default=None,
+    help="Pneumonia flag threshold (default: the scoring run's, from its summary.json; else 0.5).",
+)
 @handle_errors
 def evaluate(predictions: str, out: str | None, threshold: float | None) -> None:
     """Compute per-class metrics from any predictions table that has labels.
@@ -92,7 +97,7 @@ def evaluate(predictions: str, out: str | None, threshold: float | None) -> None
     """
     from cxr_ray import export, metrics
     from cxr_ray.labels import LABELS
-    from cxr_ray.scoring.pipeline import evaluate_table
+    from cxr_ray.scoring.pipeline import evaluate_table, run_threshold
 
     try:
         t = export.read_table(predictions)
@@ -103,7 +108,7 @@ def evaluate(predictions: str, out: str | None, threshold: float | None) -> None
         raise DataError(
             f"{predictions!r} is not a predictions table: missing {sorted(need - set(t.column_names))}"
         )
-    m = evaluate_table(t, 0.5 if threshold is None else threshold)
+    m = evaluate_table(t, run_threshold(predictions) if threshold is None else threshold)
     if m is None:
         raise DataError("no rows with status=ok and a known label to evaluate")
     click.echo(metrics.format_metrics(m))

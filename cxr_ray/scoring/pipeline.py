@@ -60,6 +60,8 @@ class ScoreResult:
     labelled: int = 0
     seconds: float = 0.0
     first_row_seconds: float = 0.0
+    #: The model card's pneumonia flag threshold (what ``flagged`` and the binary metrics use).
+    threshold: float = 0.5
     metrics: dict[str, float] = field(default_factory=dict)
     error_examples: list[dict[str, str]] = field(default_factory=list)
 
@@ -111,6 +113,14 @@ def labelled_arrays(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     y = np.array([LABELS.index(v) for v in t["label"].to_pylist()], dtype=np.int64)
     p = np.stack([t[f"prob_{k}"].to_numpy() for k in LABELS], axis=1).astype(np.float64)
     return y, p.reshape(len(y), len(LABELS))
+
+
+def run_threshold(predictions_uri: str) -> float:
+    """The flag threshold of the run that wrote ``predictions_uri`` (its summary.json), else 0.5."""
+    summary = export.join(export.parent(predictions_uri), "summary.json")
+    if export.exists(summary):
+        return float(json.loads(export.read_bytes(summary)).get("threshold", 0.5))
+    return 0.5
 
 
 def evaluate_table(t: pa.Table, threshold: float = 0.5) -> metrics.Metrics | None:
@@ -249,7 +259,7 @@ def score(
     # With GPU actors, "auto" is resolved inside each actor: the driver may have no GPU.
     engine = "auto" if requested == "auto" and gpu_actors else select_engine(requested)
     run_id = run_id or new_run_id()
-    result = ScoreResult(out, run_id, card.version, engine)
+    result = ScoreResult(out, run_id, card.version, engine, threshold=card.pneumonia_threshold)
     ds = build_dataset(source, artifact, settings, engine=engine, out_dir=out, seen_ids=seen_ids)
     acc = _Accumulator(result)
     export.ensure_dir(out)
