@@ -32,8 +32,11 @@ test: lint
 test-fast: lint
 	$(BIN)/pytest -m "not slow" -q
 
+# Real Kermany images when they are there (a few-minute fine-tune), a synthetic sample otherwise.
+DEMO_DATA ?= ../shared/data/kermany224
+
 demo: setup
-	$(BIN)/cxr-ray demo --out demo
+	$(BIN)/cxr-ray demo --out demo --data $(DEMO_DATA)
 
 bench: setup
 	$(BIN)/python benchmarks/score_throughput.py

@@ -42,12 +42,20 @@ def fit_temperature(logits: np.ndarray, y_true: np.ndarray) -> float:
 
 
 def threshold_for_sensitivity(probs: np.ndarray, y_true: np.ndarray, target: float = 0.95) -> float:
-    """Largest threshold on P(pneumonia) whose validation sensitivity is >= ``target``."""
+    """The most specific threshold on P(pneumonia) whose validation sensitivity is >= ``target``.
+
+    Flagging is ``p >= t``. Keeping ceil(target * n) positives needs ``t <= s``, the k-th
+    largest positive score; every ``t`` in (next lower score, s] flags exactly the same
+    validation images. The midpoint of that interval is returned rather than ``s`` itself:
+    scoring engines compute in float32, and an image sitting exactly on the threshold would
+    otherwise flip with the last bit of rounding (seen: 0.9494 instead of 0.95 after scoring).
+    """
     normal = LABELS.index(NORMAL)
     p = 1.0 - np.asarray(probs, dtype=np.float64)[:, normal]  # as metrics.binary_metrics does
     pos = np.sort(p[np.asarray(y_true) != normal])
     if len(pos) == 0:
         return 0.5
-    # Flag when p >= t: keeping ceil(target * n) positives means t = the k-th largest score.
     k = math.ceil(target * len(pos))
-    return float(pos[len(pos) - k])
+    s = float(pos[len(pos) - k])
+    below = p[p < s]
+    return (s + float(below.max())) / 2 if len(below) else s / 2

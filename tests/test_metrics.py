@@ -105,5 +105,17 @@ def test_threshold_for_target_sensitivity():
     t = threshold_for_sensitivity(probs, y, 0.95)
     b = binary_metrics(y, probs, t)
     assert b["sensitivity_at_threshold"] >= 0.95
-    # The most specific threshold: any higher and sensitivity drops below the target.
-    assert binary_metrics(y, probs, t + 1e-6)["sensitivity_at_threshold"] < 0.95
+    # The most specific operating point: it flags exactly what the k-th largest positive
+    # score would, and any threshold above that score drops sensitivity below the target.
+    score = 1.0 - probs[:, 0]  # P(pneumonia) as the metrics compute it
+    kth = np.sort(score[y != 0])[::-1][int(np.ceil(0.95 * 100)) - 1]
+    assert t <= kth
+    assert b == {**binary_metrics(y, probs, kth), "threshold": t}
+    assert binary_metrics(y, probs, kth + 1e-9)["sensitivity_at_threshold"] < 0.95
+    # With a margin: the same images are flagged when an engine's float32 arithmetic moves
+    # every score down by a rounding error (a threshold equal to the k-th score would not be).
+    nudged = probs.copy()
+    nudged[:, 0] += 1e-7
+    bn = binary_metrics(y, nudged, t)
+    assert bn["sensitivity_at_threshold"] == b["sensitivity_at_threshold"]
+    assert bn["specificity_at_threshold"] == b["specificity_at_threshold"]
