@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from click.testing import CliRunner
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from cxr_ray.cli import main
@@ -39,6 +39,7 @@ def test_random_bytes_never_crash_the_decoders(prefix, body):
 
 @settings(max_examples=60, deadline=None)
 @given(cut=st.integers(min_value=0, max_value=4000), flip=st.integers(min_value=0, max_value=4000))
+@example(cut=1, flip=136)  # found by this test: a corrupt group length raised BytesLengthException
 def test_mutated_real_images_never_crash(cut, flip):
     for data in (
         imaging.jpeg_bytes(120, 100, seed=1),

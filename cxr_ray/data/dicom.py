@@ -18,18 +18,28 @@ logger = logging.getLogger(__name__)
 
 
 def decode_dicom(data: bytes, *, max_pixels: int) -> np.ndarray:
-    """Pixels of a DICOM file as ``uint8`` HxW; ``DecodeError`` with a reason otherwise."""
-    import pydicom
-    from pydicom.errors import InvalidDicomError
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    """Pixels of a DICOM file as ``uint8`` HxW; ``DecodeError`` with a reason otherwise.
 
+    pydicom parses elements lazily, so a corrupt element can raise (``BytesLengthException``,
+    ``struct.error``, ...) on any attribute access, not only in ``dcmread``: every failure
+    inside becomes a ``DecodeError`` (an error row), never an exception that ends the run.
+    """
     try:
         with warnings.catch_warnings():
             # pydicom warns about every odd value; the error row carries what matters.
             warnings.simplefilter("ignore")
-            ds = pydicom.dcmread(io.BytesIO(data), force=True)
-    except (InvalidDicomError, EOFError, OSError, ValueError, KeyError, TypeError) as exc:
-        raise DecodeError(f"unreadable DICOM: {exc}") from None
+            return _decode(data, max_pixels)
+    except DecodeError:
+        raise
+    except Exception as exc:
+        raise DecodeError(f"unreadable DICOM: {type(exc).__name__}: {exc}") from None
+
+
+def _decode(data: bytes, max_pixels: int) -> np.ndarray:
+    import pydicom
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    ds = pydicom.dcmread(io.BytesIO(data), force=True)
     if "PixelData" not in ds:
         raise DecodeError("DICOM file has no pixel data (not an image object)")
     try:
