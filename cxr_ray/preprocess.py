@@ -117,6 +117,7 @@ def _decode_pil(data: bytes, fmt: str, spec: PreprocessSpec) -> tuple[Image.Imag
             if fmt == "jpeg":
                 im.draft("L", (spec.width, spec.height))
             im.load()
+            gray = _to_gray_u8(im)
     except DecodeError:
         raise
     except Image.DecompressionBombError as exc:
@@ -124,7 +125,9 @@ def _decode_pil(data: bytes, fmt: str, spec: PreprocessSpec) -> tuple[Image.Imag
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # PIL reports truncated and corrupt data as OSError("image file is truncated ...").
         raise DecodeError(f"corrupt or truncated {fmt.upper()}: {exc}") from None
-    return _to_gray_u8(im), width, height
+    except Exception as exc:  # untrusted bytes: zlib.error, struct.error, ... are error rows too
+        raise DecodeError(f"corrupt {fmt.upper()}: {type(exc).__name__}: {exc}") from None
+    return gray, width, height
 
 
 def decode(data: bytes, spec: PreprocessSpec, name: str | None = None) -> Decoded:
