@@ -111,7 +111,7 @@ class Explainer:
         n = len(batch["uri"])
         uris = np.full(n, None, dtype=object)
         ok = batch["status"] == "ok"
-        want = ok & (np.array([bool(f) for f in batch["flagged"]]) if self.only_flagged else ok)
+        want = (ok & batch["flagged"].astype(bool)) if self.only_flagged else ok
         idx = np.flatnonzero(want)
         if self.limit is not None:
             idx = idx[: max(0, self.limit - self.done)]

@@ -116,8 +116,8 @@ def render(card: ModelCard, y: np.ndarray, probs: np.ndarray, n_boot: int = 500)
 
 Temperature scaling (T = {card.temperature:.3f}, fitted by validation NLL): NLL
 {m.get("nll_before_temperature", math.nan):.4f} -> {m.get("nll_after_temperature", math.nan):.4f},
-expected calibration error (15 bins) {card.metrics.get("ece_before_temperature", math.nan):.4f} ->
-{card.metrics.get("validation", {}).get("ece", math.nan):.4f}.
+expected calibration error (15 bins) {m.get("ece_before_temperature", math.nan):.4f} ->
+{m.get("validation", {}).get("ece", math.nan):.4f}.
 
 ## Limitations
 {LIMITATIONS}

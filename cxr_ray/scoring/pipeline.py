@@ -212,15 +212,11 @@ def _with_run_columns(batch: pa.Table, *, version: str, run_id: str) -> pa.Table
         cols["heatmap_uri"] = pa.nulls(n, pa.string())
     cols["run_id"] = pa.array([run_id] * n, pa.string())
     cols["scored_at"] = pa.array([now] * n, pa.timestamp("us", tz="UTC"))
-    # Error rows carry no prediction, whatever the batch conversion made of the missing values
-    # (a column of only Nones can arrive as float NaN, which a bool cast would turn into True).
+    # Error rows carry no prediction: null, not the NaN / False placeholders of the batch.
     ok = pc.fill_null(pc.equal(cols["status"], "ok"), False)
     for name in _PREDICTION_COLUMNS:
         typ = PREDICTIONS_SCHEMA.field(name).type
-        col = cols[name]
-        if name == "flagged" and not pa.types.is_boolean(col.type):
-            col = pa.array([None if v is None or v != v else bool(v) for v in col.to_pylist()], pa.bool_())
-        cols[name] = pc.if_else(ok, col.cast(typ), pa.scalar(None, typ))
+        cols[name] = pc.if_else(ok, cols[name].cast(typ), pa.scalar(None, typ))
     table = pa.table(cols)
     return table.select(PREDICTIONS_SCHEMA.names).cast(PREDICTIONS_SCHEMA)
 

@@ -130,7 +130,9 @@ class CxrPredictor:
         pneumonia = 1.0 - probs[:, self.normal]
         pred = np.array([LABELS[i] for i in np.nan_to_num(probs).argmax(axis=1)], dtype=object)
         pred[~ok] = None
-        flagged = np.where(ok, pneumonia >= self.threshold, np.array(None))
+        # A plain bool column (False on error rows; the writer nulls those): an object column
+        # of None would reach Arrow as float NaN, and NaN cast to bool is True.
+        flagged = ok & (np.nan_to_num(pneumonia) >= self.threshold)
         out: dict[str, np.ndarray] = {k: batch[k] for k in ("image_id", "uri", "patient_id", "label")}
         out["pred_label"] = pred
         out["prob_normal"] = probs[:, 0]

@@ -101,10 +101,11 @@ def write_artifact(
     net.load_state_dict(state["model"])
     logits = state["val_logits"].numpy()
     y = state["val_labels"].numpy()
-    before = metrics.classification_metrics(y, softmax(logits))
+    raw = softmax(logits)
+    before = metrics.classification_metrics(y, raw)
     temperature = fit_temperature(logits, y)
-    nlls = (nll(softmax(logits), y), nll(softmax(logits, temperature), y))
     probs = softmax(logits, temperature)
+    nlls = (nll(raw, y), nll(probs, y))
     threshold = threshold_for_sensitivity(probs, y, TARGET_SENSITIVITY)
     after = metrics.classification_metrics(y, probs, threshold=threshold)
     history = history if history is not None else state["history"]
