@@ -123,6 +123,10 @@ def ray_head(tmp_path_factory):
     # as a header, so neither ~/.ray/auth_token nor this process's cached auth state matters.
     token = secrets.token_hex(32)
     env = os.environ | {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token, "RAY_USAGE_STATS_ENABLED": "0"}
+    # A user starts the head from the activated project environment, so the entrypoint's
+    # `python` is the one with cxr-ray's dependencies. `make test` runs .venv/bin/pytest without
+    # activating it: put this interpreter's bin first, or `python` is whatever PATH has.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.pop("RAY_AUTH_TOKEN_PATH", None)
     temp = tmp_path_factory.mktemp("rayhead")
     log_path = temp / "ray_start.log"
