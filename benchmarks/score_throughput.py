@@ -1,12 +1,13 @@
 """End-to-end scoring throughput on full-resolution X-rays: cxr-ray vs a naive loop.
 
-    python benchmarks/score_throughput.py [--images 2000] [--model ARTIFACT]
+    python benchmarks/score_throughput.py [--images 2000] [--model ARTIFACT] [--int8]
 
 Uses ../shared/data/kermany-fullres (original-resolution JPEGs), hard-linked into a temp
 folder until there are at least --images files. Measured in one run, on one machine:
 
   naive      one process: PIL full decode -> resize -> torch eager, batch 32
   cxr-ray    cxr_ray.scoring.pipeline.score on a local Ray, default CPU engine and settings
+  --int8     the same with score.onnx_precision = "int8" (opt-in; quantized before timing)
   ceilings   decode-only img/s on one core (full decode and cxr-ray's draft decode) and
              model-only img/s (torch eager and onnxruntime) on preprocessed batches
 
@@ -93,16 +94,33 @@ def model_ceilings(artifact: str, size: int, cache: str) -> tuple[float, float]:
     return out[0], out[1]
 
 
+def int8_ceiling(artifact: str, size: int, cache: str) -> float:
+    """Model-only img/s of the INT8 onnxruntime model (quantized and cached here if needed)."""
+    from cxr_ray.engines import build_engine, prepare_payload
+
+    opts = {"onnx_precision": "int8"}  # engine default threads, as model_ceilings
+    engine = build_engine(prepare_payload(artifact, "onnxruntime", cache_dir=cache, options=opts))
+    x = np.random.default_rng(0).random((64, 1, size, size), dtype=np.float32)
+    engine(x)
+    t, n = time.perf_counter(), 0
+    while time.perf_counter() - t < 5:
+        engine(x)
+        n += len(x)
+    return n / (time.perf_counter() - t)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=2000)
     ap.add_argument("--model", default=None, help="artifact (default: MobileNetV2, random head)")
     ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--int8", action="store_true", help="also score with onnx_precision=int8 (needs --model)")
     args = ap.parse_args()
 
     import ray
 
     from cxr_ray.config import load_settings
+    from cxr_ray.errors import EngineUnavailableError
     from cxr_ray.models.artifact import card_for, load_artifact, save_artifact
     from cxr_ray.models.factory import create_model
     from cxr_ray.scoring.pipeline import score
@@ -134,38 +152,79 @@ def main() -> None:
         eager = Probabilities(art.build(), art.card.temperature).eval()
         base = naive(files, eager, size)
 
-        ray.init(include_dashboard=False, log_to_driver=False)
-        ray.data.DataContext.get_current().enable_progress_bars = False
-        marks: list[tuple[float, int]] = []
+        int8 = None
+        if args.int8:
+            int8 = load_settings(None, {"score": {"cache_dir": cache, "onnx_precision": "int8"}})
+            try:  # quantize (once per model, cached) before timing, as the fp32 export is
+                m_int8 = int8_ceiling(artifact, size, cache)
+            except EngineUnavailableError as exc:
+                print(f"INT8 skipped: {exc}")
+                int8 = None
 
-        def mark(block) -> None:
-            done = (marks[-1][1] if marks else 0) + block.num_rows
-            marks.append((time.perf_counter(), done))
+        def timed(run_settings, out: str):
+            # A fresh local Ray for each run, started before the clock: every run pays Ray
+            # Data's first-execution set-up, none inherits a warm one from the run before.
+            ray.init(include_dashboard=False, log_to_driver=False)
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            marks: list[tuple[float, int]] = []
 
-        t = time.perf_counter()
-        result = score(str(tmpd / "images"), artifact, str(tmpd / "out"), settings, on_block=mark)
-        wall = time.perf_counter() - t
-        ray.shutdown()
-        assert result.images == len(files), (result.images, len(files))
-        e2e = result.images / wall
-        # Rows per second between the first and the last committed block.
-        steady = (marks[-1][1] - marks[0][1]) / max(1e-9, marks[-1][0] - marks[0][0])
+            def mark(block) -> None:
+                done = (marks[-1][1] if marks else 0) + block.num_rows
+                marks.append((time.perf_counter(), done))
+
+            t = time.perf_counter()
+            result = score(str(tmpd / "images"), artifact, str(tmpd / out), run_settings, on_block=mark)
+            wall = time.perf_counter() - t
+            ray.shutdown()
+            assert result.images == len(files), (result.images, len(files))
+            # Rows per second between the first and the last committed block.
+            steady = (marks[-1][1] - marks[0][1]) / max(1e-9, marks[-1][0] - marks[0][0])
+            return result, result.images / wall, steady
+
+        result, e2e, steady = timed(settings, "out")
+        if int8 is not None:
+            result8, e2e8, steady8 = timed(int8, "out-int8")
 
         rows = [
             ("naive loop (PIL full decode + torch eager, batch 32)", base),
             ("cxr-ray end to end (local Ray, onnxruntime)", e2e),
             ("cxr-ray after first rows (steady state)", steady),
+        ]
+        if int8 is not None:
+            rows += [
+                ("cxr-ray end to end, onnxruntime INT8 (opt-in)", e2e8),
+                ("cxr-ray INT8 after first rows (steady state)", steady8),
+            ]
+        rows += [
             ("ceiling: decode only, PIL full decode, 1 core", full),
             ("ceiling: decode only, cxr-ray draft decode, 1 core", draft),
             ("ceiling: model only, torch eager, batch 64", m_torch),
             ("ceiling: model only, onnxruntime, batch 64", m_ort),
         ]
+        if int8 is not None:
+            rows.append(("ceiling: model only, onnxruntime INT8, batch 64", m_int8))
         print(f"\n{'what':<56} {'img/s':>8}")
         for name, v in rows:
             print(f"{name:<56} {v:>8.1f}")
         print(f"\ncxr-ray / naive: {e2e / base:.2f}x end to end ({steady / base:.2f}x steady state)")
         print(f"start-up to first rows (Ray running, ONNX cached): {result.first_row_seconds:.1f} s")
         print(f"rows: {result.images} ({result.ok} ok, {result.errors} errors)")
+        if int8 is not None:
+            c = result8.int8_check or {}
+            print(
+                f"INT8: {e2e8 / base:.2f}x naive end to end, start-up {result8.first_row_seconds:.1f} s, "
+                f"rows {result8.images} ({result8.ok} ok); vs fp32 on {c.get('images')} validation images: "
+                f"argmax agreement {c.get('argmax_agreement', float('nan')):.3f}, mean |dp| "
+                f"{c.get('mean_abs_prob_change', float('nan')):.4f}"
+            )
+            for name in ("fp32", "int8"):
+                if name in c:
+                    v = c[name]
+                    sens, spec = v["sensitivity_at_threshold"], v["specificity_at_threshold"]
+                    print(
+                        f"  {name}: accuracy {v['accuracy']:.4f}, macro-F1 {v['macro_f1']:.4f}, "
+                        f"sensitivity {sens:.4f} / specificity {spec:.4f} at threshold {c['threshold']:.4f}"
+                    )
 
 
 if __name__ == "__main__":

@@ -124,12 +124,29 @@ def prepare_payload(
     art = load_artifact(artifact)
     # "auto" (resolved on GPU workers) carries both forms; each engine needs only one.
     weights = weights_bytes(art.build()) if engine in ("torch", "auto") else b""
-    onnx = cached_onnx(art, cache_dir) if engine in ("onnxruntime", "tensorrt", "auto") else b""
     opts = {"cache_dir": cache_dir, **(options or {})}
+    if engine == "onnxruntime" and opts.get("onnx_precision") == "int8":
+        from cxr_ray.engines.onnx_quantize import cached_int8_onnx
+
+        onnx, opts["int8_check"] = cached_int8_onnx(
+            art,
+            artifact,
+            cache_dir,
+            calibration_images=int(opts.get("onnx_calibration_images", 256)),
+            threads=opts.get("threads"),
+        )
+    else:
+        onnx = cached_onnx(art, cache_dir) if engine in ("onnxruntime", "tensorrt", "auto") else b""
     return EnginePayload(engine, art.card.to_json(), weights=weights, onnx=onnx, options=opts)
 
 
-def calibration_images(artifact: str, n: int, *, seed: int = 0, max_pixels: int = 64_000_000) -> np.ndarray:
+#: What to fall back to when INT8 cannot be calibrated, per precision setting.
+_FULL_PRECISION = {"trt_precision": "fp16", "onnx_precision": "fp32"}
+
+
+def calibration_images(
+    artifact: str, n: int, *, seed: int = 0, max_pixels: int = 64_000_000, setting: str = "trt_precision"
+) -> np.ndarray:
     """``uint8 [n, H, W]`` training images through the shared preprocessing (INT8 calibration).
 
     Drawn from the artifact's own training split (``split.parquet``), so calibration sees the
@@ -146,7 +163,7 @@ def calibration_images(artifact: str, n: int, *, seed: int = 0, max_pixels: int 
     if not export.exists(split_uri):
         raise EngineUnavailableError(
             f"INT8 calibration needs training images: {split_uri} is missing (artifacts written "
-            "by `cxr-ray train` have it); use trt_precision = 'fp16' instead"
+            f"by `cxr-ray train` have it); use {setting} = {_FULL_PRECISION.get(setting, 'fp32')!r} instead"
         )
     split = export.read_table(split_uri)
     uris = split.filter(pc.equal(split["split"], "train"))["uri"].to_pylist()

@@ -62,6 +62,10 @@ class ScoreResult:
     first_row_seconds: float = 0.0
     #: The model card's pneumonia flag threshold (what ``flagged`` and the binary metrics use).
     threshold: float = 0.5
+    #: The engine's numeric precision where it has a setting (onnxruntime, tensorrt).
+    precision: str | None = None
+    #: INT8 onnxruntime only: agreement with the fp32 model on the artifact's validation images.
+    int8_check: dict[str, Any] | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     error_examples: list[dict[str, str]] = field(default_factory=list)
 
@@ -137,8 +141,13 @@ def build_dataset(
     engine: str,
     out_dir: str = ".",
     seen_ids: list[str] | None = None,
+    engine_info: dict[str, Any] | None = None,
 ) -> Any:
-    """The lazy Ray Dataset of prediction rows (without run columns) for ``source``."""
+    """The lazy Ray Dataset of prediction rows (without run columns) for ``source``.
+
+    ``engine_info`` (when given) receives the engine's precision and, for an INT8
+    onnxruntime model, its check against fp32 on the artifact's validation images.
+    """
     import ray
     import ray.data
 
@@ -149,6 +158,8 @@ def build_dataset(
         "threads": sc.threads_per_actor or (None if gpu_actors else max(1, int(sc.cpus_per_actor))),
         "cache_dir": sc.cache_dir,
         "trt_precision": sc.trt_precision,
+        "onnx_precision": sc.onnx_precision,
+        "onnx_calibration_images": sc.onnx_calibration_images,
         "trt_min_batch": sc.trt_min_batch,
         "trt_opt_batch": sc.trt_opt_batch,
         "trt_max_batch": sc.trt_max_batch,
@@ -158,6 +169,11 @@ def build_dataset(
 
         options["calibration"] = calibration_images(artifact, sc.trt_calibration_images)
     payload = prepare_payload(artifact, engine, cache_dir=sc.cache_dir, options=options)
+    if engine_info is not None:
+        precision = {"onnxruntime": sc.onnx_precision, "tensorrt": sc.trt_precision}.get(engine)
+        engine_info["precision"] = precision
+        if "int8_check" in payload.options:
+            engine_info["int8_check"] = payload.options["int8_check"]
     payload_ref = ray.put(payload)
     seen = None
     if seen_ids:
@@ -256,7 +272,12 @@ def score(
     engine = "auto" if requested == "auto" and gpu_actors else select_engine(requested)
     run_id = run_id or new_run_id()
     result = ScoreResult(out, run_id, card.version, engine, threshold=card.pneumonia_threshold)
-    ds = build_dataset(source, artifact, settings, engine=engine, out_dir=out, seen_ids=seen_ids)
+    engine_info: dict[str, Any] = {}
+    ds = build_dataset(
+        source, artifact, settings, engine=engine, out_dir=out, seen_ids=seen_ids, engine_info=engine_info
+    )
+    result.precision = engine_info.get("precision")
+    result.int8_check = engine_info.get("int8_check")
     acc = _Accumulator(result)
     export.ensure_dir(out)
     with export.atomic_parquet_writer(export.join(out, "predictions.parquet"), PREDICTIONS_SCHEMA) as w:

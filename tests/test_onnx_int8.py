@@ -1,0 +1,103 @@
+"""Opt-in INT8 onnxruntime: quantized from the artifact's training images, checked, cached, scored."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from cxr_ray.config import load_settings
+from cxr_ray.engines import build_engine, prepare_payload
+from cxr_ray.engines.onnx_quantize import int8_cache_path
+from cxr_ray.errors import EngineUnavailableError
+from cxr_ray.labels import parse_kermany_path
+from cxr_ray.models.artifact import load_artifact
+from cxr_ray.preprocess import decode, to_model_input
+from cxr_ray.scoring.pipeline import score
+from tests import imaging
+from tests.conftest import make_artifact
+
+INT8 = {"onnx_precision": "int8", "onnx_calibration_images": 8}
+
+
+@pytest.fixture(scope="module")
+def int8_artifact(tmp_path_factory) -> Path:
+    """A 64 px artifact whose ``split.parquet`` lists 16 training and 8 validation images."""
+    root = tmp_path_factory.mktemp("int8")
+    folder = imaging.kermany_folder(root / "images", per_class=8, size=(96, 80))
+    uris = sorted(str(p) for p in folder.rglob("*.jpeg"))
+    art = make_artifact(root / "model", input_size=64)
+    split = ["val" if i % 3 == 0 else "train" for i in range(len(uris))]
+    labels = [parse_kermany_path(u).label for u in uris]
+    pq.write_table(pa.table({"uri": uris, "label": labels, "split": split}), art / "split.parquet")
+    return art
+
+
+def _op_types(model: bytes) -> set[str]:
+    return {n.op_type for n in onnx.load_from_string(model).graph.node}
+
+
+def test_int8_model_is_quantized_checked_and_cached(int8_artifact, tmp_path):
+    cache = str(tmp_path / "cache")
+    fp32 = prepare_payload(str(int8_artifact), "onnxruntime", cache_dir=cache)
+    payload = prepare_payload(str(int8_artifact), "onnxruntime", cache_dir=cache, options=INT8)
+    assert {"QuantizeLinear", "DequantizeLinear"} <= _op_types(payload.onnx)
+    assert "QuantizeLinear" not in _op_types(fp32.onnx)
+
+    check = payload.options["int8_check"]
+    assert check["images"] == 8 and check["calibration_images"] == 8  # the 8 validation images
+    assert 0.0 <= check["argmax_agreement"] <= 1.0
+    keys = {"accuracy", "macro_f1", "sensitivity_at_threshold", "specificity_at_threshold"}
+    assert set(check["fp32"]) == set(check["int8"]) == keys
+
+    # What the check reports is what the engines do on those images.
+    art = load_artifact(str(int8_artifact))
+    spec = art.card.preprocess_spec()
+    val = [u for u, s in zip(*_split_columns(int8_artifact), strict=True) if s == "val"]
+    x = to_model_input(np.stack([decode(Path(u).read_bytes(), spec).pixels for u in val]))
+    p32, p8 = build_engine(fp32)(x), build_engine(payload)(x)
+    assert p8.shape == (8, 3) and np.allclose(p8.sum(axis=1), 1.0, atol=1e-4)
+    assert np.abs(p32 - p8).mean() == pytest.approx(check["mean_abs_prob_change"], abs=1e-5)
+    assert (p32.argmax(1) == p8.argmax(1)).mean() == pytest.approx(check["argmax_agreement"])
+    assert np.abs(p32 - p8).max() < 0.1  # quantization noise, not a different model
+
+    # Built once: a second run reuses the cached model and its check.
+    path = int8_cache_path(art, cache, 8, 0)
+    before = path.stat().st_mtime_ns
+    again = prepare_payload(str(int8_artifact), "onnxruntime", cache_dir=cache, options=INT8)
+    assert again.onnx == payload.onnx and again.options["int8_check"] == check
+    assert path.stat().st_mtime_ns == before
+
+
+def _split_columns(artifact: Path) -> tuple[list[str], list[str]]:
+    t = pq.read_table(artifact / "split.parquet")
+    return t["uri"].to_pylist(), t["split"].to_pylist()
+
+
+def test_int8_without_training_images_is_a_clear_error(tiny_artifact, tmp_path):
+    with pytest.raises(EngineUnavailableError, match=r"split\.parquet is missing.*onnx_precision = 'fp32'"):
+        prepare_payload(str(tiny_artifact), "onnxruntime", cache_dir=str(tmp_path), options=INT8)
+
+
+def test_int8_setting_is_validated():
+    with pytest.raises(Exception, match="onnx_precision"):
+        load_settings(None, {"score": {"onnx_precision": "int4"}})
+
+
+def test_scoring_with_int8_keeps_every_row_and_reports_the_check(ray_local, int8_artifact, tmp_path):
+    root = imaging.kermany_folder(tmp_path / "in", per_class=3)
+    (root / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
+    n = len(list(root.rglob("*.jpeg")))
+    settings = load_settings(None, {"score": {"cache_dir": str(tmp_path / "cache"), **INT8}})
+    r = score(str(root), str(int8_artifact), str(tmp_path / "out"), settings)
+    t = pq.read_table(tmp_path / "out" / "predictions.parquet")
+    assert t.num_rows == r.images == n == 10
+    assert t["status"].to_pylist().count("error") == 1
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["precision"] == "int8" and summary["engine"] == "onnxruntime"
+    assert summary["int8_check"]["images"] == 8
