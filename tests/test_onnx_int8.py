@@ -18,7 +18,6 @@ from cxr_ray.errors import EngineUnavailableError
 from cxr_ray.labels import parse_kermany_path
 from cxr_ray.models.artifact import load_artifact
 from cxr_ray.preprocess import decode, to_model_input
-from cxr_ray.scoring.pipeline import score
 from tests import imaging
 from tests.conftest import make_artifact
 
@@ -89,15 +88,23 @@ def test_int8_setting_is_validated():
         load_settings(None, {"score": {"onnx_precision": "int4"}})
 
 
-def test_scoring_with_int8_keeps_every_row_and_reports_the_check(ray_local, int8_artifact, tmp_path):
+def test_cli_scoring_with_int8_keeps_every_row_and_reports_the_check(ray_local, int8_artifact, tmp_path):
+    from click.testing import CliRunner
+
+    from cxr_ray.cli import main
+
     root = imaging.kermany_folder(tmp_path / "in", per_class=3)
     (root / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")
     n = len(list(root.rglob("*.jpeg")))
-    settings = load_settings(None, {"score": {"cache_dir": str(tmp_path / "cache"), **INT8}})
-    r = score(str(root), str(int8_artifact), str(tmp_path / "out"), settings)
-    t = pq.read_table(tmp_path / "out" / "predictions.parquet")
-    assert t.num_rows == r.images == n == 10
+    out = tmp_path / "out"
+    args = ["score", str(root), "--model", str(int8_artifact), "--out", str(out), "--onnx-precision", "int8"]
+    env = {"CXR_SCORE__CACHE_DIR": str(tmp_path / "cache"), "CXR_SCORE__ONNX_CALIBRATION_IMAGES": "8"}
+    res = CliRunner().invoke(main, args, env=env)
+    assert res.exit_code == 0, res.output
+    assert "(onnxruntime int8," in res.output and "INT8 model vs fp32 on 8 validation images" in res.output
+    t = pq.read_table(out / "predictions.parquet")
+    assert t.num_rows == n == 10
     assert t["status"].to_pylist().count("error") == 1
-    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
     assert summary["precision"] == "int8" and summary["engine"] == "onnxruntime"
-    assert summary["int8_check"]["images"] == 8
+    assert summary["int8_check"]["images"] == 8 and summary["int8_check"]["calibration_images"] == 8

@@ -17,6 +17,12 @@ from cxr_ray.cli._app import DataError, handle_errors, main, settings_from
 @click.option("--gpus-per-actor", type=float, default=None, help="GPUs per predictor actor (0 = CPU).")
 @click.option("--cpus-per-actor", type=float, default=None, help="CPUs reserved per predictor actor.")
 @click.option(
+    "--onnx-precision",
+    type=click.Choice(["fp32", "int8"]),
+    default=None,
+    help="onnxruntime precision; int8 is quantized from the artifact's training images (opt-in).",
+)
+@click.option(
     "--explain",
     type=click.Choice(["none", "flagged", "all"]),
     default=None,
@@ -39,6 +45,7 @@ def score(
     actors: int | None,
     gpus_per_actor: float | None,
     cpus_per_actor: float | None,
+    onnx_precision: str | None,
     explain: str | None,
     history: str | None,
 ) -> None:
@@ -63,6 +70,7 @@ def score(
             "actors_max": actors,
             "gpus_per_actor": gpus_per_actor,
             "cpus_per_actor": cpus_per_actor,
+            "onnx_precision": onnx_precision,
             "explain": explain,
         }
     }

@@ -310,11 +310,17 @@ def score(
 def format_summary(r: ScoreResult) -> str:
     lines = [
         f"run {r.run_id}: {r.images} images, {r.ok} ok, {r.errors} errors, {r.flagged} flagged "
-        f"({r.engine}, model {r.model_version})",
+        f"({r.engine}{' ' + r.precision if r.precision else ''}, model {r.model_version})",
         f"{r.images_per_s:.1f} img/s over {r.seconds:.1f} s (first rows after {r.first_row_seconds:.1f} s)",
         f"outputs: {export.join(r.out, 'predictions.parquet')}"
         + (", metrics.parquet, confusion.parquet" if r.metrics else ""),
     ]
+    if r.int8_check:
+        c = r.int8_check
+        lines.append(
+            f"INT8 model vs fp32 on {c['images']} validation images: argmax agreement "
+            f"{c['argmax_agreement']:.3f}, mean |probability change| {c['mean_abs_prob_change']:.4f}"
+        )
     for e in r.error_examples[:5]:
         lines.append(f"  error: {e['uri']}: {e['error']}")
     return "\n".join(lines)
