@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,17 @@ def _split_columns(artifact: Path) -> tuple[list[str], list[str]]:
 def test_int8_without_training_images_is_a_clear_error(tiny_artifact, tmp_path):
     with pytest.raises(EngineUnavailableError, match=r"split\.parquet is missing.*onnx_precision = 'fp32'"):
         prepare_payload(str(tiny_artifact), "onnxruntime", cache_dir=str(tmp_path), options=INT8)
+
+
+def test_int8_with_training_images_missing_here_is_a_clear_error(tiny_artifact, tmp_path):
+    # An artifact copied to a site that does not have the data it was trained on.
+    art = tmp_path / "model"
+    shutil.copytree(tiny_artifact, art)
+    uris = [str(tmp_path / "gone" / f"person{i}_virus_{i}.jpeg") for i in range(4)]
+    split = pa.table({"uri": uris, "label": ["viral"] * 4, "split": ["train"] * 4})
+    pq.write_table(split, art / "split.parquet")
+    with pytest.raises(EngineUnavailableError, match=r"person0_virus_0\.jpeg cannot be read here.*'fp32'"):
+        prepare_payload(str(art), "onnxruntime", cache_dir=str(tmp_path / "cache"), options=INT8)
 
 
 def test_int8_setting_is_validated():

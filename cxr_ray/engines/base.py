@@ -156,7 +156,7 @@ def calibration_images(
 
     from cxr_ray import export
     from cxr_ray.models.artifact import read_card
-    from cxr_ray.preprocess import decode
+    from cxr_ray.preprocess import DecodeError, decode
 
     card = read_card(artifact)
     split_uri = export.join(artifact, "split.parquet")
@@ -170,7 +170,16 @@ def calibration_images(
     rng = np.random.default_rng(seed)
     picked = rng.choice(len(uris), size=min(n, len(uris)), replace=False)
     spec = card.preprocess_spec(max_pixels)
-    return np.stack([decode(export.read_bytes(uris[i]), spec).pixels for i in sorted(picked)])
+    pixels = []
+    for i in sorted(picked):
+        try:  # an artifact copied to a site without its training data lands here
+            pixels.append(decode(export.read_bytes(uris[i]), spec).pixels)
+        except (OSError, DecodeError) as exc:
+            raise EngineUnavailableError(
+                f"INT8 calibration needs the artifact's training images, and {uris[i]} cannot be "
+                f"read here ({exc}); use {setting} = {_FULL_PRECISION.get(setting, 'fp32')!r} instead"
+            ) from None
+    return np.stack(pixels)
 
 
 #: engine name -> (module, class). Only the chosen engine's module is imported: an actor that
