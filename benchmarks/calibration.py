@@ -17,15 +17,14 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import pyarrow.compute as pc
 import torch
 
-from cxr_ray import export
 from cxr_ray.calibration import fit_temperature, nll
+from cxr_ray.engines.base import split_images
 from cxr_ray.labels import LABELS
 from cxr_ray.metrics import expected_calibration_error
 from cxr_ray.models.artifact import load_artifact
-from cxr_ray.preprocess import decode, to_model_input
+from cxr_ray.preprocess import to_model_input
 
 
 def softmax(logits: np.ndarray, t: float = 1.0) -> np.ndarray:
@@ -41,18 +40,13 @@ def brier(probs: np.ndarray, y: np.ndarray) -> float:
 
 
 def validation_logits(artifact: str) -> tuple[np.ndarray, np.ndarray]:
-    art = load_artifact(artifact)
-    split = export.read_table(export.join(artifact, "split.parquet"))
-    val = split.filter(pc.equal(split["split"], "val"))
-    spec = art.card.preprocess_spec()
-    pixels = np.stack([decode(export.read_bytes(u), spec).pixels for u in val["uri"].to_pylist()])
-    y = np.array([LABELS.index(v) for v in val["label"].to_pylist()])
-    net = art.build().eval()
+    pixels, labels = split_images(artifact, "val")
+    y = np.array([LABELS.index(v) for v in labels])
+    net = load_artifact(artifact).build().eval()
     x = to_model_input(pixels)
     with torch.inference_mode():
         batches = [net(torch.from_numpy(x[i : i + 64])).double().numpy() for i in range(0, len(x), 64)]
-    logits = np.concatenate(batches)
-    return logits, y
+    return np.concatenate(batches), y
 
 
 def main() -> None:

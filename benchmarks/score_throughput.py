@@ -78,35 +78,18 @@ def decode_ceiling(datas: list[bytes], size: int) -> tuple[float, float]:
     return full, draft
 
 
-def model_ceilings(artifact: str, size: int, cache: str) -> tuple[float, float]:
+def model_ceiling(artifact: str, size: int, cache: str, engine: str, options: dict | None = None) -> float:
+    """Model-only img/s of one engine (engine default threads) on preprocessed batches of 64."""
     from cxr_ray.engines import build_engine, prepare_payload
 
     x = np.random.rand(64, 1, size, size).astype(np.float32)
-    out = []
-    for name in ("torch", "onnxruntime"):
-        engine = build_engine(prepare_payload(artifact, name, cache_dir=cache))
-        engine(x[:8])
-        t = time.perf_counter()
-        reps = 4
-        for _ in range(reps):
-            engine(x)
-        out.append(64 * reps / (time.perf_counter() - t))
-    return out[0], out[1]
-
-
-def int8_ceiling(artifact: str, size: int, cache: str) -> float:
-    """Model-only img/s of the INT8 onnxruntime model (quantized and cached here if needed)."""
-    from cxr_ray.engines import build_engine, prepare_payload
-
-    opts = {"onnx_precision": "int8"}  # engine default threads, as model_ceilings
-    engine = build_engine(prepare_payload(artifact, "onnxruntime", cache_dir=cache, options=opts))
-    x = np.random.default_rng(0).random((64, 1, size, size), dtype=np.float32)
-    engine(x)
-    t, n = time.perf_counter(), 0
-    while time.perf_counter() - t < 5:
-        engine(x)
-        n += len(x)
-    return n / (time.perf_counter() - t)
+    run = build_engine(prepare_payload(artifact, engine, cache_dir=cache, options=options))
+    run(x[:8])
+    t = time.perf_counter()
+    reps = 4
+    for _ in range(reps):
+        run(x)
+    return 64 * reps / (time.perf_counter() - t)
 
 
 def main() -> None:
@@ -145,7 +128,8 @@ def main() -> None:
 
         datas = [f.read_bytes() for f in files[:200]]
         full, draft = decode_ceiling(datas, size)
-        m_torch, m_ort = model_ceilings(artifact, size, cache)  # also warms the ONNX cache
+        m_torch = model_ceiling(artifact, size, cache, "torch")
+        m_ort = model_ceiling(artifact, size, cache, "onnxruntime")  # also warms the ONNX cache
 
         from cxr_ray.models.factory import Probabilities
 
@@ -156,7 +140,7 @@ def main() -> None:
         if args.int8:
             int8 = load_settings(None, {"score": {"cache_dir": cache, "onnx_precision": "int8"}})
             try:  # quantize (once per model, cached) before timing, as the fp32 export is
-                m_int8 = int8_ceiling(artifact, size, cache)
+                m_int8 = model_ceiling(artifact, size, cache, "onnxruntime", {"onnx_precision": "int8"})
             except EngineUnavailableError as exc:
                 print(f"INT8 skipped: {exc}")
                 int8 = None

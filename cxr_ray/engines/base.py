@@ -144,6 +144,58 @@ def prepare_payload(
 _FULL_PRECISION = {"trt_precision": "fp16", "onnx_precision": "fp32"}
 
 
+def split_images(
+    artifact: str,
+    split: str,
+    n: int | None = None,
+    *,
+    seed: int | None = None,
+    max_pixels: int = 64_000_000,
+    setting: str = "trt_precision",
+) -> tuple[np.ndarray, list[str | None]]:
+    """``uint8 [k, H, W]`` images of one split of the artifact's ``split.parquet``, and labels.
+
+    Preprocessed exactly as scoring will. ``n`` caps how many: a seeded random sample when
+    ``seed`` is given (in file order), else the first ``n``. A missing ``split.parquet`` or an
+    image that cannot be read here (an artifact copied to a site without its data) is an
+    ``EngineUnavailableError`` that names the full-precision ``setting`` to fall back to.
+    """
+    import pyarrow.compute as pc
+
+    from cxr_ray import export
+    from cxr_ray.models.artifact import read_card
+    from cxr_ray.preprocess import DecodeError, decode
+
+    fallback = f"use {setting} = {_FULL_PRECISION.get(setting, 'fp32')!r} instead"
+    card = read_card(artifact)
+    split_uri = export.join(artifact, "split.parquet")
+    if not export.exists(split_uri):
+        raise EngineUnavailableError(
+            f"INT8 needs the artifact's training images: {split_uri} is missing (artifacts written "
+            f"by `cxr-ray train` have it); {fallback}"
+        )
+    table = export.read_table(split_uri)
+    rows = table.filter(pc.equal(table["split"], split))
+    if n is not None and n < rows.num_rows:
+        if seed is None:
+            rows = rows.slice(0, n)
+        else:
+            picked = np.random.default_rng(seed).choice(rows.num_rows, size=n, replace=False)
+            rows = rows.take(np.sort(picked))
+    spec = card.preprocess_spec(max_pixels)
+    pixels = []
+    for uri in rows["uri"].to_pylist():
+        try:
+            pixels.append(decode(export.read_bytes(uri), spec).pixels)
+        except (OSError, DecodeError) as exc:
+            raise EngineUnavailableError(
+                f"INT8 needs the artifact's {split} images, and {uri} cannot be read here ({exc}); {fallback}"
+            ) from None
+    labels = rows["label"].to_pylist() if "label" in rows.column_names else [None] * rows.num_rows
+    h, w = card.input_size
+    return (np.stack(pixels) if pixels else np.zeros((0, h, w), np.uint8)), labels
+
+
 def calibration_images(
     artifact: str, n: int, *, seed: int = 0, max_pixels: int = 64_000_000, setting: str = "trt_precision"
 ) -> np.ndarray:
@@ -152,34 +204,7 @@ def calibration_images(
     Drawn from the artifact's own training split (``split.parquet``), so calibration sees the
     distribution the model was fitted on, and preprocessed exactly as scoring will.
     """
-    import pyarrow.compute as pc
-
-    from cxr_ray import export
-    from cxr_ray.models.artifact import read_card
-    from cxr_ray.preprocess import DecodeError, decode
-
-    card = read_card(artifact)
-    split_uri = export.join(artifact, "split.parquet")
-    if not export.exists(split_uri):
-        raise EngineUnavailableError(
-            f"INT8 calibration needs training images: {split_uri} is missing (artifacts written "
-            f"by `cxr-ray train` have it); use {setting} = {_FULL_PRECISION.get(setting, 'fp32')!r} instead"
-        )
-    split = export.read_table(split_uri)
-    uris = split.filter(pc.equal(split["split"], "train"))["uri"].to_pylist()
-    rng = np.random.default_rng(seed)
-    picked = rng.choice(len(uris), size=min(n, len(uris)), replace=False)
-    spec = card.preprocess_spec(max_pixels)
-    pixels = []
-    for i in sorted(picked):
-        try:  # an artifact copied to a site without its training data lands here
-            pixels.append(decode(export.read_bytes(uris[i]), spec).pixels)
-        except (OSError, DecodeError) as exc:
-            raise EngineUnavailableError(
-                f"INT8 calibration needs the artifact's training images, and {uris[i]} cannot be "
-                f"read here ({exc}); use {setting} = {_FULL_PRECISION.get(setting, 'fp32')!r} instead"
-            ) from None
-    return np.stack(pixels)
+    return split_images(artifact, "train", n, seed=seed, max_pixels=max_pixels, setting=setting)[0]
 
 
 #: engine name -> (module, class). Only the chosen engine's module is imported: an actor that

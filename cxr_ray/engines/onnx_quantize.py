@@ -136,24 +136,17 @@ def compare(
     return out
 
 
-def _validation_input(artifact: str, art: Artifact, n: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Up to ``n`` validation images of the artifact (training images when it has none)."""
-    import pyarrow.compute as pc
-
-    from cxr_ray import export
+def _validation_input(artifact: str, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Model input of up to ``n`` validation images (training images when there are none)."""
+    from cxr_ray.engines.base import split_images
     from cxr_ray.labels import LABELS
-    from cxr_ray.preprocess import decode, to_model_input
+    from cxr_ray.preprocess import to_model_input
 
-    split = export.read_table(export.join(artifact, "split.parquet"))
-    val = split.filter(pc.equal(split["split"], "val"))
-    if val.num_rows == 0:
-        val = split
-    val = val.slice(0, n)
-    spec = art.card.preprocess_spec()
-    x = to_model_input(np.stack([decode(export.read_bytes(u), spec).pixels for u in val["uri"].to_pylist()]))
-    labels = val["label"].to_pylist() if "label" in val.column_names else []
-    y = np.array([LABELS.index(v) for v in labels]) if labels and all(v in LABELS for v in labels) else None
-    return x, y
+    pixels, labels = split_images(artifact, "val", n, setting="onnx_precision")
+    if not len(pixels):
+        pixels, labels = split_images(artifact, "train", n, setting="onnx_precision")
+    known = labels and all(v in LABELS for v in labels)
+    return to_model_input(pixels), (np.array([LABELS.index(v) for v in labels]) if known else None)
 
 
 def cached_int8_onnx(
@@ -182,7 +175,7 @@ def cached_int8_onnx(
             pixels = training_images(artifact, calibration_images, seed=seed, setting="onnx_precision")
             cal = to_model_input(pixels)
             quantize_int8(fp32, cal, path)
-            x, y = _validation_input(artifact, art, CHECK_IMAGES)
+            x, y = _validation_input(artifact, CHECK_IMAGES)
             check = compare(fp32, path.read_bytes(), x, y, art.card.pneumonia_threshold, threads)
             check["calibration_images"] = len(cal)
             tmp = report.with_suffix(f".{os.getpid()}.tmp")

@@ -145,8 +145,8 @@ def build_dataset(
 ) -> Any:
     """The lazy Ray Dataset of prediction rows (without run columns) for ``source``.
 
-    ``engine_info`` (when given) receives the engine's precision and, for an INT8
-    onnxruntime model, its check against fp32 on the artifact's validation images.
+    ``engine_info`` (when given) receives, for an INT8 onnxruntime model, its check against
+    fp32 on the artifact's validation images (``int8_check``).
     """
     import ray
     import ray.data
@@ -169,11 +169,8 @@ def build_dataset(
 
         options["calibration"] = calibration_images(artifact, sc.trt_calibration_images)
     payload = prepare_payload(artifact, engine, cache_dir=sc.cache_dir, options=options)
-    if engine_info is not None:
-        precision = {"onnxruntime": sc.onnx_precision, "tensorrt": sc.trt_precision}.get(engine)
-        engine_info["precision"] = precision
-        if "int8_check" in payload.options:
-            engine_info["int8_check"] = payload.options["int8_check"]
+    if engine_info is not None and "int8_check" in payload.options:
+        engine_info["int8_check"] = payload.options["int8_check"]
     payload_ref = ray.put(payload)
     seen = None
     if seen_ids:
@@ -276,7 +273,8 @@ def score(
     ds = build_dataset(
         source, artifact, settings, engine=engine, out_dir=out, seen_ids=seen_ids, engine_info=engine_info
     )
-    result.precision = engine_info.get("precision")
+    sc = settings.score
+    result.precision = {"onnxruntime": sc.onnx_precision, "tensorrt": sc.trt_precision}.get(engine)
     result.int8_check = engine_info.get("int8_check")
     acc = _Accumulator(result)
     export.ensure_dir(out)
