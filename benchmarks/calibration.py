@@ -17,14 +17,10 @@ from __future__ import annotations
 import argparse
 
 import numpy as np
-import torch
 
-from cxr_ray.calibration import fit_temperature, nll
-from cxr_ray.engines.base import split_images
-from cxr_ray.labels import LABELS
+from cxr_ray.calibration import fit_temperature, nll, split_logits
 from cxr_ray.metrics import expected_calibration_error
 from cxr_ray.models.artifact import load_artifact
-from cxr_ray.preprocess import to_model_input
 
 
 def softmax(logits: np.ndarray, t: float = 1.0) -> np.ndarray:
@@ -39,16 +35,6 @@ def brier(probs: np.ndarray, y: np.ndarray) -> float:
     return float(((probs - onehot) ** 2).sum(axis=1).mean())
 
 
-def validation_logits(artifact: str) -> tuple[np.ndarray, np.ndarray]:
-    pixels, labels = split_images(artifact, "val")
-    y = np.array([LABELS.index(v) for v in labels])
-    net = load_artifact(artifact).build().eval()
-    x = to_model_input(pixels)
-    with torch.inference_mode():
-        batches = [net(torch.from_numpy(x[i : i + 64])).double().numpy() for i in range(0, len(x), 64)]
-    return np.concatenate(batches), y
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("artifact")
@@ -56,7 +42,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     card_t = load_artifact(args.artifact).card.temperature
-    logits, y = validation_logits(args.artifact)
+    logits, y = split_logits(args.artifact, "val")
     refit = fit_temperature(logits, y)
     print(f"{len(y)} validation images; card temperature {card_t:.4f} (refitted here: {refit:.4f})")
     print(f"{'':>8} {'NLL':>7} {'Brier':>7} {'ECE15':>7} {'ECE10':>7}")

@@ -197,7 +197,7 @@ class ScoreSettings(_Section):
     #: Where exported ONNX models and TensorRT engines are cached.
     cache_dir: str = ".cache/cxr-ray"
     #: onnxruntime precision. ``int8``: static QDQ quantization calibrated on the artifact's
-    #: training images (its ``split.parquet``), about 2.5x the fp32 model's speed on VNNI CPUs;
+    #: training images (its ``split.parquet``), 2.2-2.6x the fp32 model's speed on VNNI CPUs;
     #: checked once against fp32 on the validation images (``summary.json`` reports it).
     onnx_precision: Literal["fp32", "int8"] = "fp32"
     onnx_calibration_images: int = Field(default=256, ge=8)

@@ -11,6 +11,7 @@ import onnx
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 
 from cxr_ray.config import load_settings
 from cxr_ray.engines import build_engine, prepare_payload
@@ -120,3 +121,21 @@ def test_cli_scoring_with_int8_keeps_every_row_and_reports_the_check(ray_local, 
     summary = json.loads((out / "summary.json").read_text())
     assert summary["precision"] == "int8" and summary["engine"] == "onnxruntime"
     assert summary["int8_check"]["images"] == 8 and summary["int8_check"]["calibration_images"] == 8
+
+
+def test_split_logits_are_the_untempered_scores_of_the_recorded_split(int8_artifact):
+    from cxr_ray.calibration import split_logits
+    from cxr_ray.engines.base import split_images
+    from cxr_ray.labels import LABELS
+    from cxr_ray.models.factory import Probabilities
+
+    logits, y = split_logits(str(int8_artifact), "val")
+    split = pq.read_table(int8_artifact / "split.parquet").to_pylist()
+    assert logits.shape == (8, 3) and logits.dtype == np.float64
+    assert [LABELS[i] for i in y] == [r["label"] for r in split if r["split"] == "val"]
+    art = load_artifact(str(int8_artifact))
+    x = torch.from_numpy(to_model_input(split_images(str(int8_artifact), "val")[0]))
+    with torch.inference_mode():
+        probs = Probabilities(art.build(), temperature=art.card.temperature)(x).double().numpy()
+    tempered = torch.softmax(torch.from_numpy(logits) / art.card.temperature, 1).numpy()
+    np.testing.assert_allclose(tempered, probs, atol=1e-5)

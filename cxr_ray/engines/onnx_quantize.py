@@ -1,8 +1,9 @@
 """INT8 onnxruntime models: static QDQ quantization calibrated on the artifact's training images.
 
 Opt-in (``score.onnx_precision = "int8"``). On CPUs with VNNI it multiplies the model's
-throughput by about 2.5 (MobileNetV2 at 224, 2 cores: 210 -> 541 img/s), at the cost of
-changing some borderline decisions (4% of validation classes for the official artifact), so
+throughput by 2.2-2.6 (MobileNetV2 at 224, 2 cores: 213 -> 480 and 210 -> 541 img/s in two
+runs), at the cost of changing some borderline decisions (2.4% of validation classes for the
+official artifact), so
 every quantized model is checked once against the fp32 model on the artifact's validation
 images and the result is stored next to it and logged: argmax agreement, mean and max
 probability change, and (where labels exist) accuracy and sensitivity/specificity at the
