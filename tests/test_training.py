@@ -237,3 +237,30 @@ def test_checkpoint_state_is_weights_only_loadable(ray_local, synthetic_data, tm
     assert ckpts
     state = load_state(ckpts[-1])
     assert {"model", "optimizer", "scheduler", "epoch", "rng", "history"} <= set(state)
+
+
+def test_image_broken_after_the_manifest_is_left_out_of_training_with_a_warning(
+    ray_local, synthetic_data, tmp_path, caplog
+):
+    import logging
+    import shutil
+
+    import pyarrow.compute as pc
+
+    from cxr_ray.training.data import load_split_table, prepare
+
+    data = shutil.copytree(synthetic_data, tmp_path / "data")
+    s = _settings(tmp_path)
+    table = load_split_table(str(data), s)
+    pq.write_table(table, tmp_path / "split.parquet")
+    train = table.filter(pc.equal(table["split"], "train"))
+    val_rows = table.num_rows - train.num_rows
+    broken = train.column("uri").to_pylist()[0]
+    Path(broken.removeprefix("file://")).write_bytes(b"\xff\xd8\xff\xe0 truncated")
+
+    with caplog.at_level(logging.WARNING, logger="cxr_ray.training.data"):
+        td = prepare(str(tmp_path / "split.parquet"), s)
+    assert td.train.count() == train.num_rows - 1
+    assert td.val.count() == val_rows
+    assert set(np.unique(td.train.to_pandas()["label"])) <= {0, 1, 2}
+    assert "1 train images could not be decoded now and are left out" in caplog.text

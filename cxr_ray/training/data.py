@@ -98,6 +98,7 @@ def oversample(table: pa.Table, seed: int) -> pa.Table:
 
 def prepare(source: str, settings: Settings) -> TrainingData:
     """Split ``source`` by patient and build the decoded train/val Ray Datasets."""
+    from ray.data.expressions import col  # Ray stays out of this module's import
     table = load_split_table(source, settings)
     spec = PreprocessSpec(
         height=settings.model.input_size,
@@ -120,7 +121,7 @@ def prepare(source: str, settings: Settings) -> TrainingData:
                 batch_size=None,
                 fn_kwargs={"spec": spec},
             )
-            .filter(expr="label >= 0")
+            .filter(expr=col("label") >= 0)  # undecodable images were marked label -1
         )
         if settings.train.cache_decoded:
             ds = ds.materialize()
