@@ -99,6 +99,7 @@ def oversample(table: pa.Table, seed: int) -> pa.Table:
 def prepare(source: str, settings: Settings) -> TrainingData:
     """Split ``source`` by patient and build the decoded train/val Ray Datasets."""
     from ray.data.expressions import col  # Ray stays out of this module's import
+
     table = load_split_table(source, settings)
     spec = PreprocessSpec(
         height=settings.model.input_size,
