@@ -18,16 +18,9 @@ import argparse
 
 import numpy as np
 
-from cxr_ray.calibration import fit_temperature, nll, split_logits
+from cxr_ray.calibration import fit_temperature, nll, softmax, split_logits
 from cxr_ray.metrics import expected_calibration_error
 from cxr_ray.models.artifact import load_artifact
-
-
-def softmax(logits: np.ndarray, t: float = 1.0) -> np.ndarray:
-    z = logits / t
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
 
 
 def brier(probs: np.ndarray, y: np.ndarray) -> float:

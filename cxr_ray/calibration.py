@@ -16,6 +16,17 @@ import numpy as np
 from cxr_ray.labels import LABELS, NORMAL
 
 
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """``softmax(logits / temperature)`` in float64, row-wise.
+
+    float64 throughout: thresholds picked on these probabilities must reproduce exactly.
+    """
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=1, keepdims=True)
+
+
 def nll(probs: np.ndarray, y_true: np.ndarray) -> float:
     """Mean negative log-likelihood of the true classes (what temperature scaling minimises)."""
     p = np.asarray(probs, dtype=np.float64)[np.arange(len(y_true)), np.asarray(y_true)]

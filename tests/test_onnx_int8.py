@@ -124,7 +124,7 @@ def test_cli_scoring_with_int8_keeps_every_row_and_reports_the_check(ray_local, 
 
 
 def test_split_logits_are_the_untempered_scores_of_the_recorded_split(int8_artifact):
-    from cxr_ray.calibration import split_logits
+    from cxr_ray.calibration import softmax, split_logits
     from cxr_ray.engines.base import split_images
     from cxr_ray.labels import LABELS
     from cxr_ray.models.factory import Probabilities
@@ -137,5 +137,5 @@ def test_split_logits_are_the_untempered_scores_of_the_recorded_split(int8_artif
     x = torch.from_numpy(to_model_input(split_images(str(int8_artifact), "val")[0]))
     with torch.inference_mode():
         probs = Probabilities(art.build(), temperature=art.card.temperature)(x).double().numpy()
-    tempered = torch.softmax(torch.from_numpy(logits) / art.card.temperature, 1).numpy()
+    tempered = softmax(logits, art.card.temperature)
     np.testing.assert_allclose(tempered, probs, atol=1e-5)

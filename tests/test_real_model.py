@@ -93,15 +93,14 @@ def test_heatmaps_of_a_fully_trained_model_concentrate_on_the_lungs(kermany_full
 
 def test_temperature_lowers_validation_ece_of_a_fully_trained_model(kermany224):
     """The issue's calibration criterion, recomputed from the images rather than read back."""
-    from cxr_ray.calibration import nll, split_logits
+    from cxr_ray.calibration import nll, softmax, split_logits
     from cxr_ray.metrics import expected_calibration_error
     from cxr_ray.models.artifact import load_artifact
 
     trained = _trained_artifact()
     art = load_artifact(str(trained))
     logits, y = split_logits(str(trained), "val")  # raw: the temperature is applied below
-    before = torch.softmax(torch.from_numpy(logits), 1).numpy()
-    after = torch.softmax(torch.from_numpy(logits) / art.card.temperature, 1).numpy()
+    before, after = softmax(logits), softmax(logits, art.card.temperature)
     assert nll(after, y) < nll(before, y)
     assert expected_calibration_error(after, y) < expected_calibration_error(before, y)
     # ... and the card's stored figures are these.

@@ -22,6 +22,7 @@ from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from cxr_ray import export, metrics
+from cxr_ray.calibration import softmax
 from cxr_ray.config import ModelSettings, Settings, TrainSettings
 from cxr_ray.models.card import ModelCard
 from cxr_ray.models.factory import create_model
@@ -98,7 +99,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         y, logits = loop.validate(
             model, val_batches, device=device, precision=cfg.precision, rank=rank, world=world
         )
-        m = metrics.classification_metrics(y, loop.softmax(logits))
+        m = metrics.classification_metrics(y, softmax(logits))
         report = {
             "epoch": epoch,
             "attempt_start_epoch": start_epoch,

@@ -3,11 +3,10 @@
 Opt-in (``score.onnx_precision = "int8"``). On CPUs with VNNI it multiplies the model's
 throughput by 2.2-2.6 (MobileNetV2 at 224, 2 cores: 213 -> 480 and 210 -> 541 img/s in two
 runs), at the cost of changing some borderline decisions (2.4% of validation classes for the
-official artifact), so
-every quantized model is checked once against the fp32 model on the artifact's validation
-images and the result is stored next to it and logged: argmax agreement, mean and max
-probability change, and (where labels exist) accuracy and sensitivity/specificity at the
-card's flag threshold for both.
+official artifact), so every quantized model is checked once against the fp32 model on the
+artifact's validation images and the result is stored next to it and logged: argmax
+agreement, mean and max probability change, and (where labels exist) accuracy and
+sensitivity/specificity at the card's flag threshold for both.
 
 Quantization runs once per (model version, input size, calibration set) on the driver and is
 cached under ``cache_dir/onnx`` behind a file lock, like the fp32 export. Weights are int8

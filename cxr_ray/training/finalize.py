@@ -16,14 +16,13 @@ from typing import Any
 import pyarrow as pa
 
 from cxr_ray import export, metrics
-from cxr_ray.calibration import fit_temperature, nll, threshold_for_sensitivity
+from cxr_ray.calibration import fit_temperature, nll, softmax, threshold_for_sensitivity
 from cxr_ray.config import Settings
 from cxr_ray.labels import LABELS
 from cxr_ray.models.artifact import card_for, save_artifact
 from cxr_ray.models.card import ModelCard
 from cxr_ray.models.factory import create_model
 from cxr_ray.training.checkpoint import load_state
-from cxr_ray.training.loop import softmax
 
 logger = logging.getLogger(__name__)
 

@@ -167,14 +167,6 @@ def predict(
     return np.concatenate(idx), np.concatenate(labels), np.concatenate(logits)
 
 
-def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
-    # float64 throughout: thresholds picked on these probabilities must reproduce exactly.
-    z = np.asarray(logits, dtype=np.float64) / temperature
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)
-
-
 def validate(
     net: nn.Module,
     batches: Iterable[dict[str, torch.Tensor]],
