@@ -10,7 +10,7 @@ Needs a CUDA GPU (exits with a message otherwise). Uses ../shared/data/kermany-f
                GPU JPEG decode in the actor, for engine torch (CUDA, fp16) and tensorrt
                (only when the tensorrt package imports); img/s per GPU
   decode only  GPU decode_batch (nvJPEG + resize on the GPU) vs the CPU contract
-               (cxr_ray.preprocess.decode) on one core
+               (cxr_ray.imaging.preprocess.decode) on one core
   model only   engine.run_tensor on batches already on the GPU (no decode, no copies)
   in-actor     decode_batch + run_tensor in a loop, no Ray: what one actor can sustain
 
@@ -65,8 +65,8 @@ def _rate(n: int, fn, *, sync: bool = True) -> float:
 
 
 def decode_ceilings(datas: list[bytes], spec, batch: int) -> tuple[float, float]:
-    from cxr_ray.gpu_decode import decode_batch
-    from cxr_ray.preprocess import decode
+    from cxr_ray.imaging.gpu_decode import decode_batch
+    from cxr_ray.imaging.preprocess import decode
 
     decode_batch(datas[:batch], spec, device="cuda")  # nvJPEG handles, CUDA context
 
@@ -83,7 +83,7 @@ def decode_ceilings(datas: list[bytes], spec, batch: int) -> tuple[float, float]
 
 def engine_ceilings(engine, datas: list[bytes], spec, batch: int) -> tuple[float, float]:
     """(model-only img/s, in-actor decode+model img/s) for one engine."""
-    from cxr_ray.gpu_decode import decode_batch
+    from cxr_ray.imaging.gpu_decode import decode_batch
 
     x = torch.rand(batch, 1, spec.height, spec.width, device="cuda")
     for _ in range(3):
@@ -156,13 +156,14 @@ def main() -> None:
 
     from cxr_ray.engines import build_engine, prepare_payload
     from cxr_ray.models.artifact import read_card
+    from cxr_ray.models.card import spec_for
 
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
         files = replicate(Path(args.data), tmpd / "images", args.images)
         artifact = args.model or _model(tmpd, 224)
         card = read_card(artifact)
-        spec = card.preprocess_spec()
+        spec = spec_for(card)
         cache = str(tmpd / "cache")
         trt = {"trt_precision": args.precision, "trt_opt_batch": args.batch}
         trt["trt_max_batch"] = max(256, args.batch)

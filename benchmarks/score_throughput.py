@@ -64,7 +64,7 @@ def naive(files: list[Path], net: torch.nn.Module, size: int, batch: int = 32) -
 
 
 def decode_ceiling(datas: list[bytes], size: int) -> tuple[float, float]:
-    from cxr_ray.preprocess import PreprocessSpec, decode
+    from cxr_ray.imaging.preprocess import PreprocessSpec, decode
 
     spec = PreprocessSpec(height=size, width=size)
     t = time.perf_counter()

@@ -22,11 +22,13 @@ import numpy as np
 import pyarrow.compute as pc
 from PIL import Image, ImageFilter, ImageOps
 
-from cxr_ray import export, metrics
+from cxr_ray import metrics
 from cxr_ray.engines import build_engine, prepare_payload
+from cxr_ray.imaging.preprocess import PreprocessSpec, decode, to_model_input
+from cxr_ray.io import storage
 from cxr_ray.labels import LABELS
 from cxr_ray.models.artifact import load_artifact
-from cxr_ray.preprocess import PreprocessSpec, decode, to_model_input
+from cxr_ray.models.card import spec_for
 
 
 def _gamma(g: float) -> Callable[[Image.Image], Image.Image]:
@@ -57,13 +59,13 @@ SHIFTS: dict[str, Callable[[Image.Image], Image.Image]] = {
 
 def evaluate(artifact: str, tta: bool = False, limit: int | None = None) -> list[tuple[str, metrics.Metrics]]:
     art = load_artifact(artifact)
-    split = export.read_table(export.join(artifact, "split.parquet"))
+    split = storage.read_table(storage.join(artifact, "split.parquet"))
     val = split.filter(pc.equal(split["split"], "val"))
     if limit:
         val = val.slice(0, limit)
     raw_spec = PreprocessSpec(*art.card.input_size)  # geometry only; intensity after the shift
-    model_spec = art.card.preprocess_spec()
-    raws = [decode(export.read_bytes(u), raw_spec).pixels for u in val["uri"].to_pylist()]
+    model_spec = spec_for(art.card)
+    raws = [decode(storage.read_bytes(u), raw_spec).pixels for u in val["uri"].to_pylist()]
     y = np.array([LABELS.index(v) for v in val["label"].to_pylist()])
     engine = build_engine(prepare_payload(artifact, "onnxruntime", cache_dir=".cache/cxr-ray"))
     out = []

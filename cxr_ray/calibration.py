@@ -70,23 +70,3 @@ def threshold_for_sensitivity(probs: np.ndarray, y_true: np.ndarray, target: flo
     s = float(pos[len(pos) - k])
     below = p[p < s]
     return (s + float(below.max())) / 2 if len(below) else s / 2
-
-
-def split_logits(artifact: str, split: str = "val") -> tuple[np.ndarray, np.ndarray]:
-    """Raw (untempered) float64 logits of the artifact's network on one of its splits, and labels.
-
-    The images are the ones recorded in ``ARTIFACT/split.parquet``, preprocessed as scoring does;
-    what the card's temperature and ECE figures were fitted and measured on.
-    """
-    import torch
-
-    from cxr_ray.engines.base import split_images
-    from cxr_ray.models.artifact import load_artifact
-    from cxr_ray.preprocess import to_model_input
-
-    pixels, labels = split_images(artifact, split)
-    net = load_artifact(artifact).build().eval()
-    x = torch.from_numpy(to_model_input(pixels))
-    with torch.inference_mode():
-        logits = [net(x[i : i + 64]).double().numpy() for i in range(0, len(x), 64)]
-    return np.concatenate(logits), np.array([LABELS.index(v) for v in labels])

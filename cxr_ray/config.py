@@ -100,7 +100,7 @@ class ModelSettings(_Section):
     #: Where pretrained weight files live; ``None``: ``$TORCH_HOME/hub/checkpoints``.
     weights_dir: str | None = None
     input_size: int = Field(default=224, ge=32, le=1024)
-    #: Intensity normalisation applied after the resize: see ``cxr_ray.preprocess``.
+    #: Intensity normalisation applied after the resize: see ``cxr_ray.imaging.preprocess``.
     intensity: Literal["none", "equalize", "clahe"] = "none"
 
     @field_validator("arch")

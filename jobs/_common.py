@@ -8,9 +8,9 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from cxr_ray.cli.runtime import ray_session
 from cxr_ray.config import Settings, load_settings
 from cxr_ray.errors import ConfigError, CxrRayError, DataError, ModelError
-from cxr_ray.runtime import ray_session
 
 
 def parser(description: str) -> argparse.ArgumentParser:

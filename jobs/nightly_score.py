@@ -12,8 +12,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cxr_ray import export
 from cxr_ray.config import Settings
+from cxr_ray.io import storage
 from cxr_ray.models.artifact import read_card
 from cxr_ray.scoring import ledger
 from cxr_ray.scoring.pipeline import format_summary, new_run_id, score
@@ -22,10 +22,10 @@ from jobs._common import parser, run
 
 def main(args: argparse.Namespace, settings: Settings) -> None:
     version = read_card(args.model).version
-    ledger_uri = export.join(args.root, "ledger.parquet")
+    ledger_uri = storage.join(args.root, "ledger.parquet")
     seen = ledger.seen_ids(ledger_uri, version)
     run_id = new_run_id()
-    out = export.join(args.root, "runs", run_id)
+    out = storage.join(args.root, "runs", run_id)
     result = score(
         args.source,
         args.model,
@@ -33,9 +33,9 @@ def main(args: argparse.Namespace, settings: Settings) -> None:
         settings,
         run_id=run_id,
         seen_ids=seen,
-        history=export.join(args.root, "metrics_history.parquet"),
+        history=storage.join(args.root, "metrics_history.parquet"),
     )
-    preds = export.read_table(export.join(out, "predictions.parquet"))
+    preds = storage.read_table(storage.join(out, "predictions.parquet"))
     added = ledger.append(ledger_uri, ledger.ledger_rows(preds))
     print(format_summary(result))
     print(f"ledger: {len(seen)} images already scored by {version}; {added} added")

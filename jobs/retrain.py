@@ -17,7 +17,7 @@ from jobs._common import parser, run
 
 
 def main(args: argparse.Namespace, settings: Settings) -> None:
-    from trainers.cxr_trainer import train
+    from cxr_ray.training.trainer import train
 
     card = train(settings, args.data, args.out)
     print(f"artifact {card.version} written to {args.out}")

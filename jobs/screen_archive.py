@@ -15,10 +15,10 @@ from collections import Counter
 
 import pyarrow.compute as pc
 
-from cxr_ray import export
 from cxr_ray.config import Settings
+from cxr_ray.io import storage
 from cxr_ray.metrics import format_metrics_summary
-from cxr_ray.report import write_report
+from cxr_ray.reporting.report import write_report
 from cxr_ray.scoring.pipeline import format_summary, score
 from jobs._common import parser, run
 
@@ -29,11 +29,11 @@ def main(args: argparse.Namespace, settings: Settings) -> None:
         args.model,
         args.out,
         settings,
-        history=export.join(export.parent(args.out), "metrics_history.parquet"),
+        history=storage.join(storage.parent(args.out), "metrics_history.parquet"),
     )
-    preds = export.read_table(export.join(args.out, "predictions.parquet"))
+    preds = storage.read_table(storage.join(args.out, "predictions.parquet"))
     flagged = preds.filter(pc.fill_null(preds["flagged"], False)).sort_by([("prob_pneumonia", "descending")])
-    export.write_table(flagged, export.join(args.out, "flagged.parquet"))
+    storage.write_table(flagged, storage.join(args.out, "flagged.parquet"))
     print(format_summary(result))
     counts = Counter(preds["pred_label"].to_pylist())
     print("predicted: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items(), key=str)))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from cxr_ray import synthetic
+from cxr_ray.data import synthetic
 
 
 def xray_array(h: int = 320, w: int = 256, seed: int = 0, bits: int = 8) -> np.ndarray:

@@ -16,8 +16,8 @@ from PIL import Image
 
 from cxr_ray.cli import main
 from cxr_ray.config import load_settings
-from cxr_ray.explain import gradcam, heat_fraction_inside, overlay_png
 from cxr_ray.models.factory import CxrNet
+from cxr_ray.scoring.explain import gradcam, heat_fraction_inside, overlay_png
 from cxr_ray.scoring.pipeline import score
 from tests import imaging
 
@@ -99,7 +99,7 @@ def test_score_with_explain_writes_a_heatmap_per_explained_row(explained_run):
 
 
 def test_report_is_self_contained_html(explained_run):
-    from cxr_ray.report import write_report
+    from cxr_ray.reporting.report import write_report
 
     html = Path(write_report(str(explained_run))).read_text()
     for needle in ('id="summary"', 'id="per-class"', 'id="confusion"', 'id="gallery"', 'id="errors"'):
@@ -126,7 +126,7 @@ CHROME_FLAGS = [
 
 @pytest.mark.skipif(CHROMIUM is None, reason="Chromium not installed (.ci/run installs Debian's chromium)")
 def test_report_renders_in_headless_chromium(explained_run, tmp_path):
-    from cxr_ray.report import write_report
+    from cxr_ray.reporting.report import write_report
 
     page = Path(write_report(str(explained_run)))
     common = [CHROMIUM, *CHROME_FLAGS, f"--user-data-dir={tmp_path / 'profile'}"]

@@ -18,8 +18,8 @@ import torch
 import torchvision.io
 from PIL import Image
 
-from cxr_ray.gpu_decode import decode_batch, draft_scale
-from cxr_ray.preprocess import PreprocessSpec, decode, to_model_input
+from cxr_ray.imaging.gpu_decode import decode_batch, draft_scale
+from cxr_ray.imaging.preprocess import PreprocessSpec, decode, to_model_input
 from tests import imaging
 
 # torchvision 0.29 deprecates its decoders in favour of TorchCodec (see docs/GPU.md).

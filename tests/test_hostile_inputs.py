@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from cxr_ray.cli import main
 from cxr_ray.errors import DecodeError
-from cxr_ray.preprocess import PreprocessSpec, decode
+from cxr_ray.imaging.preprocess import PreprocessSpec, decode
 from tests import imaging
 
 SPEC = PreprocessSpec(height=64, width=64, max_pixels=4_000_000)

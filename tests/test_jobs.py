@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cxr_ray.config import load_settings
-from cxr_ray.synthetic import jpeg_bytes, kermany_name
+from cxr_ray.data.synthetic import jpeg_bytes, kermany_name
 from tests import imaging
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,7 +233,7 @@ def test_nightly_score_via_ray_job_submit(ray_head, tiny_artifact, tmp_path):
 
 @pytest.mark.slow
 def test_retrain_via_ray_job_submit(ray_head, tmp_path):
-    from cxr_ray.synthetic import write_kermany_folder
+    from cxr_ray.data.synthetic import write_kermany_folder
 
     data = write_kermany_folder(tmp_path / "data", per_class=12, size=(96, 80))
     cfg = tmp_path / "cxr.toml"

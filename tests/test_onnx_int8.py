@@ -17,9 +17,10 @@ from cxr_ray.config import load_settings
 from cxr_ray.engines import build_engine, prepare_payload
 from cxr_ray.engines.onnx_quantize import int8_cache_path
 from cxr_ray.errors import EngineUnavailableError
+from cxr_ray.imaging.preprocess import decode, to_model_input
 from cxr_ray.labels import parse_kermany_path
 from cxr_ray.models.artifact import load_artifact
-from cxr_ray.preprocess import decode, to_model_input
+from cxr_ray.models.card import spec_for
 from tests import imaging
 from tests.conftest import make_artifact
 
@@ -58,7 +59,7 @@ def test_int8_model_is_quantized_checked_and_cached(int8_artifact, tmp_path):
 
     # What the check reports is what the engines do on those images.
     art = load_artifact(str(int8_artifact))
-    spec = art.card.preprocess_spec()
+    spec = spec_for(art.card)
     val = [u for u, s in zip(*_split_columns(int8_artifact), strict=True) if s == "val"]
     x = to_model_input(np.stack([decode(Path(u).read_bytes(), spec).pixels for u in val]))
     p32, p8 = build_engine(fp32)(x), build_engine(payload)(x)
@@ -124,10 +125,10 @@ def test_cli_scoring_with_int8_keeps_every_row_and_reports_the_check(ray_local, 
 
 
 def test_split_logits_are_the_untempered_scores_of_the_recorded_split(int8_artifact):
-    from cxr_ray.calibration import softmax, split_logits
-    from cxr_ray.engines.base import split_images
+    from cxr_ray.calibration import softmax
     from cxr_ray.labels import LABELS
     from cxr_ray.models.factory import Probabilities
+    from cxr_ray.models.splits import split_images, split_logits
 
     logits, y = split_logits(str(int8_artifact), "val")
     split = pq.read_table(int8_artifact / "split.parquet").to_pylist()

@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from cxr_ray.errors import DecodeError
-from cxr_ray.preprocess import PreprocessSpec, TrainAugment, decode, sniff_format, to_model_input
+from cxr_ray.imaging.preprocess import PreprocessSpec, decode, sniff_format, to_model_input
+from cxr_ray.training.augment import TrainAugment
 from tests import imaging
 
 SPEC = PreprocessSpec(height=224, width=224)

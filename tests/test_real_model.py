@@ -53,12 +53,13 @@ def test_short_fine_tune_learns_and_calibrates(real_artifact):
 
 def _lung_heat(artifact: Path, fullres: Path) -> np.ndarray:
     """Per pneumonia-predicted image: the share of Grad-CAM mass inside LUNG_BOX."""
-    from cxr_ray.explain import gradcam, heat_fraction_inside
+    from cxr_ray.imaging.preprocess import decode, to_model_input
     from cxr_ray.models.artifact import load_artifact
-    from cxr_ray.preprocess import decode, to_model_input
+    from cxr_ray.models.card import spec_for
+    from cxr_ray.scoring.explain import gradcam, heat_fraction_inside
 
     art = load_artifact(str(artifact))
-    spec = art.card.preprocess_spec()
+    spec = spec_for(art.card)
     files = sorted((fullres / "train" / "PNEUMONIA").glob("*.jpeg"))[::8][:32]
     x = torch.from_numpy(to_model_input(np.stack([decode(f.read_bytes(), spec).pixels for f in files])))
     heat, cls = gradcam(art.build(), x, art.card.target_layer)
@@ -93,9 +94,10 @@ def test_heatmaps_of_a_fully_trained_model_concentrate_on_the_lungs(kermany_full
 
 def test_temperature_lowers_validation_ece_of_a_fully_trained_model(kermany224):
     """The issue's calibration criterion, recomputed from the images rather than read back."""
-    from cxr_ray.calibration import nll, softmax, split_logits
+    from cxr_ray.calibration import nll, softmax
     from cxr_ray.metrics import expected_calibration_error
     from cxr_ray.models.artifact import load_artifact
+    from cxr_ray.models.splits import split_logits
 
     trained = _trained_artifact()
     art = load_artifact(str(trained))
@@ -113,8 +115,8 @@ def test_temperature_lowers_validation_ece_of_a_fully_trained_model(kermany224):
 
 
 def test_scoring_with_explain_on_real_images(real_artifact, kermany_fullres, tmp_path):
-    from cxr_ray import export
-    from cxr_ray.report import write_report
+    from cxr_ray.io import storage
+    from cxr_ray.reporting.report import write_report
     from cxr_ray.scoring.pipeline import score
 
     sample = tmp_path / "sample"
@@ -124,7 +126,7 @@ def test_scoring_with_explain_on_real_images(real_artifact, kermany_fullres, tmp
         shutil.copyfile(f, sample / f.parent.name / f.name)
     settings = load_settings(None, {"score": {"explain": "flagged", "cache_dir": str(tmp_path / "c")}})
     r = score(str(sample), str(real_artifact), str(tmp_path / "run"), settings)
-    t = export.read_table(str(tmp_path / "run" / "predictions.parquet"))
+    t = storage.read_table(str(tmp_path / "run" / "predictions.parquet"))
     flagged = t.filter(pc.fill_null(t["flagged"], False))
     assert r.images == t.num_rows == r.ok and flagged.num_rows > 0
     assert all(flagged["heatmap_uri"].to_pylist())

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from cxr_ray.config import load_settings
-from cxr_ray.synthetic import jpeg_bytes, kermany_name
+from cxr_ray.data.synthetic import jpeg_bytes, kermany_name
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
@@ -110,8 +110,8 @@ def _registered(storage: Path) -> int:
 
 @pytest.mark.slow
 def test_killed_training_driver_resumes_with_the_same_run_name(ray_local, tmp_path):
-    from cxr_ray.synthetic import write_kermany_folder
-    from trainers.cxr_trainer import train
+    from cxr_ray.data.synthetic import write_kermany_folder
+    from cxr_ray.training.trainer import train
 
     data = write_kermany_folder(tmp_path / "data", per_class=24, size=(96, 80))
     runs = tmp_path / "runs"

@@ -21,8 +21,9 @@ from cxr_ray.data.readers import read_unit
 from cxr_ray.data.sources import ReadOptions, list_source
 from cxr_ray.engines import build_engine, prepare_payload, select_engine
 from cxr_ray.errors import EngineUnavailableError
+from cxr_ray.imaging.preprocess import decode, to_model_input
 from cxr_ray.models.artifact import read_card
-from cxr_ray.preprocess import decode, to_model_input
+from cxr_ray.models.card import spec_for
 from cxr_ray.scoring.pipeline import score
 from cxr_ray.scoring.schema import PREDICTIONS_SCHEMA
 from cxr_ray.scoring.stages import CxrPredictor, decode_stage
@@ -47,7 +48,7 @@ def _broken_folder(root: Path) -> tuple[Path, int, int]:
 
 
 def test_decode_stage_uses_the_one_preprocessing(tiny_artifact, xray_folder):
-    spec = read_card(str(tiny_artifact)).preprocess_spec()
+    spec = spec_for(read_card(str(tiny_artifact)))
     raw = _raw_batch(xray_folder)
     out = decode_stage(raw, spec=spec)
     for i, row in enumerate(raw.to_pylist()):
@@ -58,7 +59,7 @@ def test_decode_stage_uses_the_one_preprocessing(tiny_artifact, xray_folder):
 
 def test_predictor_on_a_plain_batch_without_ray(tiny_artifact, tmp_path):
     root, n, n_bad = _broken_folder(tmp_path / "in")
-    spec = read_card(str(tiny_artifact)).preprocess_spec()
+    spec = spec_for(read_card(str(tiny_artifact)))
     batch = decode_stage(_raw_batch(root), spec=spec)
     payload = prepare_payload(str(tiny_artifact), "onnxruntime", cache_dir=str(tmp_path / "c"))
     out = CxrPredictor(payload)(batch)
@@ -77,7 +78,7 @@ def test_onnxruntime_and_torch_agree(tmp_path, intensity, request):
     from tests.conftest import KERMANY_FULLRES, make_artifact
 
     art = make_artifact(tmp_path / "m", input_size=224, intensity=intensity)
-    spec = read_card(str(art)).preprocess_spec()
+    spec = spec_for(read_card(str(art)))
     if KERMANY_FULLRES.is_dir():
         files = sorted(KERMANY_FULLRES.rglob("*.jpeg"))[::20][:24]
         datas = [f.read_bytes() for f in files]
@@ -196,7 +197,7 @@ def test_cli_score_prints_summary_and_metrics(ray_local, tiny_artifact, tmp_path
 
 
 def test_evaluate_and_report_use_the_runs_flag_threshold(ray_local, tmp_path):
-    from cxr_ray.report import render
+    from cxr_ray.reporting.report import render
     from tests.conftest import make_artifact
 
     model = make_artifact(tmp_path / "model", threshold=0.731)

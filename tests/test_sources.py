@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from cxr_ray.data import uris
 from cxr_ray.data.readers import read_unit
 from cxr_ray.data.sources import ReadOptions, list_source, units_from_uris
 from cxr_ray.errors import DataError
+from cxr_ray.io import uris
 from tests import imaging
 
 

@@ -25,7 +25,7 @@ from cxr_ray.engines import EnginePayload, prepare_payload, select_engine
 from cxr_ray.engines import tensorrt_engine as te
 from cxr_ray.engines.tensorrt_engine import TensorRTEngine, cached_engine, make_key
 from cxr_ray.errors import EngineUnavailableError
-from cxr_ray.models.card import ModelCard
+from cxr_ray.models.card import ModelCard, spec_for
 
 
 def _trt_importable() -> str | None:
@@ -259,8 +259,8 @@ def _calibrated_tiny_net():
     which would make a parity test meaningless; recalibrating BatchNorm on a few generated
     X-rays makes the outputs depend on the image.
     """
+    from cxr_ray.imaging.preprocess import PreprocessSpec, decode, to_model_input
     from cxr_ray.models.factory import create_model
-    from cxr_ray.preprocess import PreprocessSpec, decode, to_model_input
     from tests import imaging
 
     torch.manual_seed(0)
@@ -374,10 +374,10 @@ class TestTensorRTOnGpu:
         self, tiny_artifact, tmp_path, kermany_fullres, precision
     ):
         from cxr_ray.engines.onnx_engine import OnnxEngine
-        from cxr_ray.preprocess import decode, to_model_input
+        from cxr_ray.imaging.preprocess import decode, to_model_input
 
         payload = self._payload(tiny_artifact, tmp_path, trt_precision=precision)
-        spec = payload.card.preprocess_spec()
+        spec = spec_for(payload.card)
         files = sorted(kermany_fullres.rglob("*.jpeg"))
         x = to_model_input(np.stack([decode(f.read_bytes(), spec).pixels for f in files]))
         reference = OnnxEngine(payload.onnx)(x)

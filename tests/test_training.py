@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from cxr_ray.config import load_settings
+from cxr_ray.data.synthetic import write_kermany_folder
 from cxr_ray.models.artifact import load_artifact
 from cxr_ray.models.factory import create_model
-from cxr_ray.synthetic import write_kermany_folder
 from cxr_ray.training import loop, recipe
 from cxr_ray.training.checkpoint import load_state
 
@@ -129,7 +129,7 @@ def synthetic_data(tmp_path_factory) -> Path:
 
 
 def test_train_writes_a_complete_artifact(ray_local, synthetic_data, tmp_path):
-    from trainers.cxr_trainer import train
+    from cxr_ray.training.trainer import train
 
     s = _settings(tmp_path, epochs=2)
     card = train(s, str(synthetic_data), str(tmp_path / "model"))
@@ -148,7 +148,7 @@ def test_train_writes_a_complete_artifact(ray_local, synthetic_data, tmp_path):
     assert (tmp_path / "model" / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
     split = pq.read_table(tmp_path / "model" / "split.parquet")
     assert set(split["split"].to_pylist()) == {"train", "val"} and split.num_rows == 72
-    from cxr_ray.engines.base import calibration_images
+    from cxr_ray.models.splits import calibration_images
 
     calib = calibration_images(str(tmp_path / "model"), 8)  # INT8 calibration: train images only
     assert calib.shape == (8, 64, 64) and calib.dtype == np.uint8
@@ -194,7 +194,7 @@ def _kill_a_worker_after_first_checkpoint(storage: Path, done: threading.Event) 
 
 
 def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, synthetic_data, tmp_path):
-    from trainers.cxr_trainer import train
+    from cxr_ray.training.trainer import train
 
     # Bigger inputs make an epoch last long enough to kill a worker inside the second one.
     s = _settings(tmp_path, epochs=3, max_failures=1)
@@ -219,7 +219,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, synthetic_data
 
 
 def test_driver_restart_with_same_run_name_resumes(ray_local, synthetic_data, tmp_path):
-    from trainers.cxr_trainer import train
+    from cxr_ray.training.trainer import train
 
     train(_settings(tmp_path, epochs=1), str(synthetic_data), str(tmp_path / "m1"))
     card = train(_settings(tmp_path, epochs=2), str(synthetic_data), str(tmp_path / "m2"))
@@ -229,7 +229,7 @@ def test_driver_restart_with_same_run_name_resumes(ray_local, synthetic_data, tm
 
 
 def test_checkpoint_state_is_weights_only_loadable(ray_local, synthetic_data, tmp_path):
-    from trainers.cxr_trainer import train
+    from cxr_ray.training.trainer import train
 
     train(_settings(tmp_path, epochs=1), str(synthetic_data), str(tmp_path / "m"))
     # Only the checkpoint directories (Ray also writes checkpoint_manager_snapshot.json there).

@@ -1,177 +1,31 @@
-"""Ray Train fine-tuning of a chest X-ray classifier: train_loop_per_worker + TorchTrainer.
+"""Ray Train entry point: fine-tune with a recipe and write a model artifact.
 
-Recipes (the exact commands are in the README):
+The training code is the library's (``cxr_ray.training.trainer``: ``train_loop_per_worker``,
+the ``TorchTrainer`` and ``train``); this file is the thin script form of ``cxr-ray train``::
 
-    cxr-ray train ../shared/data/kermany224 --out artifacts/mnv2          # CPU default
-    cxr-ray train s3://bucket/xrays/ --out s3://bucket/models/r50 --arch resnet50 \\
-        --workers 4 --use-gpu --batch-size 64 --lr 1e-3 --frozen-blocks 0
+    python -m trainers.cxr_trainer --config trainers/recipes/mobilenet_v2_cpu.toml \\
+        ../shared/data/kermany224 --out artifacts/mnv2-cpu
 """
 
 from __future__ import annotations
 
-import logging
-import tempfile
-import time
-from typing import Any
+import sys
 
-import numpy as np
-import ray.data
-import ray.train
-import torch
-from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from cxr_ray.training.trainer import build_trainer, train, train_loop_per_worker
 
-from cxr_ray import export, metrics
-from cxr_ray.calibration import softmax
-from cxr_ray.config import ModelSettings, Settings, TrainSettings
-from cxr_ray.models.card import ModelCard
-from cxr_ray.models.factory import create_model
-from cxr_ray.preprocess import TrainAugment
-from cxr_ray.training import checkpoint as ckpt_mod
-from cxr_ray.training import data as data_mod
-from cxr_ray.training import finalize, loop, recipe
-from cxr_ray.training.distributed import gather_arrays, gather_objects, should_stop
-
-logger = logging.getLogger(__name__)
-_DTYPES = {"pixels": torch.uint8, "label": torch.int64}
+__all__ = ["build_trainer", "train", "train_loop_per_worker"]
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
-    cfg = TrainSettings.model_validate(config["train"])
-    model_cfg = ModelSettings.model_validate(config["model"])
-    ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker drowns logs
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    loop.seed_everything(cfg.seed + rank)
-    device = ray.train.torch.get_device()
+def main(argv: list[str] | None = None) -> int:
+    """``cxr-ray train`` with the recipe options; ``--config FILE`` may come first."""
+    from cxr_ray.cli import run_command
 
-    net = create_model(model_cfg.arch, pretrained=model_cfg.pretrained, weights_dir=model_cfg.weights_dir)
-    frozen = recipe.freeze_blocks(net, model_cfg.arch, cfg.frozen_blocks)
-    steps = recipe.steps_per_epoch(config["n_train_rows"], cfg, world)
-    optimizer, scheduler = recipe.optimization(net, model_cfg.arch, cfg, steps)
-    weights = recipe.class_weights(config["class_counts"]) if cfg.imbalance == "class_weights" else None
-    amp_fp16 = (
-        device.type == "cuda" and cfg.precision in ("auto", "fp16") and not torch.cuda.is_bf16_supported()
-    )
-    scaler = torch.amp.GradScaler("cuda") if amp_fp16 else None
-
-    start_epoch, history = 0, []
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as d:
-            state = ckpt_mod.load_state(d)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loop.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
-        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
-        logger.info("rank %d resumed after epoch %d", rank, start_epoch - 1)
-    model = ray.train.torch.prepare_model(net.to(memory_format=torch.channels_last))
-    augment = TrainAugment(**cfg.augment.model_dump())
-    train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
-
-    for epoch in range(start_epoch, cfg.epochs):
-        if should_stop(history, cfg.early_stopping_patience):
-            break
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.batch_size,
-            drop_last=True,
-            dtypes=_DTYPES,
-            local_shuffle_buffer_size=4 * cfg.batch_size,
-            local_shuffle_seed=cfg.seed * 1000 + epoch * world + rank,
-        )
-        stats = loop.run_epoch(
-            model,
-            batches,
-            optimizer,
-            scheduler,
-            device=device,
-            augment=augment,
-            frozen=frozen,
-            max_steps=steps,
-            weights=weights,
-            label_smoothing=cfg.label_smoothing,
-            grad_clip=cfg.grad_clip,
-            scaler=scaler,
-            precision=cfg.precision,
-        )
-        val_batches = val_shard.iter_torch_batches(batch_size=128, dtypes=_DTYPES)
-        y, logits = loop.validate(
-            model, val_batches, device=device, precision=cfg.precision, rank=rank, world=world
-        )
-        m = metrics.classification_metrics(y, softmax(logits))
-        report = {
-            "epoch": epoch,
-            "attempt_start_epoch": start_epoch,
-            "train_loss": float(gather_arrays(np.array([stats.loss]))[0].mean()),
-            "train_images_per_s": stats.images_per_s * world,
-            **{f"val_{k}": v for k, v in m.summary().items()},
-        }
-        history.append(report)
-        rngs = gather_objects(loop.rng_state())  # every rank's RNG, for an exact resume
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                ckpt_mod.save_state(tmp, {
-                    "model": net.state_dict(),  # the module DDP wraps: no "module." prefix
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "epoch": epoch, "history": history, "rng": rngs,
-                    "val_logits": torch.from_numpy(logits), "val_labels": torch.from_numpy(y),
-                })  # fmt: skip
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(report, checkpoint=checkpoint)
+    args = list(sys.argv[1:] if argv is None else argv)
+    config: list[str] = []
+    if args[:1] == ["--config"] and len(args) > 1:
+        config, args = args[:2], args[2:]
+    return run_command([*config, "train", *args])
 
 
-def build_trainer(settings: Settings, data: data_mod.TrainingData, run_name: str) -> TorchTrainer:
-    t = settings.train
-    return TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config={
-            "train": t.model_dump(mode="json"),
-            "model": settings.model.model_dump(mode="json"),
-            "class_counts": data.class_counts,
-            "n_train_rows": data.train.count(),  # differs from the class counts when oversampling
-        },
-        scaling_config=ScalingConfig(
-            num_workers=t.workers,
-            use_gpu=t.use_gpu,
-            resources_per_worker={"CPU": t.cpus_per_worker},
-        ),
-        run_config=RunConfig(
-            name=run_name,
-            storage_path=_storage(t.storage_path),
-            checkpoint_config=CheckpointConfig(
-                num_to_keep=t.keep_checkpoints,
-                checkpoint_score_attribute="val_macro_f1",
-                checkpoint_score_order="max",
-            ),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-        ),
-        datasets={"train": data.train, "val": data.val},
-        dataset_config=ray.train.DataConfig(datasets_to_split=["train"]),
-    )
-
-
-def _storage(path: str) -> str:
-    import os
-
-    return path if "://" in path else os.path.abspath(path)
-
-
-def train(settings: Settings, source: str, out: str) -> ModelCard:
-    """Split, train with Ray Train, and write the model artifact (and its split) to ``out``."""
-    started = time.time()
-    data = data_mod.prepare(source, settings)
-    run_name = settings.train.run_name or f"cxr-{settings.model.arch}-{time.strftime('%Y%m%d-%H%M%S')}"
-    result = build_trainer(settings, data, run_name).fit()
-    if result.error is not None:
-        raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {run_name} reported no checkpoint")
-    with result.checkpoint.as_directory() as d:
-        history = ckpt_mod.load_state(d)["history"]  # the best checkpoint's history ends early
-    info = finalize.training_info(settings, data, run_name, time.time() - started) | {"source": source}
-    with finalize.best_checkpoint(result).as_directory() as d:
-        card = finalize.write_artifact(d, settings, out, info, history)
-    export.write_table(data.table, export.join(out, "split.parquet"))  # which images trained/validated
-    return card
+if __name__ == "__main__":
+    sys.exit(main())

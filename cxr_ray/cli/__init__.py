@@ -5,6 +5,6 @@ variables and flags override the file. Invalid settings print one line per field
 """
 
 from cxr_ray.cli import data, model, scoring  # noqa: F401  (registers the commands)
-from cxr_ray.cli._app import EXIT_USAGE, handle_errors, main
+from cxr_ray.cli._app import EXIT_USAGE, handle_errors, main, run_command
 
-__all__ = ["EXIT_USAGE", "handle_errors", "main"]
+__all__ = ["EXIT_USAGE", "handle_errors", "main", "run_command"]

@@ -76,3 +76,17 @@ def main(ctx: click.Context, config: str | None, verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     ctx.ensure_object(dict)
     ctx.obj["config"] = config
+
+
+def run_command(args: list[str]) -> int:
+    """Run one ``cxr-ray`` command line in this process and return its exit code.
+
+    What ``jobs/`` and ``trainers/`` call, so every entry point shares the CLI's settings,
+    options and error mapping (one line and exit 2 for what the user must fix).
+    """
+    try:
+        main.main(args=args, prog_name="cxr-ray", standalone_mode=True)
+    except SystemExit as exc:
+        code = exc.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0

@@ -26,8 +26,8 @@ def manifest(
     column, or an s3:// / gs:// prefix. Broken or unsupported files become rows with
     status=error; the command still exits 0 and prints the counts.
     """
+    from cxr_ray.cli.runtime import ray_session
     from cxr_ray.data.manifest import write_manifest
-    from cxr_ray.runtime import ray_session
 
     s = settings_from(ctx, {"data": {"max_pixels": max_pixels, "rows_per_block": rows_per_block}})
     with ray_session(s.ray, quiet=True):
@@ -50,15 +50,15 @@ def split(
     ctx: click.Context, manifest_path: str, out: str, val_fraction: float | None, seed: int | None
 ) -> None:
     """Split a manifest's labelled images into train/val, grouped by patient."""
-    from cxr_ray import export
     from cxr_ray.data.manifest import read_manifest
     from cxr_ray.data.splits import split_manifest
+    from cxr_ray.io import storage
 
     s = settings_from(ctx, {"data": {"val_fraction": val_fraction, "split_seed": seed}})
     table = split_manifest(
         read_manifest(manifest_path), val_fraction=s.data.val_fraction, seed=s.data.split_seed
     )
-    export.write_table(table, out)
+    storage.write_table(table, out)
     for name in ("train", "val"):
         part = table.filter([v == name for v in table.column("split").to_pylist()])
         labels = part.column("label").to_pylist()

@@ -43,9 +43,9 @@ def train(ctx: click.Context, data: str, out: str, **flags: Any) -> None:
     best epoch by validation macro-F1 becomes the artifact (model_card.json,
     model.safetensors, val_metrics.parquet, training_curve.png).
     """
+    from cxr_ray.cli.runtime import ray_session
     from cxr_ray.metrics import format_metrics_summary
-    from cxr_ray.runtime import ray_session
-    from trainers.cxr_trainer import train as run_training
+    from cxr_ray.training.trainer import train as run_training
 
     model_keys = ("arch", "pretrained", "input_size", "intensity")
     overrides = {
@@ -75,9 +75,9 @@ def export_cmd(ctx: click.Context, artifact: str, fmt: str, out: str | None) -> 
     """
     from pathlib import Path
 
-    from cxr_ray import export
     from cxr_ray.engines import prepare_payload, select_engine
     from cxr_ray.engines.onnx_export import cached_onnx, onnx_cache_path
+    from cxr_ray.io import storage
     from cxr_ray.models.artifact import load_artifact
 
     s = settings_from(ctx, {})
@@ -86,7 +86,7 @@ def export_cmd(ctx: click.Context, artifact: str, fmt: str, out: str | None) -> 
         data = cached_onnx(art, s.score.cache_dir)
         target = out or str(onnx_cache_path(art, s.score.cache_dir))
         if out:
-            export.write_bytes(data, out)
+            storage.write_bytes(data, out)
         click.echo(f"ONNX model ({len(data) / 1e6:.1f} MB) for {art.card.version}: {target}")
         return
     select_engine("tensorrt")
@@ -101,13 +101,13 @@ def export_cmd(ctx: click.Context, artifact: str, fmt: str, out: str | None) -> 
         "trt_max_batch": sc.trt_max_batch,
     }
     if sc.trt_precision == "int8":
-        from cxr_ray.engines.base import calibration_images
+        from cxr_ray.models.splits import calibration_images
 
         options["calibration"] = calibration_images(artifact, sc.trt_calibration_images)
     payload = prepare_payload(artifact, "tensorrt", cache_dir=sc.cache_dir, options=options)
     path = build_engine_file(payload.onnx, art.card, payload.options)
     if out:
-        export.write_bytes(Path(path).read_bytes(), out)
+        storage.write_bytes(Path(path).read_bytes(), out)
     click.echo(f"TensorRT engine for {art.card.version}: {out or path}")
 
 
@@ -134,19 +134,20 @@ def explain(images: tuple[str, ...], artifact: str, out: str, target: str) -> No
     import numpy as np
     import torch
 
-    from cxr_ray import export
-    from cxr_ray.explain import gradcam, overlay_png
+    from cxr_ray.imaging.preprocess import decode, to_model_input
+    from cxr_ray.io import storage
     from cxr_ray.labels import LABELS
     from cxr_ray.models.artifact import load_artifact
+    from cxr_ray.models.card import spec_for
     from cxr_ray.models.factory import Probabilities
-    from cxr_ray.preprocess import decode, to_model_input
+    from cxr_ray.scoring.explain import gradcam, overlay_png
 
     art = load_artifact(artifact)
     net = art.build()
-    spec = art.card.preprocess_spec()
+    spec = spec_for(art.card)
     for path in images:
         try:
-            pixels = decode(export.read_bytes(path), spec, path).pixels
+            pixels = decode(storage.read_bytes(path), spec, path).pixels
         except (OSError, CxrRayError) as exc:
             click.echo(f"{path}: error: {exc}")
             continue
@@ -155,8 +156,8 @@ def explain(images: tuple[str, ...], artifact: str, out: str, target: str) -> No
             probs = Probabilities(net, art.card.temperature)(x)[0].numpy()
         cls = None if target == "predicted" else np.array([LABELS.index(target)])
         heat, used = gradcam(net, x, art.card.target_layer, cls)
-        dest = export.join(out, Path(path).name.rsplit(".", 1)[0] + ".png")
-        export.write_bytes(overlay_png(pixels, heat[0]), dest)
+        dest = storage.join(out, Path(path).name.rsplit(".", 1)[0] + ".png")
+        storage.write_bytes(overlay_png(pixels, heat[0]), dest)
         shown = "  ".join(f"{k}={v:.3f}" for k, v in zip(LABELS, probs, strict=True))
         click.echo(f"{path}: {shown}  heatmap for {LABELS[int(used[0])]} -> {dest}")
 
@@ -183,9 +184,9 @@ def demo(ctx: click.Context, out: str, data_dir: str | None) -> None:
     """
     from pathlib import Path
 
-    from cxr_ray.demo import run_demo
+    from cxr_ray.cli.demo import run_demo
+    from cxr_ray.cli.runtime import ray_session
     from cxr_ray.metrics import format_metrics_summary
-    from cxr_ray.runtime import ray_session
     from cxr_ray.scoring.pipeline import format_summary
 
     s = settings_from(ctx, {})
@@ -200,11 +201,12 @@ def demo(ctx: click.Context, out: str, data_dir: str | None) -> None:
     click.echo(format_metrics_summary(result.card.metrics.get("validation", {})))
     click.echo("\nscoring the validation images the model did not train on:")
     click.echo(format_summary(result.scored))
-    from cxr_ray import export, metrics
+    from cxr_ray import metrics
+    from cxr_ray.io import storage
     from cxr_ray.scoring.pipeline import evaluate_table
 
     m = evaluate_table(
-        export.read_table(str(Path(out) / "scores" / "predictions.parquet")), result.scored.threshold
+        storage.read_table(str(Path(out) / "scores" / "predictions.parquet")), result.scored.threshold
     )
     if m is not None:
         click.echo(metrics.format_metrics(m))

@@ -56,9 +56,9 @@ def score(
     metrics go to OUT/metrics.parquet and OUT/confusion.parquet and are appended to the
     history table. Ends with a summary: images, ok, errors, flagged, img/s.
     """
-    from cxr_ray import export
+    from cxr_ray.cli.runtime import ray_session
+    from cxr_ray.io import storage
     from cxr_ray.metrics import format_metrics_summary
-    from cxr_ray.runtime import ray_session
     from cxr_ray.scoring.pipeline import format_summary
     from cxr_ray.scoring.pipeline import score as run_score
 
@@ -75,12 +75,12 @@ def score(
         }
     }
     s = settings_from(ctx, overrides)
-    history = history or export.join(export.parent(out), "metrics_history.parquet")
+    history = history or storage.join(storage.parent(out), "metrics_history.parquet")
     with ray_session(s.ray):
         result = run_score(source, artifact, out, s, history=history)
     click.echo(format_summary(result))
     if result.metrics:
-        from cxr_ray.report import write_report
+        from cxr_ray.reporting.report import write_report
 
         click.echo(format_metrics_summary(result.metrics, title="metrics"))
         click.echo(f"report: {write_report(out)}")
@@ -103,12 +103,13 @@ def evaluate(predictions: str, out: str | None, threshold: float | None) -> None
     support per class, accuracy, macro/weighted F1, the confusion matrix and the
     normal-vs-pneumonia sensitivity/specificity/AUROC.
     """
-    from cxr_ray import export, metrics
+    from cxr_ray import metrics
+    from cxr_ray.io import storage
     from cxr_ray.labels import LABELS
     from cxr_ray.scoring.pipeline import evaluate_table, run_threshold
 
     try:
-        t = export.read_table(predictions)
+        t = storage.read_table(predictions)
     except FileNotFoundError:
         raise DataError(f"predictions table {predictions!r} does not exist") from None
     need = {"status", "label", *(f"prob_{k}" for k in LABELS)}
@@ -124,8 +125,8 @@ def evaluate(predictions: str, out: str | None, threshold: float | None) -> None
     for label, row in zip(LABELS, m.confusion, strict=True):
         click.echo(f"  {label:<10} " + " ".join(f"{v:>6d}" for v in row))
     if out:
-        export.write_table(metrics.metrics_table(m), export.join(out, "metrics.parquet"))
-        export.write_table(metrics.confusion_table(m), export.join(out, "confusion.parquet"))
+        storage.write_table(metrics.metrics_table(m), storage.join(out, "metrics.parquet"))
+        storage.write_table(metrics.confusion_table(m), storage.join(out, "confusion.parquet"))
         click.echo(f"wrote {out}/metrics.parquet and confusion.parquet")
 
 
@@ -142,9 +143,9 @@ def report(run_dir: str, out: str | None, top: int) -> None:
     studies (with Grad-CAM overlays when the run was scored with --explain). One file,
     images embedded: it can be mailed or attached to a ticket.
     """
-    from cxr_ray import export
-    from cxr_ray.report import write_report
+    from cxr_ray.io import storage
+    from cxr_ray.reporting.report import write_report
 
-    if not export.exists(export.join(run_dir, "predictions.parquet")):
+    if not storage.exists(storage.join(run_dir, "predictions.parquet")):
         raise DataError(f"{run_dir!r} has no predictions.parquet: pass a folder written by `cxr-ray score`")
     click.echo(f"wrote {write_report(run_dir, out, top=top)}")

@@ -22,7 +22,7 @@ from cxr_ray import labels as labels_mod
 from cxr_ray.config import DataSettings
 from cxr_ray.data.sources import ReadOptions, ReadUnit, list_source, units_from_uris
 from cxr_ray.errors import DataError, DecodeError
-from cxr_ray.preprocess import PreprocessSpec, decode
+from cxr_ray.imaging.preprocess import PreprocessSpec, decode
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +108,7 @@ def is_manifest(source: str) -> bool:
         return False
     import pyarrow.parquet as pq
 
-    from cxr_ray.data import uris
+    from cxr_ray.io import uris
 
     try:
         fs, path = uris.resolve(source)
@@ -170,7 +170,7 @@ class ManifestSummary:
 
 def write_manifest(source: str, out: str, settings: DataSettings) -> ManifestSummary:
     """Write the manifest of ``source`` to ``out`` (atomically) and count what is in it."""
-    from cxr_ray.export import atomic_parquet_writer
+    from cxr_ray.io.storage import atomic_parquet_writer
 
     summary = ManifestSummary(out)
     with atomic_parquet_writer(out, MANIFEST_SCHEMA) as writer:
@@ -182,7 +182,7 @@ def write_manifest(source: str, out: str, settings: DataSettings) -> ManifestSum
 
 def read_manifest(uri: str) -> pa.Table:
     """Read a manifest and check it has the columns cxr-ray needs."""
-    from cxr_ray.export import read_table
+    from cxr_ray.io.storage import read_table
 
     try:
         table = read_table(uri)

@@ -15,8 +15,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from cxr_ray.data import uris
 from cxr_ray.data.sources import RAW_SCHEMA, ReadOptions, ReadUnit, list_tar, member_ref, tar_problem
+from cxr_ray.io import uris
 
 
 class _Rows:

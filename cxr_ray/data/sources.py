@@ -25,8 +25,8 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cxr_ray.data import uris
 from cxr_ray.errors import DataError
+from cxr_ray.io import uris
 
 logger = logging.getLogger(__name__)
 

@@ -138,9 +138,9 @@ def compare(
 
 def _validation_input(artifact: str, n: int) -> tuple[np.ndarray, np.ndarray | None]:
     """Model input of up to ``n`` validation images (training images when there are none)."""
-    from cxr_ray.engines.base import split_images
+    from cxr_ray.imaging.preprocess import to_model_input
     from cxr_ray.labels import LABELS
-    from cxr_ray.preprocess import to_model_input
+    from cxr_ray.models.splits import split_images
 
     pixels, labels = split_images(artifact, "val", n, setting="onnx_precision")
     if not len(pixels):
@@ -163,8 +163,8 @@ def cached_int8_onnx(
     A missing ``split.parquet`` (the artifact's training/validation images) is an
     ``EngineUnavailableError``: there is nothing to calibrate on.
     """
-    from cxr_ray.engines.base import calibration_images as training_images
-    from cxr_ray.preprocess import to_model_input
+    from cxr_ray.imaging.preprocess import to_model_input
+    from cxr_ray.models.splits import calibration_images as training_images
 
     path = int8_cache_path(art, cache_dir, calibration_images, seed)
     report = path.with_suffix(".check.json")

@@ -173,7 +173,7 @@ def _make_calibrator(trt: Any, images: np.ndarray, cache_file: Path) -> Any:
     """An entropy calibrator fed with preprocessed training images (``uint8 [N, H, W]``)."""
     import torch
 
-    from cxr_ray.preprocess import to_model_input
+    from cxr_ray.imaging.preprocess import to_model_input
 
     x = to_model_input(np.ascontiguousarray(images, dtype=np.uint8))
     batch = min(CALIBRATION_BATCH, len(x))

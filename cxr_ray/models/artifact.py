@@ -20,8 +20,8 @@ from typing import Any
 
 import torch
 
-from cxr_ray import export
 from cxr_ray.errors import ModelError
+from cxr_ray.io import storage
 from cxr_ray.models.card import CARD_FILE, ModelCard
 from cxr_ray.models.factory import CxrNet, create_model, load_state_file
 
@@ -37,17 +37,17 @@ def save_artifact(net: CxrNet, card: ModelCard, out: str) -> ModelCard:
     """Write weights and card to ``out``; the card's ``weights_sha256`` is filled in here."""
     data = weights_bytes(net)
     card = card.model_copy(update={"weights_sha256": hashlib.sha256(data).hexdigest()})
-    export.ensure_dir(out)
-    export.write_bytes(data, export.join(out, card.weights_file))
+    storage.ensure_dir(out)
+    storage.write_bytes(data, storage.join(out, card.weights_file))
     # The card goes last: an artifact without a card is incomplete and refused on load.
-    export.write_bytes(card.to_json().encode(), export.join(out, CARD_FILE))
+    storage.write_bytes(card.to_json().encode(), storage.join(out, CARD_FILE))
     return card
 
 
 def read_card(artifact: str) -> ModelCard:
-    uri = export.join(artifact, CARD_FILE)
+    uri = storage.join(artifact, CARD_FILE)
     try:
-        text = export.read_bytes(uri).decode("utf-8")
+        text = storage.read_bytes(uri).decode("utf-8")
     except FileNotFoundError:
         raise ModelError(
             f"{artifact!r} is not a cxr-ray model artifact: {CARD_FILE} is missing "
@@ -98,9 +98,9 @@ class Artifact:
 def load_artifact(artifact: str) -> Artifact:
     """Read and verify an artifact (card, weights hash, tensor shapes)."""
     card = read_card(artifact)
-    wuri = export.join(artifact, card.weights_file)
+    wuri = storage.join(artifact, card.weights_file)
     try:
-        data = export.read_bytes(wuri)
+        data = storage.read_bytes(wuri)
     except FileNotFoundError:
         raise ModelError(f"weights file {wuri} named by the model card is missing") from None
     digest = hashlib.sha256(data).hexdigest()

@@ -12,9 +12,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from cxr_ray.config import DataSettings, ModelSettings
 from cxr_ray.errors import ModelError
+from cxr_ray.imaging.preprocess import INTENSITY_MODES, PreprocessSpec
 from cxr_ray.labels import LABELS
-from cxr_ray.preprocess import INTENSITY_MODES, PreprocessSpec
 
 CARD_FILE = "model_card.json"
 
@@ -84,10 +85,6 @@ class ModelCard(BaseModel):
     def pneumonia_threshold(self) -> float:
         return float(self.thresholds.get("pneumonia", 0.5))
 
-    def preprocess_spec(self, max_pixels: int = 64_000_000) -> PreprocessSpec:
-        h, w = self.input_size
-        return PreprocessSpec(height=h, width=w, intensity=self.intensity, max_pixels=max_pixels)
-
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json"), indent=2, sort_keys=True) + "\n"
 
@@ -100,3 +97,20 @@ class ModelCard(BaseModel):
                 f"{'.'.join(str(p) for p in e['loc']) or '(card)'}: {e['msg']}" for e in exc.errors()
             )
             raise ModelError(f"invalid model card {where}: {problems}") from None
+
+
+def spec_for(model: ModelCard | ModelSettings, data: DataSettings | None = None) -> PreprocessSpec:
+    """The preprocessing spec for a model under ``data`` settings: the one way to build one.
+
+    ``model`` is a trained model's card, or (training, before there is a card) the model
+    settings the card will be written from. Training, the decode stage, the predictor's
+    GPU-decode path and the split-image readers all call this, so a setting such as
+    ``data.max_pixels`` (the decompression-bomb limit) means the same on every node and device.
+    """
+    data = data or DataSettings()
+    if isinstance(model, ModelSettings):
+        h = w = model.input_size
+        return PreprocessSpec(height=h, width=w, intensity=model.intensity, max_pixels=data.max_pixels)
+    card = model
+    h, w = card.input_size
+    return PreprocessSpec(height=h, width=w, intensity=card.intensity, max_pixels=data.max_pixels)

@@ -12,15 +12,15 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cxr_ray import export
+from cxr_ray.io import storage
 from cxr_ray.scoring.schema import LEDGER_SCHEMA
 
 
 def seen_ids(ledger: str, model_version: str) -> list[str]:
     """Image ids already scored by ``model_version``."""
-    if not export.exists(ledger):
+    if not storage.exists(ledger):
         return []
-    t = export.read_table(ledger, columns=["image_id", "model_version"])
+    t = storage.read_table(ledger, columns=["image_id", "model_version"])
     return t.filter(pc.equal(t["model_version"], model_version))["image_id"].to_pylist()
 
 
@@ -34,8 +34,8 @@ def append(ledger: str, rows: pa.Table) -> int:
     """Add ``rows`` not already present (by image_id + model_version); returns how many."""
     if rows.num_rows == 0:
         return 0
-    if export.exists(ledger):
-        old = export.read_table(ledger)
+    if storage.exists(ledger):
+        old = storage.read_table(ledger)
         have = {
             (i, v) for i, v in zip(old["image_id"].to_pylist(), old["model_version"].to_pylist(), strict=True)
         }
@@ -50,5 +50,5 @@ def append(ledger: str, rows: pa.Table) -> int:
             keep.append(k)
     new = rows.take(keep)
     if new.num_rows:
-        export.append_table(new, ledger)
+        storage.append_table(new, ledger)
     return new.num_rows

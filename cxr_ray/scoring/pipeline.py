@@ -31,12 +31,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cxr_ray import export, metrics
+from cxr_ray import metrics
 from cxr_ray.config import Settings
 from cxr_ray.data.manifest import source_dataset
 from cxr_ray.engines import prepare_payload, select_engine
+from cxr_ray.io import storage
 from cxr_ray.labels import LABELS
 from cxr_ray.models.artifact import read_card
+from cxr_ray.models.card import spec_for
 from cxr_ray.scoring.schema import PREDICTIONS_SCHEMA
 from cxr_ray.scoring.stages import CxrPredictor, SeenIndex, decode_stage
 
@@ -121,9 +123,9 @@ def labelled_arrays(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
 
 def run_threshold(predictions_uri: str) -> float:
     """The flag threshold of the run that wrote ``predictions_uri`` (its summary.json), else 0.5."""
-    summary = export.join(export.parent(predictions_uri), "summary.json")
-    if export.exists(summary):
-        return float(json.loads(export.read_bytes(summary)).get("threshold", 0.5))
+    summary = storage.join(storage.parent(predictions_uri), "summary.json")
+    if storage.exists(summary):
+        return float(json.loads(storage.read_bytes(summary)).get("threshold", 0.5))
     return 0.5
 
 
@@ -165,7 +167,7 @@ def build_dataset(
         "trt_max_batch": sc.trt_max_batch,
     }
     if sc.trt_precision == "int8" and engine in ("tensorrt", "auto"):
-        from cxr_ray.engines.base import calibration_images
+        from cxr_ray.models.splits import calibration_images
 
         options["calibration"] = calibration_images(artifact, sc.trt_calibration_images)
     payload = prepare_payload(artifact, engine, cache_dir=sc.cache_dir, options=options)
@@ -175,7 +177,7 @@ def build_dataset(
     seen = None
     if seen_ids:
         seen = ray.remote(SeenIndex).options(num_cpus=0).remote(seen_ids)
-    spec = card.preprocess_spec(settings.data.max_pixels)
+    spec = spec_for(card, settings.data)
     explain = sc.explain != "none"
     ds = source_dataset(source, settings.data)
     ds = ds.map_batches(
@@ -197,7 +199,7 @@ def build_dataset(
     )
     if not explain:
         return ds
-    from cxr_ray.explain import Explainer
+    from cxr_ray.scoring.explain import Explainer
 
     torch_payload = payload if payload.weights else prepare_payload(artifact, "torch", cache_dir=sc.cache_dir)
     return ds.map_batches(
@@ -209,7 +211,7 @@ def build_dataset(
         num_gpus=sc.gpus_per_actor or None,
         fn_constructor_kwargs={
             "payload": ray.put(torch_payload),
-            "out_dir": export.join(out_dir, "heatmaps"),
+            "out_dir": storage.join(out_dir, "heatmaps"),
             "only_flagged": sc.explain == "flagged",
             "limit": sc.explain_limit,
         },
@@ -277,8 +279,8 @@ def score(
     result.precision = {"onnxruntime": sc.onnx_precision, "tensorrt": sc.trt_precision}.get(engine)
     result.int8_check = engine_info.get("int8_check")
     acc = _Accumulator(result)
-    export.ensure_dir(out)
-    with export.atomic_parquet_writer(export.join(out, "predictions.parquet"), PREDICTIONS_SCHEMA) as w:
+    storage.ensure_dir(out)
+    with storage.atomic_parquet_writer(storage.join(out, "predictions.parquet"), PREDICTIONS_SCHEMA) as w:
         for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
             if block.num_rows == 0:
                 continue
@@ -296,12 +298,12 @@ def score(
     if m is not None:
         result.metrics = m.summary()
         mt = metrics.metrics_table(m, run_id=run_id, model_version=card.version)
-        export.write_table(mt, export.join(out, "metrics.parquet"))
+        storage.write_table(mt, storage.join(out, "metrics.parquet"))
         ct = metrics.confusion_table(m, run_id=run_id, model_version=card.version)
-        export.write_table(ct, export.join(out, "confusion.parquet"))
+        storage.write_table(ct, storage.join(out, "confusion.parquet"))
         if history:
-            export.append_table(mt, history)
-    export.write_bytes(result.to_json().encode(), export.join(out, "summary.json"))
+            storage.append_table(mt, history)
+    storage.write_bytes(result.to_json().encode(), storage.join(out, "summary.json"))
     return result
 
 
@@ -310,7 +312,7 @@ def format_summary(r: ScoreResult) -> str:
         f"run {r.run_id}: {r.images} images, {r.ok} ok, {r.errors} errors, {r.flagged} flagged "
         f"({r.engine}{' ' + r.precision if r.precision else ''}, model {r.model_version})",
         f"{r.images_per_s:.1f} img/s over {r.seconds:.1f} s (first rows after {r.first_row_seconds:.1f} s)",
-        f"outputs: {export.join(r.out, 'predictions.parquet')}"
+        f"outputs: {storage.join(r.out, 'predictions.parquet')}"
         + (", metrics.parquet, confusion.parquet" if r.metrics else ""),
     ]
     if r.int8_check:

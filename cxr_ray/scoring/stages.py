@@ -15,8 +15,9 @@ import pyarrow as pa
 
 from cxr_ray.data.manifest import identify
 from cxr_ray.errors import DecodeError
+from cxr_ray.imaging.preprocess import PreprocessSpec, decode, sniff_format, to_model_input
 from cxr_ray.labels import LABELS, NORMAL
-from cxr_ray.preprocess import PreprocessSpec, decode, sniff_format, to_model_input
+from cxr_ray.models.card import spec_for
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ class CxrPredictor:
             payload = dataclasses.replace(payload, engine=select_engine("auto"))
         self.engine = build_engine(payload)
         card = payload.card
-        self.spec = card.preprocess_spec()
+        self.spec = spec_for(card)
         self.threshold = card.pneumonia_threshold
         self.normal = LABELS.index(NORMAL)
         self.gpu_decode = gpu_decode and getattr(self.engine, "device", "cpu") == "cuda"
@@ -102,7 +103,7 @@ class CxrPredictor:
         errors = batch["error"].copy()
         jpeg = batch.get("jpeg")
         if self.gpu_decode and jpeg is not None:
-            from cxr_ray.gpu_decode import decode_batch
+            from cxr_ray.imaging.gpu_decode import decode_batch
 
             idx = [i for i in np.flatnonzero(ok) if jpeg[i] is not None]
             cpu_idx = [i for i in np.flatnonzero(ok) if jpeg[i] is None]

@@ -1,6 +1,6 @@
 """Training inputs: manifest -> patient-grouped split -> decoded Ray Datasets.
 
-Images are decoded and resized once by the shared preprocessing (``cxr_ray.preprocess``)
+Images are decoded and resized once by the shared preprocessing (``cxr_ray.imaging.preprocess``)
 into ``{"pixels": uint8 [H, W], "label": int64}`` rows. With ``cache_decoded`` the decoded
 rows stay in the Ray object store across epochs (the 5,216 Kermany images take ~260 MB at
 224 px); otherwise every epoch streams from the source again (for datasets beyond memory).
@@ -21,7 +21,8 @@ from cxr_ray.config import Settings
 from cxr_ray.data import manifest as manifest_mod
 from cxr_ray.data.splits import data_fingerprint, split_manifest
 from cxr_ray.errors import DataError, DecodeError
-from cxr_ray.preprocess import PreprocessSpec, decode
+from cxr_ray.imaging.preprocess import PreprocessSpec, decode
+from cxr_ray.models.card import spec_for
 
 logger = logging.getLogger(__name__)
 
@@ -101,12 +102,7 @@ def prepare(source: str, settings: Settings) -> TrainingData:
     from ray.data.expressions import col  # Ray stays out of this module's import
 
     table = load_split_table(source, settings)
-    spec = PreprocessSpec(
-        height=settings.model.input_size,
-        width=settings.model.input_size,
-        intensity=settings.model.intensity,
-        max_pixels=settings.data.max_pixels,
-    )
+    spec = spec_for(settings.model, settings.data)
     parts = {}
     for name in ("train", "val"):
         part = table.filter(pc.equal(table["split"], name))

@@ -15,9 +15,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from cxr_ray import export, metrics
+from cxr_ray import metrics
 from cxr_ray.calibration import fit_temperature, nll, softmax, threshold_for_sensitivity
 from cxr_ray.config import Settings
+from cxr_ray.io import storage
 from cxr_ray.labels import LABELS
 from cxr_ray.models.artifact import card_for, save_artifact
 from cxr_ray.models.card import ModelCard
@@ -134,13 +135,13 @@ def write_artifact(
         },
     )
     card = save_artifact(net, card, out)
-    export.write_table(
-        val_metrics_table(before, after, temperature, nlls), export.join(out, "val_metrics.parquet")
+    storage.write_table(
+        val_metrics_table(before, after, temperature, nlls), storage.join(out, "val_metrics.parquet")
     )
-    export.write_bytes(training_curve_png(history), export.join(out, "training_curve.png"))
-    from cxr_ray.models import card_md
+    storage.write_bytes(training_curve_png(history), storage.join(out, "training_curve.png"))
+    from cxr_ray.reporting import card_md
 
-    export.write_bytes(card_md.render(card, y, probs).encode(), export.join(out, "model_card.md"))
+    storage.write_bytes(card_md.render(card, y, probs).encode(), storage.join(out, "model_card.md"))
     logger.info("artifact %s written to %s", card.version, out)
     return card
 

@@ -17,8 +17,8 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 def main() -> None:
     import ray
 
-    from cxr_ray import export
     from cxr_ray.config import load_settings
+    from cxr_ray.io import storage
     from cxr_ray.models.artifact import read_card
     from cxr_ray.scoring import ledger
     from cxr_ray.scoring.pipeline import new_run_id, score
@@ -29,7 +29,7 @@ def main() -> None:
         None,
         {"data": {"rows_per_block": 4}, "score": {"batch_size": 4, "cache_dir": os.path.join(root, "cache")}},
     )
-    seen = ledger.seen_ids(export.join(root, "ledger.parquet"), read_card(artifact).version)
+    seen = ledger.seen_ids(storage.join(root, "ledger.parquet"), read_card(artifact).version)
     run_id = new_run_id()
 
     def die(_block) -> None:
@@ -39,7 +39,7 @@ def main() -> None:
     score(
         source,
         artifact,
-        export.join(root, "runs", run_id),
+        storage.join(root, "runs", run_id),
         settings,
         run_id=run_id,
         seen_ids=seen,

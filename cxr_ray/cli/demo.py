@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pyarrow.compute as pc
 
-from cxr_ray import export
 from cxr_ray.config import Settings, load_settings
 from cxr_ray.data.manifest import ManifestSummary, write_manifest
+from cxr_ray.io import storage
 from cxr_ray.models.card import ModelCard
 from cxr_ray.scoring.pipeline import ScoreResult, score
 
@@ -36,7 +36,7 @@ class DemoResult:
 
 def sample_source(out: Path, per_class: int = 60) -> Path:
     """A synthetic labelled folder with two broken files among the images."""
-    from cxr_ray.synthetic import write_kermany_folder
+    from cxr_ray.data.synthetic import write_kermany_folder
 
     root = write_kermany_folder(out / "sample", per_class=per_class)
     (root / "train" / "NORMAL" / "IM-9999-0001.jpeg").write_bytes(b"")
@@ -63,7 +63,7 @@ def demo_settings(base: Settings, out: Path, real: bool) -> Settings:
 
 
 def run_demo(out: Path, settings: Settings, data_dir: Path | None = None) -> DemoResult:
-    from trainers.cxr_trainer import train
+    from cxr_ray.training.trainer import train
 
     out.mkdir(parents=True, exist_ok=True)
     source = data_dir if data_dir is not None else sample_source(out)
@@ -71,13 +71,13 @@ def run_demo(out: Path, settings: Settings, data_dir: Path | None = None) -> Dem
     manifest_path = str(out / "manifest.parquet")
     summary = write_manifest(str(source), manifest_path, s.data)
     model_dir = str(out / "model")
-    if export.exists(str(out / "runs" / "demo")):  # a fresh run each time, not a resume
+    if storage.exists(str(out / "runs" / "demo")):  # a fresh run each time, not a resume
         import shutil
 
         shutil.rmtree(out / "runs" / "demo")
     card = train(s, manifest_path, model_dir)
-    split = export.read_table(export.join(model_dir, "split.parquet"))
+    split = storage.read_table(storage.join(model_dir, "split.parquet"))
     val = split.filter(pc.equal(split["split"], "val"))
-    export.write_table(val, str(out / "val_manifest.parquet"))
+    storage.write_table(val, str(out / "val_manifest.parquet"))
     scored = score(str(out / "val_manifest.parquet"), model_dir, str(out / "scores"), s)
     return DemoResult(Path(source), summary, card, scored)

@@ -4,7 +4,7 @@ Contract (recorded in every model card and checked when a model is loaded):
 
 1. Decode to 8-bit grayscale. JPEGs are decoded in draft mode straight to the smallest
    DCT scale that is still at least the input size (4-8x less work on full-size X-rays).
-   16-bit PNGs and DICOMs are windowed to 8 bits (see ``cxr_ray.data.dicom``).
+   16-bit PNGs and DICOMs are windowed to 8 bits (see ``cxr_ray.imaging.dicom``).
 2. Resize the whole image to the model's input size ignoring aspect ratio ("squash", as
    the Kermany 224 px release does), bilinear with antialiasing. Nothing about the original
    size, aspect ratio or file size survives: the dataset's normals are larger files, and a
@@ -15,9 +15,8 @@ Contract (recorded in every model card and checked when a model is loaded):
    mean/std normalisation happen inside the exported network (``cxr_ray.models``), so every
    engine is fed the same tensor.
 
-Training augmentation (``TrainAugment``) works on the output of step 3 and is never used at
-scoring time. Horizontal flips are off by default: the heart sits on the patient's left,
-and a flipped chest is not a realistic input.
+Training augmentation lives with the training recipe (``cxr_ray.training.augment``) and works
+on the output of step 4; it is never used at scoring time.
 """
 
 from __future__ import annotations
@@ -25,7 +24,6 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps
@@ -52,7 +50,7 @@ _MAGIC: tuple[tuple[bytes, int, str], ...] = (
 
 @dataclass(frozen=True, slots=True)
 class PreprocessSpec:
-    """What the model expects; built from a model card (``ModelCard.preprocess_spec``)."""
+    """What the model expects; built from a model card (``cxr_ray.models.card.spec_for``)."""
 
     height: int = 224
     width: int = 224
@@ -141,7 +139,7 @@ def decode(data: bytes, spec: PreprocessSpec, name: str | None = None) -> Decode
     if fmt not in FORMATS:
         raise DecodeError(f"unsupported format ({fmt}); cxr-ray reads JPEG, PNG and DICOM")
     if fmt == "dicom":
-        from cxr_ray.data.dicom import decode_dicom
+        from cxr_ray.imaging.dicom import decode_dicom
 
         arr = decode_dicom(data, max_pixels=spec.max_pixels)
         height, width = arr.shape
@@ -164,48 +162,3 @@ def to_model_input(pixels: np.ndarray) -> np.ndarray:
     if pixels.ndim != 3 or pixels.dtype != np.uint8:
         raise ValueError(f"expected uint8 [N, H, W], got {pixels.dtype} {pixels.shape}")
     return (pixels.astype(np.float32) * np.float32(1.0 / 255.0))[:, None, :, :]
-
-
-class TrainAugment:
-    """Random geometric and intensity augmentation for training batches.
-
-    Works on ``float32 [N, 1, H, W]`` tensors in 0..1 (the output of ``to_model_input``) and
-    returns the same shape. Parameters are keyword-only and mirror ``AugmentSettings``.
-    """
-
-    def __init__(
-        self,
-        *,
-        rotation_deg: float = 10.0,
-        scale_min: float = 0.75,
-        translate: float = 0.06,
-        brightness: float = 0.3,
-        contrast: float = 0.3,
-        gamma: float = 0.35,
-        blur_prob: float = 0.2,
-        hflip: bool = False,
-    ) -> None:
-        from torchvision.transforms import v2
-
-        self.geometric = v2.RandomAffine(
-            degrees=rotation_deg,
-            translate=(translate, translate),
-            scale=(scale_min, 1.0 / scale_min**0.5),
-        )
-        self.jitter = v2.ColorJitter(brightness=brightness, contrast=contrast)
-        self.gamma = gamma
-        self.blur = v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=blur_prob)
-        self.hflip = v2.RandomHorizontalFlip(p=0.5 if hflip else 0.0)
-
-    def __call__(self, batch: Any, generator: Any = None) -> Any:
-        import torch
-
-        out = torch.empty_like(batch)
-        for i in range(batch.shape[0]):
-            x = self.hflip(self.geometric(batch[i]))
-            x = self.jitter(x)
-            if self.gamma > 0:
-                g = float(torch.empty(()).uniform_(1 - self.gamma, 1 + self.gamma))
-                x = x.clamp(0, 1).pow(g)
-            out[i] = self.blur(x).clamp(0, 1)
-        return out

@@ -20,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cxr_ray import export, metrics
+from cxr_ray import metrics
+from cxr_ray.io import storage
 from cxr_ray.labels import LABELS, NORMAL
 from cxr_ray.scoring.pipeline import labelled_arrays
 
@@ -145,7 +146,7 @@ def _gallery(t: pa.Table, top: int) -> str:
         img = ""
         if row.get("heatmap_uri"):
             try:
-                img = _img(base64.b64encode(export.read_bytes(row["heatmap_uri"])).decode(), row["uri"])
+                img = _img(base64.b64encode(storage.read_bytes(row["heatmap_uri"])).decode(), row["uri"])
             except (OSError, FileNotFoundError):
                 img = '<p class="note">heatmap missing</p>'
         items.append(
@@ -160,10 +161,10 @@ def _gallery(t: pa.Table, top: int) -> str:
 
 def render(run_dir: str, *, top: int = 24, title: str | None = None) -> str:
     """The HTML report of the run in ``run_dir`` (its predictions and summary)."""
-    t = export.read_table(export.join(run_dir, "predictions.parquet"))
+    t = storage.read_table(storage.join(run_dir, "predictions.parquet"))
     summary: dict[str, Any] = {}
-    if export.exists(export.join(run_dir, "summary.json")):
-        summary = json.loads(export.read_bytes(export.join(run_dir, "summary.json")))
+    if storage.exists(storage.join(run_dir, "summary.json")):
+        summary = json.loads(storage.read_bytes(storage.join(run_dir, "summary.json")))
     n = t.num_rows
     ok = int(pc.sum(pc.equal(t["status"], "ok")).as_py() or 0)
     flagged = int(pc.sum(pc.fill_null(t["flagged"], False)).as_py() or 0)
@@ -213,6 +214,6 @@ def render(run_dir: str, *, top: int = 24, title: str | None = None) -> str:
 
 def write_report(run_dir: str, out: str | None = None, **kwargs: Any) -> str:
     """Render and write ``report.html`` (atomically); returns where it went."""
-    target = out or export.join(run_dir, "report.html")
-    export.write_bytes(render(run_dir, **kwargs).encode("utf-8"), target)
+    target = out or storage.join(run_dir, "report.html")
+    storage.write_bytes(render(run_dir, **kwargs).encode("utf-8"), target)
     return target

@@ -104,9 +104,9 @@ class Explainer:
         self.done = 0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from cxr_ray import export
+        from cxr_ray.imaging.preprocess import to_model_input
+        from cxr_ray.io import storage
         from cxr_ray.labels import LABELS
-        from cxr_ray.preprocess import to_model_input
 
         n = len(batch["uri"])
         uris = np.full(n, None, dtype=object)
@@ -121,8 +121,8 @@ class Explainer:
             heat, _ = gradcam(self.net, x, self.target, preds)
             for k, i in enumerate(idx):
                 name = f"{batch['image_id'][i] or i}.png"
-                uri = export.join(self.out_dir, name)
-                export.write_bytes(overlay_png(batch["pixels"][i], heat[k]), uri)
+                uri = storage.join(self.out_dir, name)
+                storage.write_bytes(overlay_png(batch["pixels"][i], heat[k]), uri)
                 uris[i] = uri
             self.done += len(idx)
         out = {k: v for k, v in batch.items() if k != "pixels"}

@@ -4,7 +4,7 @@
 directly on the predictor's device, so full-resolution X-rays never cross PCIe as pixels:
 
 1. Each JPEG's header is read with PIL (no pixel decode) to enforce ``spec.max_pixels``
-   before any decoding, exactly as ``cxr_ray.preprocess.decode`` does.
+   before any decoding, exactly as ``cxr_ray.imaging.preprocess.decode`` does.
 2. All JPEGs of the batch are decoded in ONE ``torchvision.io.decode_jpeg(list, device=...,
    mode=GRAY)`` call (nvJPEG batched decode on CUDA; libjpeg-turbo when ``device="cpu"``).
    GRAY asks nvJPEG for the luma plane, which is what PIL's ``draft("L")`` returns.
@@ -16,7 +16,7 @@ directly on the predictor's device, so full-resolution X-rays never cross PCIe a
    uint8 like the CPU path, then ``equalize`` when the card asks for it, then x 1/255.
 
 Anything the GPU path does not handle (PNG, DICOM, CMYK or truncated JPEGs, JPEGs nvJPEG
-rejects) falls back to ``cxr_ray.preprocess.decode`` on the CPU for that row only. A row that
+rejects) falls back to ``cxr_ray.imaging.preprocess.decode`` on the CPU for that row only. A row that
 fails everywhere gets an error message; one bad image never fails the batch.
 """
 
@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cxr_ray.errors import DecodeError
-from cxr_ray.preprocess import PreprocessSpec, _check_pixels, decode, sniff_format
+from cxr_ray.imaging.preprocess import PreprocessSpec, _check_pixels, decode, sniff_format
 
 logger = logging.getLogger(__name__)
 
@@ -181,5 +181,5 @@ def decode_batch(
             continue
         # torch.tensor copies: PIL's arrays are read-only and from_numpy would warn.
         pixels[i, 0] = torch.tensor(arr, device=dev)
-    # x (1/255) in float32, bit-identical to cxr_ray.preprocess.to_model_input.
+    # x (1/255) in float32, bit-identical to cxr_ray.imaging.preprocess.to_model_input.
     return pixels.float() * (1.0 / 255.0), errors

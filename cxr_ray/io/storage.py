@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cxr_ray.data import uris
+from cxr_ray.io import uris
 
 
 def _tmp_path(path: str) -> str:

@@ -1,0 +1,94 @@
+"""The images an artifact was trained and validated on (its ``split.parquet``), read back.
+
+INT8 calibration (TensorRT, onnxruntime), the INT8 check against fp32 and the calibration
+benchmark all need the artifact's own images, preprocessed exactly as scoring does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow.compute as pc
+
+from cxr_ray.config import DataSettings
+from cxr_ray.errors import DecodeError, EngineUnavailableError
+from cxr_ray.imaging.preprocess import decode, to_model_input
+from cxr_ray.io import storage
+from cxr_ray.labels import LABELS
+from cxr_ray.models.artifact import load_artifact, read_card
+from cxr_ray.models.card import spec_for
+
+#: What to fall back to when INT8 cannot be calibrated, per precision setting.
+_FULL_PRECISION = {"trt_precision": "fp16", "onnx_precision": "fp32"}
+
+
+def split_images(
+    artifact: str,
+    split: str,
+    n: int | None = None,
+    *,
+    seed: int | None = None,
+    max_pixels: int = 64_000_000,
+    setting: str = "trt_precision",
+) -> tuple[np.ndarray, list[str | None]]:
+    """``uint8 [k, H, W]`` images of one split of the artifact's ``split.parquet``, and labels.
+
+    Preprocessed exactly as scoring will. ``n`` caps how many: a seeded random sample when
+    ``seed`` is given (in file order), else the first ``n``. A missing ``split.parquet`` or an
+    image that cannot be read here (an artifact copied to a site without its data) is an
+    ``EngineUnavailableError`` that names the full-precision ``setting`` to fall back to.
+    """
+    fallback = f"use {setting} = {_FULL_PRECISION.get(setting, 'fp32')!r} instead"
+    card = read_card(artifact)
+    split_uri = storage.join(artifact, "split.parquet")
+    if not storage.exists(split_uri):
+        raise EngineUnavailableError(
+            f"INT8 needs the artifact's training images: {split_uri} is missing (artifacts written "
+            f"by `cxr-ray train` have it); {fallback}"
+        )
+    table = storage.read_table(split_uri)
+    rows = table.filter(pc.equal(table["split"], split))
+    if n is not None and n < rows.num_rows:
+        if seed is None:
+            rows = rows.slice(0, n)
+        else:
+            picked = np.random.default_rng(seed).choice(rows.num_rows, size=n, replace=False)
+            rows = rows.take(np.sort(picked))
+    spec = spec_for(card, DataSettings(max_pixels=max_pixels))
+    pixels = []
+    for uri in rows["uri"].to_pylist():
+        try:
+            pixels.append(decode(storage.read_bytes(uri), spec).pixels)
+        except (OSError, DecodeError) as exc:
+            raise EngineUnavailableError(
+                f"INT8 needs the artifact's {split} images, and {uri} cannot be read here ({exc}); {fallback}"
+            ) from None
+    labels = rows["label"].to_pylist() if "label" in rows.column_names else [None] * rows.num_rows
+    h, w = card.input_size
+    return (np.stack(pixels) if pixels else np.zeros((0, h, w), np.uint8)), labels
+
+
+def calibration_images(
+    artifact: str, n: int, *, seed: int = 0, max_pixels: int = 64_000_000, setting: str = "trt_precision"
+) -> np.ndarray:
+    """``uint8 [n, H, W]`` training images through the shared preprocessing (INT8 calibration).
+
+    Drawn from the artifact's own training split (``split.parquet``), so calibration sees the
+    distribution the model was fitted on, and preprocessed exactly as scoring will.
+    """
+    return split_images(artifact, "train", n, seed=seed, max_pixels=max_pixels, setting=setting)[0]
+
+
+def split_logits(artifact: str, split: str = "val") -> tuple[np.ndarray, np.ndarray]:
+    """Raw (untempered) float64 logits of the artifact's network on one of its splits, and labels.
+
+    The images are the ones recorded in ``ARTIFACT/split.parquet``, preprocessed as scoring does;
+    what the card's temperature and ECE figures were fitted and measured on.
+    """
+    import torch
+
+    pixels, labels = split_images(artifact, split)
+    net = load_artifact(artifact).build().eval()
+    x = torch.from_numpy(to_model_input(pixels))
+    with torch.inference_mode():
+        logits = [net(x[i : i + 64]).double().numpy() for i in range(0, len(x), 64)]
+    return np.concatenate(logits), np.array([LABELS.index(v) for v in labels])
