@@ -35,8 +35,9 @@ def main() -> None:
     ap.add_argument("--bootstrap", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
-    card_t = load_artifact(args.artifact).card.temperature
-    logits, y = split_logits(args.artifact, "val")
+    art = load_artifact(args.artifact)
+    card_t = art.card.temperature
+    logits, y = split_logits(art, "val")
     refit = fit_temperature(logits, y)
     print(f"{len(y)} validation images; card temperature {card_t:.4f} (refitted here: {refit:.4f})")
     print(f"{'':>8} {'NLL':>7} {'Brier':>7} {'ECE15':>7} {'ECE10':>7}")

@@ -24,6 +24,7 @@ import argparse
 import importlib.util
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -48,7 +49,10 @@ def replicate(src: Path, dst: Path, n: int) -> list[Path]:
         f = files[i % len(files)]
         target = dst / f"copy{i // len(files):02d}" / f.parent.name / f.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        os.link(f, target)
+        try:
+            os.link(f, target)
+        except OSError:  # EXDEV (data on another filesystem than the temp dir), no links
+            shutil.copyfile(f, target)
         out.append(target)
     return out
 
@@ -120,8 +124,13 @@ def end_to_end(images: Path, artifact: str, out: Path, score_settings: dict) -> 
     return result.images / wall, steady
 
 
-def _model(tmpd: Path, size: int) -> str:
+def _model(tmpd: Path, size: int, files: list[Path]) -> str:
+    """A MobileNetV2 artifact whose ``split.parquet`` lists real images (INT8 calibrates on them)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     from cxr_ray.errors import WeightsUnavailableError
+    from cxr_ray.labels import parse_kermany_path
     from cxr_ray.models.artifact import card_for, save_artifact
     from cxr_ray.models.factory import create_model
 
@@ -132,6 +141,10 @@ def _model(tmpd: Path, size: int) -> str:
         net = create_model("mobilenet_v2", pretrained=False)
     artifact = str(tmpd / "model")
     save_artifact(net, card_for(net, "mobilenet_v2", input_size=size, intensity="none"), artifact)
+    uris = [str(f) for f in files[:640]]
+    split = ["val" if i % 5 == 0 else "train" for i in range(len(uris))]
+    labels = [parse_kermany_path(u).label for u in uris]
+    pq.write_table(pa.table({"uri": uris, "label": labels, "split": split}), f"{artifact}/split.parquet")
     return artifact
 
 
@@ -154,20 +167,22 @@ def main() -> None:
     import ray
     import ray.data
 
-    from cxr_ray.engines import build_engine, prepare_payload
-    from cxr_ray.models.artifact import read_card
+    from cxr_ray.config import ScoreSettings
+    from cxr_ray.engines import build, engine_options, prepare
+    from cxr_ray.models.artifact import load_artifact
     from cxr_ray.models.card import spec_for
 
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
         files = replicate(Path(args.data), tmpd / "images", args.images)
-        artifact = args.model or _model(tmpd, 224)
-        card = read_card(artifact)
+        artifact = args.model or _model(tmpd, 224, files)
+        art = load_artifact(artifact)
+        card = art.card
         spec = spec_for(card)
         cache = str(tmpd / "cache")
         trt = {"trt_precision": args.precision, "trt_opt_batch": args.batch}
         trt["trt_max_batch"] = max(256, args.batch)
-        options = {"cache_dir": cache, **trt}
+        options = engine_options(ScoreSettings(cache_dir=cache, gpus_per_actor=1, **trt))
         print(
             f"{len(files)} full-resolution JPEGs, model {card.version} at {spec.height}px, "
             f"{gpus} x {gpu_name}, {os.cpu_count()} CPUs, tensorrt: {has_trt}"
@@ -179,8 +194,8 @@ def main() -> None:
         ceilings: dict[str, tuple[float, float]] = {}
         for name in engines:
             # Also warms the ONNX export and the TensorRT engine cache the actors will use.
-            payload = prepare_payload(artifact, name, cache_dir=cache, options=options)
-            ceilings[name] = engine_ceilings(build_engine(payload), datas, spec, args.batch)
+            payload, _ = prepare(art, name, options, spec)
+            ceilings[name] = engine_ceilings(build(payload), datas, spec, args.batch)
             torch.cuda.empty_cache()
 
         ray.init(include_dashboard=False, log_to_driver=False)
@@ -199,9 +214,23 @@ def main() -> None:
             }
             rate = end_to_end(tmpd / "images", artifact, tmpd / f"out-{name}", score_settings)
             e2e[name] = (rate[0] / gpus, rate[1] / gpus)
+        # The CPU path on the same node, for the ratio: onnxruntime actors, two cores each,
+        # leaving half the cores to the decode tasks.
+        cpus = os.cpu_count() or 2
+        actors = max(1, cpus // 4)
+        cpu_settings = {
+            "engine": "onnxruntime",
+            "actors_min": actors,
+            "actors_max": actors,
+            "cpus_per_actor": 2,
+            "threads_per_actor": 2,
+            "cache_dir": cache,
+        }
+        cpu_rate = end_to_end(tmpd / "images", artifact, tmpd / "out-cpu", cpu_settings)
         ray.shutdown()
 
     rows = [(f"end to end, {n} (per GPU)", e2e[n][0]) for n in engines]
+    rows += [(f"end to end, CPU path (onnxruntime, {actors} actors, {cpus} CPUs)", cpu_rate[0])]
     rows += [(f"end to end, {n}, steady state (per GPU)", e2e[n][1]) for n in engines]
     rows += [(f"in-actor decode+model, {n} (no Ray)", ceilings[n][1]) for n in engines]
     rows += [(f"model only, {n}, batch {args.batch} on GPU", ceilings[n][0]) for n in engines]
@@ -211,6 +240,8 @@ def main() -> None:
     ]
     lines = [f"{'what':<52} {'img/s':>9}", *(f"{k:<52} {v:>9.1f}" for k, v in rows), ""]
     lines.append(f"GPU decode / CPU decode per core: {gpu_dec / cpu_dec:.1f}x")
+    for n in engines:
+        lines.append(f"{n} (all {gpus} GPUs) / CPU path end to end: {e2e[n][0] * gpus / cpu_rate[0]:.2f}x")
     if "tensorrt" in engines:
         lines.append(f"tensorrt / torch end to end: {e2e['tensorrt'][0] / e2e['torch'][0]:.2f}x")
         lines.append(f"tensorrt / torch model only: {ceilings['tensorrt'][0] / ceilings['torch'][0]:.2f}x")

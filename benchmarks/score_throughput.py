@@ -18,6 +18,7 @@ Ray already running). Not a test: numbers depend on the machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import io
 import os
 import sys
@@ -80,10 +81,18 @@ def decode_ceiling(datas: list[bytes], size: int) -> tuple[float, float]:
 
 def model_ceiling(artifact: str, size: int, cache: str, engine: str, options: dict | None = None) -> float:
     """Model-only img/s of one engine (engine default threads) on preprocessed batches of 64."""
-    from cxr_ray.engines import build_engine, prepare_payload
+    from cxr_ray.config import ScoreSettings
+    from cxr_ray.engines import build, engine_options, prepare
+    from cxr_ray.models.artifact import load_artifact
+    from cxr_ray.models.card import spec_for
 
     x = np.random.rand(64, 1, size, size).astype(np.float32)
-    run = build_engine(prepare_payload(artifact, engine, cache_dir=cache, options=options))
+    art = load_artifact(artifact)
+    # threads=None: the engine's own default (every core), as the ceiling is measured alone.
+    opts = dataclasses.replace(
+        engine_options(ScoreSettings(cache_dir=cache, **(options or {}))), threads=None
+    )
+    run = build(prepare(art, engine, opts, spec_for(art.card))[0])
     run(x[:8])
     t = time.perf_counter()
     reps = 4

@@ -23,7 +23,8 @@ import pyarrow.compute as pc
 from PIL import Image, ImageFilter, ImageOps
 
 from cxr_ray import metrics
-from cxr_ray.engines import build_engine, prepare_payload
+from cxr_ray.config import ScoreSettings
+from cxr_ray.engines import build, engine_options, prepare
 from cxr_ray.imaging.preprocess import PreprocessSpec, decode, to_model_input
 from cxr_ray.io import storage
 from cxr_ray.labels import LABELS
@@ -67,7 +68,7 @@ def evaluate(artifact: str, tta: bool = False, limit: int | None = None) -> list
     model_spec = spec_for(art.card)
     raws = [decode(storage.read_bytes(u), raw_spec).pixels for u in val["uri"].to_pylist()]
     y = np.array([LABELS.index(v) for v in val["label"].to_pylist()])
-    engine = build_engine(prepare_payload(artifact, "onnxruntime", cache_dir=".cache/cxr-ray"))
+    engine = build(prepare(art, "onnxruntime", engine_options(ScoreSettings()), model_spec)[0])
     out = []
     for name, shift in SHIFTS.items():
         pix = []

@@ -13,10 +13,10 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from cxr_ray.config import load_settings
-from cxr_ray.engines import build_engine, prepare_payload
+from cxr_ray.config import ScoreSettings, load_settings
+from cxr_ray.engines import build, engine_options, prepare
 from cxr_ray.engines.onnx_quantize import int8_cache_path
-from cxr_ray.errors import EngineUnavailableError
+from cxr_ray.errors import ConfigError, EngineUnavailableError
 from cxr_ray.imaging.preprocess import decode, to_model_input
 from cxr_ray.labels import parse_kermany_path
 from cxr_ray.models.artifact import load_artifact
@@ -40,20 +40,28 @@ def int8_artifact(tmp_path_factory) -> Path:
     return art
 
 
+def _prepare(artifact: Path, cache: Path | str, **score):
+    art = load_artifact(str(artifact))
+    return prepare(
+        art, "onnxruntime", engine_options(ScoreSettings(cache_dir=str(cache), **score)), spec_for(art.card)
+    )
+
+
 def _op_types(model: bytes) -> set[str]:
     return {n.op_type for n in onnx.load_from_string(model).graph.node}
 
 
 def test_int8_model_is_quantized_checked_and_cached(int8_artifact, tmp_path):
     cache = str(tmp_path / "cache")
-    fp32 = prepare_payload(str(int8_artifact), "onnxruntime", cache_dir=cache)
-    payload = prepare_payload(str(int8_artifact), "onnxruntime", cache_dir=cache, options=INT8)
+    fp32, fp32_report = _prepare(int8_artifact, cache)
+    payload, report = _prepare(int8_artifact, cache, **INT8)
     assert {"QuantizeLinear", "DequantizeLinear"} <= _op_types(payload.onnx)
     assert "QuantizeLinear" not in _op_types(fp32.onnx)
+    assert (fp32_report.precision, report.precision) == ("fp32", "int8")
+    assert (fp32_report.onnx_cache, report.onnx_cache) == ("built", "built")
 
-    check = payload.options["int8_check"]
-    assert check["images"] == 8 and check["calibration_images"] == 8  # the 8 validation images
-    assert 0.0 <= check["argmax_agreement"] <= 1.0
+    check = report.int8_check
+    assert check is not None and check["images"] == 8 and check["calibration_images"] == 8
     keys = {"accuracy", "macro_f1", "sensitivity_at_threshold", "specificity_at_threshold"}
     assert set(check["fp32"]) == set(check["int8"]) == keys
 
@@ -62,17 +70,19 @@ def test_int8_model_is_quantized_checked_and_cached(int8_artifact, tmp_path):
     spec = spec_for(art.card)
     val = [u for u, s in zip(*_split_columns(int8_artifact), strict=True) if s == "val"]
     x = to_model_input(np.stack([decode(Path(u).read_bytes(), spec).pixels for u in val]))
-    p32, p8 = build_engine(fp32)(x), build_engine(payload)(x)
+    p32, p8 = build(fp32)(x), build(payload)(x)
     assert p8.shape == (8, 3) and np.allclose(p8.sum(axis=1), 1.0, atol=1e-4)
     assert np.abs(p32 - p8).mean() == pytest.approx(check["mean_abs_prob_change"], abs=1e-5)
+    assert np.abs(p32 - p8).max() == pytest.approx(check["max_abs_prob_change"], abs=1e-5)
     assert (p32.argmax(1) == p8.argmax(1)).mean() == pytest.approx(check["argmax_agreement"])
     assert np.abs(p32 - p8).max() < 0.1  # quantization noise, not a different model
 
     # Built once: a second run reuses the cached model and its check.
     path = int8_cache_path(art, cache, 8, 0)
     before = path.stat().st_mtime_ns
-    again = prepare_payload(str(int8_artifact), "onnxruntime", cache_dir=cache, options=INT8)
-    assert again.onnx == payload.onnx and again.options["int8_check"] == check
+    again, again_report = _prepare(int8_artifact, cache, **INT8)
+    assert again.onnx == payload.onnx and again_report.int8_check == check
+    assert again_report.onnx_cache == "hit"
     assert path.stat().st_mtime_ns == before
 
 
@@ -83,7 +93,7 @@ def _split_columns(artifact: Path) -> tuple[list[str], list[str]]:
 
 def test_int8_without_training_images_is_a_clear_error(tiny_artifact, tmp_path):
     with pytest.raises(EngineUnavailableError, match=r"split\.parquet is missing.*onnx_precision = 'fp32'"):
-        prepare_payload(str(tiny_artifact), "onnxruntime", cache_dir=str(tmp_path), options=INT8)
+        _prepare(tiny_artifact, tmp_path, **INT8)
 
 
 def test_int8_with_training_images_missing_here_is_a_clear_error(tiny_artifact, tmp_path):
@@ -94,11 +104,11 @@ def test_int8_with_training_images_missing_here_is_a_clear_error(tiny_artifact, 
     split = pa.table({"uri": uris, "label": ["viral"] * 4, "split": ["train"] * 4})
     pq.write_table(split, art / "split.parquet")
     with pytest.raises(EngineUnavailableError, match=r"person0_virus_0\.jpeg cannot be read here.*'fp32'"):
-        prepare_payload(str(art), "onnxruntime", cache_dir=str(tmp_path / "cache"), options=INT8)
+        _prepare(art, tmp_path / "cache", **INT8)
 
 
 def test_int8_setting_is_validated():
-    with pytest.raises(Exception, match="onnx_precision"):
+    with pytest.raises(ConfigError, match=r"score\.onnx_precision: Input should be 'fp32' or 'int8'"):
         load_settings(None, {"score": {"onnx_precision": "int4"}})
 
 
@@ -130,12 +140,12 @@ def test_split_logits_are_the_untempered_scores_of_the_recorded_split(int8_artif
     from cxr_ray.models.factory import Probabilities
     from cxr_ray.models.splits import split_images, split_logits
 
-    logits, y = split_logits(str(int8_artifact), "val")
+    art = load_artifact(str(int8_artifact))
+    logits, y = split_logits(art, "val")
     split = pq.read_table(int8_artifact / "split.parquet").to_pylist()
     assert logits.shape == (8, 3) and logits.dtype == np.float64
     assert [LABELS[i] for i in y] == [r["label"] for r in split if r["split"] == "val"]
-    art = load_artifact(str(int8_artifact))
-    x = torch.from_numpy(to_model_input(split_images(str(int8_artifact), "val")[0]))
+    x = torch.from_numpy(to_model_input(split_images(art, "val")[0]))
     with torch.inference_mode():
         probs = Probabilities(art.build(), temperature=art.card.temperature)(x).double().numpy()
     tempered = softmax(logits, art.card.temperature)

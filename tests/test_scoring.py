@@ -16,13 +16,13 @@ import pytest
 from click.testing import CliRunner
 
 from cxr_ray.cli import main
-from cxr_ray.config import load_settings
+from cxr_ray.config import ScoreSettings, load_settings
 from cxr_ray.data.readers import read_unit
 from cxr_ray.data.sources import ReadOptions, list_source
-from cxr_ray.engines import build_engine, prepare_payload, select_engine
-from cxr_ray.errors import EngineUnavailableError
+from cxr_ray.engines import auto_candidates, availability, build, engine_options, prepare, select_engine
+from cxr_ray.errors import DataError, EngineUnavailableError
 from cxr_ray.imaging.preprocess import decode, to_model_input
-from cxr_ray.models.artifact import read_card
+from cxr_ray.models.artifact import load_artifact, read_card
 from cxr_ray.models.card import spec_for
 from cxr_ray.scoring.pipeline import score
 from cxr_ray.scoring.schema import PREDICTIONS_SCHEMA
@@ -33,6 +33,12 @@ from tests import imaging
 def _raw_batch(folder: Path) -> pa.Table:
     opts = ReadOptions(rows_per_block=1000)
     return pa.concat_tables([b for u in list_source(str(folder), opts) for b in read_unit(u, opts)])
+
+
+def _prepare(artifact: Path, engine: str, cache: Path, **score):
+    art = load_artifact(str(artifact))
+    options = engine_options(ScoreSettings(cache_dir=str(cache), **score))
+    return prepare(art, engine, options, spec_for(art.card))
 
 
 def _settings(tmp_path: Path, **score):
@@ -61,8 +67,8 @@ def test_predictor_on_a_plain_batch_without_ray(tiny_artifact, tmp_path):
     root, n, n_bad = _broken_folder(tmp_path / "in")
     spec = spec_for(read_card(str(tiny_artifact)))
     batch = decode_stage(_raw_batch(root), spec=spec)
-    payload = prepare_payload(str(tiny_artifact), "onnxruntime", cache_dir=str(tmp_path / "c"))
-    out = CxrPredictor(payload)(batch)
+    payload, _ = _prepare(tiny_artifact, "onnxruntime", tmp_path / "c")
+    out = CxrPredictor(payload, spec=spec)(batch)
     assert len(out["uri"]) == n
     ok = out["status"] == "ok"
     assert ok.sum() == n - n_bad
@@ -85,20 +91,28 @@ def test_onnxruntime_and_torch_agree(tmp_path, intensity, request):
     else:
         datas = [imaging.jpeg_bytes(800, 700, seed=i) for i in range(16)]
     x = to_model_input(np.stack([decode(d, spec).pixels for d in datas]))
-    engines = {
-        name: build_engine(prepare_payload(str(art), name, cache_dir=str(tmp_path / "c")))
-        for name in ("onnxruntime", "torch")
-    }
+    engines = {name: build(_prepare(art, name, tmp_path / "c")[0]) for name in ("onnxruntime", "torch")}
     probs = {name: e(x.copy()) for name, e in engines.items()}
     assert probs["onnxruntime"].shape == (len(datas), 3)
     assert np.abs(probs["onnxruntime"] - probs["torch"]).max() <= 1e-4
     assert probs["torch"].std() > 1e-3  # a real, non-constant model
 
 
-def test_engine_selection_errors():
-    assert select_engine("auto") == "onnxruntime"  # CPU machine, no TensorRT
-    with pytest.raises(EngineUnavailableError, match="tensorrt"):
-        select_engine("tensorrt")
+def test_engine_selection_follows_availability_and_explains_errors():
+    import torch
+
+    avail = availability()
+    if avail["tensorrt"] is None:
+        expected = "tensorrt"
+    elif torch.cuda.is_available():
+        expected = "torch"
+    else:
+        expected = "onnxruntime"
+    assert select_engine("auto") == expected == auto_candidates()[0]
+    assert auto_candidates(gpu=False)[-1] == "torch"  # the last resort everywhere
+    if avail["tensorrt"] is not None:
+        with pytest.raises(EngineUnavailableError, match=r"tensorrt.*Usable here: torch, onnxruntime"):
+            select_engine("tensorrt")
     with pytest.raises(EngineUnavailableError, match="unknown engine"):
         select_engine("tpu")
 
@@ -238,13 +252,14 @@ def test_cli_score_unknown_engine_exits_2(tiny_artifact, tmp_path):
 
 def test_onnxruntime_predictor_starts_without_importing_torch(tiny_artifact, tmp_path):
     # Actor start-up is on every run's critical path; importing torch costs seconds there.
-    payload = prepare_payload(str(tiny_artifact), "onnxruntime", cache_dir=str(tmp_path / "c"))
-    (tmp_path / "payload.pkl").write_bytes(pickle.dumps(payload))
+    payload, _ = _prepare(tiny_artifact, "onnxruntime", tmp_path / "c")
+    spec = spec_for(payload.card)
+    (tmp_path / "payload.pkl").write_bytes(pickle.dumps((payload, spec)))
     code = (
         "import pickle, sys\n"
-        f"payload = pickle.loads(open({str(tmp_path / 'payload.pkl')!r}, 'rb').read())\n"
+        f"payload, spec = pickle.loads(open({str(tmp_path / 'payload.pkl')!r}, 'rb').read())\n"
         "from cxr_ray.scoring.stages import CxrPredictor\n"
-        "p = CxrPredictor(payload)\n"
+        "p = CxrPredictor(payload, spec=spec)\n"
         "import numpy as np\n"
         "assert p.engine.name == 'onnxruntime'\n"
         "print('torch' in sys.modules)\n"
@@ -252,3 +267,142 @@ def test_onnxruntime_predictor_starts_without_importing_torch(tiny_artifact, tmp
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_score_reads_the_artifact_once_and_never_from_the_actors(
+    ray_local, tiny_artifact, tmp_path, monkeypatch
+):
+    """The driver reads the card and the weights once; actors get everything in the payload.
+
+    Counted on the driver (every storage read under the artifact folder), then proven for
+    the actors by scoring from a loaded Artifact whose folder no longer exists.
+    """
+    import shutil
+
+    from cxr_ray.io import storage
+
+    copy = tmp_path / "model"
+    shutil.copytree(tiny_artifact, copy)
+    root = imaging.kermany_folder(tmp_path / "in", per_class=2)
+    reads: list[str] = []
+    real = storage.read_bytes
+
+    def counting(uri: str) -> bytes:
+        if str(copy) in uri:
+            reads.append(Path(uri).name)
+        return real(uri)
+
+    monkeypatch.setattr(storage, "read_bytes", counting)
+    r = score(str(root), str(copy), str(tmp_path / "a"), _settings(tmp_path))
+    assert r.ok == 6
+    assert sorted(reads) == ["model.safetensors", "model_card.json"], reads
+    monkeypatch.undo()
+
+    art = load_artifact(str(copy))
+    shutil.rmtree(copy)  # nothing below may go back to the artifact's files
+    again = score(str(root), art, str(tmp_path / "b"), _settings(tmp_path))
+    assert (again.images, again.ok, again.model_version) == (6, 6, r.model_version)
+    first = pq.read_table(tmp_path / "a" / "predictions.parquet").sort_by("image_id")
+    second = pq.read_table(tmp_path / "b" / "predictions.parquet").sort_by("image_id")
+    assert first["prob_pneumonia"].to_pylist() == second["prob_pneumonia"].to_pylist()
+
+
+def test_the_runs_spec_reaches_the_actor_side_decode(tiny_artifact, tmp_path):
+    """``data.max_pixels`` must mean the same where the actor decodes JPEGs itself (the GPU
+    path, or its CPU fallback): the predictor gets the run's spec, not a default one."""
+    from cxr_ray.config import DataSettings
+    from cxr_ray.scoring.pipeline import plan_run
+
+    art = load_artifact(str(tiny_artifact))
+    settings = load_settings(
+        None, {"data": {"max_pixels": 300_000}, "score": {"cache_dir": str(tmp_path / "c")}}
+    )
+    plan = plan_run(art, settings)
+    assert plan.spec == spec_for(art.card, DataSettings(max_pixels=300_000))
+    root = tmp_path / "in"
+    root.mkdir()
+    (root / "small.jpeg").write_bytes(imaging.jpeg_bytes(400, 400, seed=1))  # 160k pixels
+    (root / "big.jpeg").write_bytes(imaging.jpeg_bytes(800, 600, seed=2))  # 480k pixels
+    batch = decode_stage(_raw_batch(root), spec=plan.spec, gpu_jpeg=True)
+    assert not batch["decoded"].any() and all(j is not None for j in batch["jpeg"])
+    out = CxrPredictor(plan.payload, spec=plan.spec, gpu_decode=True)(batch)
+    by_name = {
+        Path(u).name: (st, e) for u, st, e in zip(out["uri"], out["status"], out["error"], strict=True)
+    }
+    assert by_name["small.jpeg"] == ("ok", None)
+    assert by_name["big.jpeg"][0] == "error" and "300000-pixel limit" in by_name["big.jpeg"][1]
+
+
+def test_undecoded_jpegs_on_a_cpu_engine_are_decoded_not_scored_as_black(tiny_artifact, tmp_path):
+    """JPEG bytes shipped for GPU decode to an actor whose engine is not on CUDA: decoded on
+    the CPU there, and the probabilities equal the CPU-decode path's."""
+    art = load_artifact(str(tiny_artifact))
+    spec = spec_for(art.card)
+    payload, _ = _prepare(tiny_artifact, "onnxruntime", tmp_path / "c")
+    root = imaging.kermany_folder(tmp_path / "in", per_class=3)
+    (root / "broken.jpeg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    raw = _raw_batch(root)
+    predictor = CxrPredictor(payload, spec=spec, gpu_decode=True)
+    assert predictor.gpu_decode is False  # onnxruntime on the CPU cannot decode on a GPU
+    cpu = predictor(decode_stage(raw, spec=spec))
+    handed = decode_stage(raw, spec=spec, gpu_jpeg=True)
+    assert not handed["decoded"].any() and not handed["pixels"].any()  # all-black placeholders
+    gpu = predictor(handed)
+    assert list(gpu["status"]) == list(cpu["status"]) and list(gpu["status"]).count("ok") == 9
+    for k in ("prob_normal", "prob_bacterial", "prob_viral"):
+        ok = cpu["status"] == "ok"
+        assert np.abs(gpu[k][ok] - cpu[k][ok]).max() <= 1e-6
+    black = predictor.engine(to_model_input(np.zeros((1, *spec_shape(spec)), np.uint8)))[0]
+    assert not np.allclose(
+        np.stack([gpu["prob_normal"], gpu["prob_bacterial"], gpu["prob_viral"]], 1)[ok], black
+    )
+
+
+def spec_shape(spec) -> tuple[int, int]:
+    return (spec.height, spec.width)
+
+
+def test_a_row_is_never_ok_without_decoded_pixels(tiny_artifact, tmp_path):
+    """The predictor's own guard: a row marked ok whose pixels were never decoded (and that it
+    cannot decode: no bytes) comes out as an error row, never with a diagnosis."""
+    art = load_artifact(str(tiny_artifact))
+    spec = spec_for(art.card)
+    payload, _ = _prepare(tiny_artifact, "onnxruntime", tmp_path / "c")
+    root = imaging.kermany_folder(tmp_path / "in", per_class=1)
+    batch = decode_stage(_raw_batch(root), spec=spec)
+    batch["decoded"][0] = False  # as if a stage forgot to decode it
+    out = CxrPredictor(payload, spec=spec)(batch)
+    assert out["status"][0] == "error" and "not decoded" in out["error"][0]
+    assert np.isnan(out["prob_normal"][0]) and not out["flagged"][0]
+    assert list(out["status"][1:]) == ["ok", "ok"]
+
+
+def test_a_second_run_into_a_committed_folder_is_refused_unless_overwrite(ray_local, tiny_artifact, tmp_path):
+    root = imaging.kermany_folder(tmp_path / "in", per_class=1)
+    out = tmp_path / "out"
+    first = score(str(root), str(tiny_artifact), str(out), _settings(tmp_path))
+    with pytest.raises(DataError, match=r"already holds a committed scoring run.*--overwrite"):
+        score(str(root), str(tiny_artifact), str(out), _settings(tmp_path))
+    assert json.loads((out / "summary.json").read_text())["run_id"] == first.run_id
+    second = score(str(root), str(tiny_artifact), str(out), _settings(tmp_path), overwrite=True)
+    assert json.loads((out / "summary.json").read_text())["run_id"] == second.run_id != first.run_id
+
+
+def test_the_second_run_says_the_onnx_cache_was_hit(ray_local, tiny_artifact, tmp_path):
+    root = imaging.kermany_folder(tmp_path / "in", per_class=1)
+    a = score(str(root), str(tiny_artifact), str(tmp_path / "a"), _settings(tmp_path))
+    b = score(str(root), str(tiny_artifact), str(tmp_path / "b"), _settings(tmp_path))
+    assert a.engine_report["onnx_cache"] == "built" and b.engine_report["onnx_cache"] == "hit"
+    assert json.loads((tmp_path / "b" / "summary.json").read_text())["engine_report"]["onnx_cache"] == "hit"
+
+
+@pytest.mark.parametrize(
+    ("gpus_per_actor", "actors_max", "cluster_gpus", "expected"),
+    [(0, 1, 0, 0.0), (1, 1, 1, 0.0), (1, 2, 2, 0.0), (1, 1, 2, 1.0), (0.5, 1, 1, 0.5), (0.5, 3, 1.5, 0.0), (0.5, 2, 2, 0.5)],
+)
+def test_the_explain_pool_never_asks_for_gpus_the_predictors_hold(
+    gpus_per_actor, actors_max, cluster_gpus, expected
+):
+    from cxr_ray.scoring.pipeline import explainer_gpus
+
+    assert explainer_gpus(gpus_per_actor, actors_max, cluster_gpus) == expected

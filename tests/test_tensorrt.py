@@ -21,10 +21,11 @@ import numpy as np
 import pytest
 import torch
 
-from cxr_ray.engines import EnginePayload, prepare_payload, select_engine
+from cxr_ray.config import ScoreSettings
+from cxr_ray.engines import EngineOptions, EnginePayload, engine_options, prepare, select_engine
 from cxr_ray.engines import tensorrt_engine as te
 from cxr_ray.engines.tensorrt_engine import TensorRTEngine, cached_engine, make_key
-from cxr_ray.errors import EngineUnavailableError
+from cxr_ray.errors import ConfigError, EngineUnavailableError
 from cxr_ray.models.card import ModelCard, spec_for
 
 
@@ -55,12 +56,16 @@ def _card(**fields) -> ModelCard:
     return ModelCard(**{**base, **fields})
 
 
+def _options(**score) -> EngineOptions:
+    base = {"trt_precision": "fp16", "trt_min_batch": 1, "trt_opt_batch": 8, "trt_max_batch": 32}
+    return engine_options(ScoreSettings(**{**base, **score}))
+
+
 def _key(**overrides) -> te.EngineKey:
     env = {"tensorrt": "10.9.0", "gpu_name": "NVIDIA A10G", "compute_capability": "8.6"}
-    options = {"trt_precision": "fp16", "trt_min_batch": 1, "trt_opt_batch": 8, "trt_max_batch": 32}
     card = overrides.pop("card", _card())
     onnx = overrides.pop("onnx", b"onnx-bytes")
-    options.update(overrides.pop("options", {}))
+    options = _options(**overrides.pop("options", {}))
     env.update(overrides)
     return make_key(card, onnx, options, **env)
 
@@ -84,7 +89,7 @@ def test_without_tensorrt_the_error_names_the_package(monkeypatch):
     # A None entry makes `import tensorrt` fail and find_spec report it missing, whether or
     # not tensorrt is really installed here.
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    payload = EnginePayload("tensorrt", _card().to_json(), onnx=b"not used")
+    payload = EnginePayload("tensorrt", _card(), _options(), onnx=b"not used")
     with pytest.raises(EngineUnavailableError, match="'tensorrt' package") as info:
         TensorRTEngine.from_payload(payload)
     assert "pip install 'cxr-ray[tensorrt]'" in str(info.value)
@@ -97,7 +102,7 @@ def test_without_a_gpu_the_error_names_the_gpu(monkeypatch):
     fake.__spec__ = importlib.machinery.ModuleSpec("tensorrt", None)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    payload = EnginePayload("tensorrt", _card().to_json(), onnx=b"not used")
+    payload = EnginePayload("tensorrt", _card(), _options(), onnx=b"not used")
     with pytest.raises(EngineUnavailableError, match="CUDA GPU"):
         TensorRTEngine.from_payload(payload)
     with pytest.raises(EngineUnavailableError, match="no CUDA GPU"):
@@ -132,21 +137,18 @@ def test_key_covers_model_runtime_precision_and_profile():
     assert base.digest not in digests and len(digests) == len(variants)
     # Calibration data only matters for int8 engines.
     calib = np.zeros((4, 64, 64), np.uint8)
-    assert _key(options={"calibration": calib}).digest == base.digest
+    assert _key(calibration=calib).digest == base.digest
     int8 = _key(options={"trt_precision": "int8"})
-    assert _key(options={"trt_precision": "int8", "calibration": calib}).digest != int8.digest
+    assert _key(options={"trt_precision": "int8"}, calibration=calib).digest != int8.digest
 
 
-@pytest.mark.parametrize(
-    ("options", "match"),
-    [
-        ({"trt_precision": "int4"}, "unknown TensorRT precision"),
-        ({"trt_min_batch": 8, "trt_opt_batch": 4}, "trt_min_batch <= trt_opt_batch"),
-    ],
-)
-def test_invalid_options_are_refused(options, match):
-    with pytest.raises(EngineUnavailableError, match=match):
-        _key(options=options)
+def test_invalid_options_are_refused():
+    import dataclasses
+
+    with pytest.raises(EngineUnavailableError, match="unknown TensorRT precision 'int4'"):
+        _key(precision="int4")
+    with pytest.raises(ConfigError, match="trt_min_batch <= trt_opt_batch"):
+        dataclasses.replace(_options(), trt_min_batch=8, trt_opt_batch=4)
 
 
 def test_second_build_is_a_cache_hit(tmp_path):
@@ -202,7 +204,7 @@ def test_damaged_cache_entries_are_rebuilt(tmp_path, damage):
 def test_engine_that_failed_to_deserialize_is_rebuilt_once(tmp_path):
     key, build = _key(), _Builder()
     plan = cached_engine(tmp_path, key, "v", build)
-    bad = te._sha256(plan.read_bytes())
+    bad = te.sha256(plan.read_bytes())
     cached_engine(tmp_path, key, "v", build, reject_sha256=bad)
     assert build.calls == 2
     # Another actor that failed on the same old engine finds it already replaced.
@@ -280,12 +282,6 @@ def _calibrated_tiny_net():
 
 
 @pytest.fixture(scope="module")
-def onnx_cache(tmp_path_factory) -> Path:
-    """Shared by the GPU tests: the ONNX export is done once, engines are built per test."""
-    return tmp_path_factory.mktemp("onnx-cache")
-
-
-@pytest.fixture(scope="module")
 def tiny_artifact(tmp_path_factory) -> Path:
     from cxr_ray.models.artifact import card_for, save_artifact
 
@@ -299,17 +295,20 @@ def tiny_artifact(tmp_path_factory) -> Path:
 GPU_OPTIONS = {"trt_precision": "fp16", "trt_min_batch": 1, "trt_opt_batch": 16, "trt_max_batch": 32}
 
 
+def _artifact_options(artifact: Path, cache: Path, **options):
+    from cxr_ray.models.artifact import load_artifact
+
+    art = load_artifact(str(artifact))
+    return art, engine_options(ScoreSettings(**{**GPU_OPTIONS, "cache_dir": str(cache), **options}))
+
+
 @pytest.mark.trt
 @needs_trt
 class TestTensorRTOnGpu:
-    @pytest.fixture(autouse=True)
-    def _shared_onnx(self, onnx_cache):
-        self.onnx_cache = onnx_cache
-
     def _payload(self, artifact: Path, cache: Path, **options) -> EnginePayload:
-        # The TensorRT cache is options["cache_dir"] (per test); the ONNX cache is shared.
-        opts = {**GPU_OPTIONS, "cache_dir": str(cache), **options}
-        return prepare_payload(str(artifact), "tensorrt", cache_dir=str(self.onnx_cache), options=opts)
+        # The TensorRT cache (under cache_dir) is per test.
+        art, opts = _artifact_options(artifact, cache, **options)
+        return prepare(art, "tensorrt", opts, spec_for(art.card))[0]
 
     def test_builds_and_scores(self, tiny_artifact, tmp_path):
         engine = TensorRTEngine.from_payload(self._payload(tiny_artifact, tmp_path))
@@ -361,7 +360,7 @@ class TestTensorRTOnGpu:
         garbage = b"\0" * 1024
         plan.write_bytes(garbage)
         meta = json.loads(sidecar.read_text())
-        meta["plan_sha256"] = te._sha256(garbage)  # checksum matches: only TRT can tell
+        meta["plan_sha256"] = te.sha256(garbage)  # checksum matches: only TRT can tell
         sidecar.write_text(json.dumps(meta))
         before = te.builds_in_process()
         engine = TensorRTEngine.from_payload(payload)
@@ -388,7 +387,7 @@ class TestTensorRTOnGpu:
 
     def test_build_engine_file_is_the_cached_engine(self, tiny_artifact, tmp_path):
         payload = self._payload(tiny_artifact, tmp_path)
-        path = te.build_engine_file(payload.onnx, payload.card, payload.options)
+        path = te.build_engine_file(payload)
         assert path.is_file() and path.suffix == ".plan"
         assert path.parent == tmp_path / "tensorrt"
         before = te.builds_in_process()

@@ -1,33 +1,55 @@
 """The engine Protocol, the registry and the selection rules.
 
 Every engine maps the preprocessing contract's ``float32 [N, 1, H, W]`` (0..1) to
-calibrated class probabilities ``float32 [N, 3]`` in ``LABELS`` order. Engines are built in
-two steps so that heavy work happens once per run and once per node:
+calibrated class probabilities ``float32 [N, 3]`` in ``LABELS`` order. Each engine module
+(``ENGINES`` maps names to modules) owns two steps, so heavy work happens once per run and
+once per node:
 
-1. ``prepare_payload`` on the driver: reads the artifact and produces what every actor
-   needs (weights bytes, or a single-file ONNX model exported once and cached). The payload
-   travels to actors through the Ray object store, so it works on any node of a cluster.
-2. ``build_engine`` inside each actor: loads the payload onto the actor's device.
+1. ``prepare(art, options, spec) -> (EnginePayload, PrepareReport)`` on the driver, from the
+   artifact loaded once: what every actor needs (weights bytes, or a single-file ONNX model
+   exported once and cached), and a report of what was done (cache hit, INT8 check).
+   The payload travels to actors through the Ray object store, so it works on any node.
+2. ``build(payload) -> Engine`` inside each actor: loads the payload onto the actor's device.
 
-``engine="auto"`` picks tensorrt > torch (CUDA) > onnxruntime > torch (CPU), by what is
-available where the actor runs.
+``engine="auto"`` is resolved on the driver for CPU actors. For GPU actors it is resolved
+where each actor runs (the driver may have no GPU): the payload then carries every form, and
+``build`` tries tensorrt > torch (CUDA) > onnxruntime > torch (CPU), falling back with one
+warning that names why a faster engine could not be built.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
-from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass, field, replace
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from cxr_ray.engines.options import EngineOptions
 from cxr_ray.errors import EngineUnavailableError
+from cxr_ray.imaging.preprocess import PreprocessSpec
 from cxr_ray.models.card import ModelCard
+from cxr_ray.vocabulary import ENGINES as ENGINE_NAMES
+
+if TYPE_CHECKING:
+    from cxr_ray.models.artifact import Artifact
 
 logger = logging.getLogger(__name__)
 
+#: Engine name -> module owning ``prepare`` and ``build``. Only the chosen engine's module is
+#: imported: an actor that runs onnxruntime never pays for importing torch (about 3 s of
+#: actor start-up here) and TensorRT is imported only where it is used.
+ENGINES: dict[str, str] = {
+    "tensorrt": "cxr_ray.engines.tensorrt_engine",
+    "torch": "cxr_ray.engines.torch_engine",
+    "onnxruntime": "cxr_ray.engines.onnx_engine",
+}
+#: What ``auto`` tries, fastest first, where the actor runs.
 ENGINE_ORDER = ("tensorrt", "torch", "onnxruntime")
+assert set(ENGINE_NAMES) == {"auto", *ENGINES}, "vocabulary.ENGINES and the registry disagree"
 
 
 @runtime_checkable
@@ -45,14 +67,28 @@ class EnginePayload:
     """Everything an actor needs to build an engine, small enough for the object store."""
 
     engine: str
-    card_json: str
+    card: ModelCard
+    options: EngineOptions
     weights: bytes = b""  # safetensors of the CxrNet (torch engine)
     onnx: bytes = b""  # single-file ONNX of Probabilities(CxrNet) (onnxruntime, tensorrt)
-    options: dict = field(default_factory=dict)
+    #: uint8 [N, H, W] preprocessed training images (TensorRT INT8 calibration only).
+    calibration: np.ndarray | None = None
+    #: ``auto`` payloads only: the engines to try where the actor runs, in order.
+    candidates: tuple[str, ...] = ()
 
-    @property
-    def card(self) -> ModelCard:
-        return ModelCard.from_json(self.card_json)
+
+@dataclass(frozen=True)
+class PrepareReport:
+    """What ``prepare`` did, for the run summary."""
+
+    engine: str
+    precision: str | None = None
+    #: ``hit`` when the exported/quantized ONNX model came from the cache, ``built`` when it
+    #: was made in this run, ``None`` when the engine needs none (torch).
+    onnx_cache: str | None = None
+    #: INT8 onnxruntime only: the quantized model against fp32 on the validation images.
+    int8_check: dict[str, Any] | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
 
 
 def _cuda_available() -> bool:
@@ -82,23 +118,31 @@ def availability() -> dict[str, str | None]:
     return out
 
 
+def auto_candidates(*, gpu: bool | None = None) -> tuple[str, ...]:
+    """What ``auto`` tries here, in order: tensorrt, torch on a GPU, onnxruntime, torch on CPU."""
+    avail = availability()
+    gpu = _cuda_available() if gpu is None else gpu
+    order: list[str] = []
+    if avail["tensorrt"] is None:
+        order.append("tensorrt")
+    if gpu:
+        order.append("torch")
+    if avail["onnxruntime"] is None:
+        order.append("onnxruntime")
+    if "torch" not in order:
+        order.append("torch")
+    return tuple(order)
+
+
 def select_engine(requested: str, *, gpu: bool | None = None) -> str:
     """Resolve ``auto`` and check a named engine can run here.
 
-    ``auto``: tensorrt when it can run, torch when a GPU is visible, onnxruntime on CPU,
-    torch on CPU as the last resort. A named engine that cannot run raises
+    ``auto``: the first of ``auto_candidates``. A named engine that cannot run raises
     ``EngineUnavailableError`` naming the missing piece and the engines that can run.
     """
-    avail = availability()
-    gpu = _cuda_available() if gpu is None else gpu
     if requested == "auto":
-        if avail["tensorrt"] is None:
-            return "tensorrt"
-        if gpu:
-            return "torch"
-        if avail["onnxruntime"] is None:
-            return "onnxruntime"
-        return "torch"
+        return auto_candidates(gpu=gpu)[0]
+    avail = availability()
     if requested not in avail:
         raise EngineUnavailableError(
             f"unknown engine {requested!r}; available: auto, {', '.join(sorted(avail))}"
@@ -114,47 +158,57 @@ def select_engine(requested: str, *, gpu: bool | None = None) -> str:
     return requested
 
 
-def prepare_payload(
-    artifact: str, engine: str, *, cache_dir: str, options: dict | None = None
-) -> EnginePayload:
-    """Driver side: read the artifact once and build what actors need for ``engine``."""
-    from cxr_ray.engines.onnx_export import cached_onnx
-    from cxr_ray.models.artifact import load_artifact, weights_bytes
-
-    art = load_artifact(artifact)
-    # "auto" (resolved on GPU workers) carries both forms; each engine needs only one.
-    weights = weights_bytes(art.build()) if engine in ("torch", "auto") else b""
-    opts = {"cache_dir": cache_dir, **(options or {})}
-    if engine == "onnxruntime" and opts.get("onnx_precision") == "int8":
-        from cxr_ray.engines.onnx_quantize import cached_int8_onnx
-
-        onnx, opts["int8_check"] = cached_int8_onnx(
-            art,
-            artifact,
-            cache_dir,
-            calibration_images=int(opts.get("onnx_calibration_images", 256)),
-            threads=opts.get("threads"),
-        )
-    else:
-        onnx = cached_onnx(art, cache_dir) if engine in ("onnxruntime", "tensorrt", "auto") else b""
-    return EnginePayload(engine, art.card.to_json(), weights=weights, onnx=onnx, options=opts)
+def engine_module(name: str) -> ModuleType:
+    """The module owning engine ``name`` (imported on first use)."""
+    if name not in ENGINES:
+        raise EngineUnavailableError(f"unknown engine {name!r}; known: {', '.join(sorted(ENGINES))}")
+    return importlib.import_module(ENGINES[name])
 
 
-#: engine name -> (module, class). Only the chosen engine's module is imported: an actor that
-#: runs onnxruntime never pays for importing torch (about 3 s of actor start-up here).
-_BUILDERS = {
-    "onnxruntime": ("cxr_ray.engines.onnx_engine", "OnnxEngine"),
-    "torch": ("cxr_ray.engines.torch_engine", "TorchEngine"),
-    "tensorrt": ("cxr_ray.engines.tensorrt_engine", "TensorRTEngine"),
-}
+def prepare(
+    art: Artifact, engine: str, options: EngineOptions, spec: PreprocessSpec
+) -> tuple[EnginePayload, PrepareReport]:
+    """Driver side: what actors need to build ``engine`` for ``art``, and what it took.
+
+    ``engine`` is a concrete engine or ``auto`` (GPU actors: resolved in each actor). An
+    ``auto`` payload carries the torch weights and the fp32 ONNX model (what tensorrt,
+    torch and onnxruntime need), not INT8 forms: those are opt-in with a named engine.
+    """
+    if engine != "auto":
+        payload, report = engine_module(engine).prepare(art, options, spec)
+        return payload, report
+    torch_payload, _ = engine_module("torch").prepare(art, options, spec)
+    fp32 = replace(options, onnx_precision="fp32", trt_precision=_auto_trt_precision(options))
+    onnx_payload, onnx_report = engine_module("onnxruntime").prepare(art, fp32, spec)
+    payload = EnginePayload("auto", art.card, fp32, weights=torch_payload.weights, onnx=onnx_payload.onnx)
+    return payload, PrepareReport("auto", onnx_cache=onnx_report.onnx_cache)
 
 
-def build_engine(payload: EnginePayload) -> Engine:
-    """Actor side: the engine for ``payload`` on this process's device."""
-    import importlib
+def _auto_trt_precision(options: EngineOptions) -> str:
+    # INT8 TensorRT needs calibration images shipped to every actor: opt-in with a named engine.
+    return "fp16" if options.trt_precision == "int8" else options.trt_precision
 
-    if payload.engine not in _BUILDERS:
-        raise EngineUnavailableError(f"unknown engine {payload.engine!r}; known: {sorted(_BUILDERS)}")
-    module, cls = _BUILDERS[payload.engine]
-    engine: Engine = getattr(importlib.import_module(module), cls).from_payload(payload)
-    return engine
+
+def build(payload: EnginePayload) -> Engine:
+    """Actor side: the engine for ``payload`` on this process's device.
+
+    ``auto`` tries each candidate where the actor runs; an engine that cannot be built
+    (not installed, no CUDA, or a parse/build/deserialize failure) is skipped with one
+    warning line naming why. A named engine that cannot be built raises.
+    """
+    if payload.engine != "auto":
+        engine: Engine = engine_module(payload.engine).build(payload)
+        return engine
+    candidates = payload.candidates or auto_candidates()
+    failures: list[str] = []
+    for name in candidates:
+        try:
+            engine = engine_module(name).build(replace(payload, engine=name))
+        except Exception as exc:  # any build failure: fall back, say why once
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            failures.append(f"{name}: {reason}")
+            continue
+        if failures:
+            logger.warning("engine auto: using %s; %s could not be built", name, "; ".join(failures))
+        return engine
+    raise EngineUnavailableError("engine auto: no engine could be built here: " + "; ".join(failures))

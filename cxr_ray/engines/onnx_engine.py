@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
-from cxr_ray.engines.base import EnginePayload
+from cxr_ray.engines.base import EnginePayload, PrepareReport
+from cxr_ray.engines.onnx_export import cached_onnx
+from cxr_ray.engines.options import EngineOptions
 from cxr_ray.errors import EngineUnavailableError
+from cxr_ray.imaging.preprocess import PreprocessSpec
+
+if TYPE_CHECKING:
+    from cxr_ray.models.artifact import Artifact
 
 
 class OnnxEngine:
@@ -28,10 +36,28 @@ class OnnxEngine:
         self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
         self.input_name = self.session.get_inputs()[0].name
 
-    @classmethod
-    def from_payload(cls, payload: EnginePayload) -> OnnxEngine:
-        return cls(payload.onnx, threads=payload.options.get("threads"))
-
     def __call__(self, x: np.ndarray) -> np.ndarray:
         x = np.ascontiguousarray(x, dtype=np.float32)
         return self.session.run(None, {self.input_name: x})[0]
+
+
+def prepare(
+    art: Artifact, options: EngineOptions, spec: PreprocessSpec
+) -> tuple[EnginePayload, PrepareReport]:
+    """The fp32 ONNX model (exported once, cached), or with ``onnx_precision=int8`` the
+    quantized one and its check against fp32 on the artifact's validation images."""
+    if options.onnx_precision == "int8":
+        from cxr_ray.engines.onnx_quantize import cached_int8_onnx
+
+        onnx, hit, check = cached_int8_onnx(art, options, spec, runner=OnnxEngine)
+        report = PrepareReport("onnxruntime", "int8", "hit" if hit else "built", int8_check=check)
+    else:
+        onnx, hit = cached_onnx(art, options.cache_dir)
+        report = PrepareReport("onnxruntime", "fp32", "hit" if hit else "built")
+    return EnginePayload("onnxruntime", art.card, options, onnx=onnx), report
+
+
+def build(payload: EnginePayload) -> OnnxEngine:
+    if not payload.onnx:
+        raise EngineUnavailableError("the onnxruntime engine needs the payload's ONNX model")
+    return OnnxEngine(payload.onnx, threads=payload.options.threads)

@@ -11,10 +11,12 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from filelock import FileLock
 
-from cxr_ray.models.artifact import Artifact
+if TYPE_CHECKING:  # torch stays out of an onnxruntime actor's imports
+    from cxr_ray.models.artifact import Artifact
 
 logger = logging.getLogger(__name__)
 
@@ -65,12 +67,15 @@ def onnx_cache_path(art: Artifact, cache_dir: str) -> Path:
     return Path(cache_dir) / "onnx" / f"{art.card.version}-{h}x{w}-opset{OPSET}.onnx"
 
 
-def cached_onnx(art: Artifact, cache_dir: str) -> bytes:
-    """ONNX bytes for ``art``, exported once per model version (guarded by a file lock)."""
+def cached_onnx(art: Artifact, cache_dir: str) -> tuple[bytes, bool]:
+    """ONNX bytes for ``art`` and whether they came from the cache (exported once per model
+    version and input size, guarded by a file lock so concurrent runs on a node export once)."""
     path = onnx_cache_path(art, cache_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
+    hit = True
     with FileLock(str(path) + ".lock"):
         if not path.is_file():
             logger.info("exporting %s to ONNX at %s", art.card.version, path)
             export_onnx(art, path)
-    return path.read_bytes()
+            hit = False
+    return path.read_bytes(), hit

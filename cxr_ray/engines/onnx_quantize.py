@@ -19,14 +19,24 @@ import json
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from filelock import FileLock
 
 from cxr_ray.engines.onnx_export import INPUT_NAME, OPSET, cached_onnx
-from cxr_ray.models.artifact import Artifact
+from cxr_ray.engines.options import EngineOptions
+from cxr_ray.imaging.preprocess import PreprocessSpec, to_model_input
+from cxr_ray.labels import LABELS
+from cxr_ray.models.splits import calibration_images, split_images
+
+if TYPE_CHECKING:
+    from cxr_ray.models.artifact import Artifact
+
+#: Builds an engine from ONNX bytes: ``runner(model, threads=...)(x) -> probs``.
+Runner = Callable[..., Callable[[np.ndarray], np.ndarray]]
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +107,8 @@ def head_nodes(model: Path) -> list[str]:
     return [n.name for n in nodes[last:]]
 
 
-def _run(model: bytes, x: np.ndarray, threads: int | None) -> np.ndarray:
-    from cxr_ray.engines.onnx_engine import OnnxEngine
-
-    engine = OnnxEngine(model, threads=threads)
+def _run(runner: Runner, model: bytes, x: np.ndarray, threads: int | None) -> np.ndarray:
+    engine = runner(model, threads=threads)
     return np.concatenate([engine(x[i : i + 64]) for i in range(0, len(x), 64)])
 
 
@@ -110,12 +118,14 @@ def compare(
     x: np.ndarray,
     y: np.ndarray | None,
     threshold: float,
+    *,
+    runner: Runner,
     threads: int | None = None,
 ) -> dict[str, Any]:
     """How the int8 model's outputs differ from the fp32 model's on model input ``x``."""
     from cxr_ray import metrics
 
-    p32, p8 = _run(fp32, x, threads), _run(int8, x, threads)
+    p32, p8 = _run(runner, fp32, x, threads), _run(runner, int8, x, threads)
     diff = np.abs(p32 - p8)
     out: dict[str, Any] = {
         "images": len(x),
@@ -136,47 +146,52 @@ def compare(
     return out
 
 
-def _validation_input(artifact: str, n: int) -> tuple[np.ndarray, np.ndarray | None]:
+def _validation_input(art: Artifact, n: int, spec: PreprocessSpec) -> tuple[np.ndarray, np.ndarray | None]:
     """Model input of up to ``n`` validation images (training images when there are none)."""
-    from cxr_ray.imaging.preprocess import to_model_input
-    from cxr_ray.labels import LABELS
-    from cxr_ray.models.splits import split_images
-
-    pixels, labels = split_images(artifact, "val", n, setting="onnx_precision")
+    pixels, labels = split_images(art, "val", n, spec=spec, setting="onnx_precision")
     if not len(pixels):
-        pixels, labels = split_images(artifact, "train", n, setting="onnx_precision")
+        pixels, labels = split_images(art, "train", n, spec=spec, setting="onnx_precision")
     known = labels and all(v in LABELS for v in labels)
     return to_model_input(pixels), (np.array([LABELS.index(v) for v in labels]) if known else None)
 
 
 def cached_int8_onnx(
     art: Artifact,
-    artifact: str,
-    cache_dir: str,
+    options: EngineOptions,
+    spec: PreprocessSpec,
     *,
-    calibration_images: int = 256,
+    runner: Runner,
     seed: int = 0,
-    threads: int | None = None,
-) -> tuple[bytes, dict[str, Any]]:
-    """INT8 ONNX bytes for ``art`` and its fp32-vs-int8 validation check, built once and cached.
+) -> tuple[bytes, bool, dict[str, Any]]:
+    """INT8 ONNX bytes for ``art``, whether they came from the cache, and the fp32-vs-int8
+    validation check; built once per node and cached.
 
-    A missing ``split.parquet`` (the artifact's training/validation images) is an
-    ``EngineUnavailableError``: there is nothing to calibrate on.
+    ``runner(model_bytes, threads=...)`` builds an engine to run a model with (the
+    onnxruntime engine). A missing ``split.parquet`` (the artifact's training/validation
+    images) is an ``EngineUnavailableError``: there is nothing to calibrate on.
     """
-    from cxr_ray.imaging.preprocess import to_model_input
-    from cxr_ray.models.splits import calibration_images as training_images
-
-    path = int8_cache_path(art, cache_dir, calibration_images, seed)
+    n_cal = options.onnx_calibration_images
+    path = int8_cache_path(art, options.cache_dir, n_cal, seed)
     report = path.with_suffix(".check.json")
-    fp32 = cached_onnx(art, cache_dir)
+    fp32, _ = cached_onnx(art, options.cache_dir)
+    hit = True
     with FileLock(str(path) + ".lock"):
         if not (path.is_file() and report.is_file()):
-            logger.info("quantizing %s to INT8 (%d calibration images)", art.card.version, calibration_images)
-            pixels = training_images(artifact, calibration_images, seed=seed, setting="onnx_precision")
+            hit = False
+            logger.info("quantizing %s to INT8 (%d calibration images)", art.card.version, n_cal)
+            pixels = calibration_images(art, n_cal, seed=seed, spec=spec, setting="onnx_precision")
             cal = to_model_input(pixels)
             quantize_int8(fp32, cal, path)
-            x, y = _validation_input(artifact, CHECK_IMAGES)
-            check = compare(fp32, path.read_bytes(), x, y, art.card.pneumonia_threshold, threads)
+            x, y = _validation_input(art, CHECK_IMAGES, spec)
+            check = compare(
+                fp32,
+                path.read_bytes(),
+                x,
+                y,
+                art.card.pneumonia_threshold,
+                runner=runner,
+                threads=options.threads,
+            )
             check["calibration_images"] = len(cal)
             tmp = report.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_text(json.dumps(check, indent=2) + "\n")
@@ -188,4 +203,4 @@ def cached_int8_onnx(
         check["argmax_agreement"],
         check["images"],
     )
-    return path.read_bytes(), check
+    return path.read_bytes(), hit, check

@@ -30,29 +30,32 @@ from __future__ import annotations
 import logging
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from cxr_ray.engines.base import EnginePayload
-from cxr_ray.engines.onnx_export import INPUT_NAME
+from cxr_ray.engines.base import EnginePayload, PrepareReport
+from cxr_ray.engines.onnx_export import INPUT_NAME, cached_onnx
+from cxr_ray.engines.options import EngineOptions
 from cxr_ray.engines.trt_cache import (  # noqa: F401  (re-exported for callers and tests)
     CALIBRATION_BATCH,
-    DEFAULTS,
     KEY_SCHEMA,
     PRECISIONS,
     WORKSPACE_BYTES,
     EngineKey,
-    _options,
-    _sha256,
-    _write_atomic,
     builds_in_process,
     cache_problem,
     cached_engine,
     make_key,
+    sha256,
+    write_atomic,
 )
 from cxr_ray.errors import EngineUnavailableError
+from cxr_ray.imaging.preprocess import PreprocessSpec
 from cxr_ray.models.card import ModelCard
+
+if TYPE_CHECKING:
+    from cxr_ray.models.artifact import Artifact
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +206,7 @@ def _make_calibrator(trt: Any, images: np.ndarray, cache_file: Path) -> Any:
             return cache_file.read_bytes() if cache_file.is_file() else None
 
         def write_calibration_cache(self, cache: Any) -> None:
-            _write_atomic(cache_file, bytes(cache))
+            write_atomic(cache_file, bytes(cache))
 
     return _Calibrator()
 
@@ -212,7 +215,8 @@ def _build_plan(
     trt: Any,
     onnx_bytes: bytes,
     card: ModelCard,
-    opts: dict[str, Any],
+    options: EngineOptions,
+    calibration: np.ndarray | None,
     precision: str,
     calib_cache: Path,
 ) -> bytes:
@@ -227,7 +231,7 @@ def _build_plan(
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise EngineUnavailableError(f"TensorRT could not parse the ONNX model: {errors}")
     h, w = card.input_size
-    lo, opt, hi = opts["profile"]
+    lo, opt, hi = options.profile
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     profile = builder.create_optimization_profile()
@@ -237,11 +241,10 @@ def _build_plan(
         # INT8 also enables FP16 so layers without INT8 kernels do not fall back to FP32.
         config.set_flag(trt.BuilderFlag.FP16)
     if precision == "int8":
-        calibration = opts.get("calibration")
         if calibration is None:
             raise EngineUnavailableError(
-                "trt_precision=int8 needs calibration images: pass a uint8 [N, H, W] array of "
-                "preprocessed training images as options['calibration']"
+                "trt_precision=int8 needs calibration images: the payload carries none "
+                "(prepare() reads them from the artifact's split.parquet)"
             )
         calibrator = _make_calibrator(trt, calibration, calib_cache)
         # Calibration runs at one fixed shape: a profile of exactly the calibration batch.
@@ -259,47 +262,60 @@ def _build_plan(
     return bytes(plan)
 
 
-def _prepare(onnx_bytes: bytes, card: ModelCard, options: dict[str, Any]) -> tuple[Any, ...]:
+def _engine_path(payload: EnginePayload, reject_sha256: str | None = None) -> Path:
     trt = _import_tensorrt()
     _require_cuda()
-    opts = _options(options)
-    precision = effective_precision(trt, opts["trt_precision"])
+    card, options = payload.card, payload.options
+    precision = effective_precision(trt, options.trt_precision)
     gpu_name, capability = _gpu_identity()
     key = make_key(
         card,
-        onnx_bytes,
-        opts,
+        payload.onnx,
+        options,
         tensorrt=trt.__version__,
         gpu_name=gpu_name,
         compute_capability=capability,
         precision=precision,
+        calibration=payload.calibration,
     )
-    directory = Path(opts["cache_dir"]) / "tensorrt"
-    return trt, opts, precision, key, directory
-
-
-def _engine_path(
-    onnx_bytes: bytes, card: ModelCard, options: dict[str, Any], reject_sha256: str | None = None
-) -> Path:
-    trt, opts, precision, key, directory = _prepare(onnx_bytes, card, options)
+    directory = Path(options.cache_dir) / "tensorrt"
     calib_cache = directory / f"{key.stem(card.version)}.calib"
     return cached_engine(
         directory,
         key,
         card.version,
-        lambda: _build_plan(trt, onnx_bytes, card, opts, precision, calib_cache),
+        lambda: _build_plan(trt, payload.onnx, card, options, payload.calibration, precision, calib_cache),
         reject_sha256=reject_sha256,
     )
 
 
-def build_engine_file(onnx_bytes: bytes, card: ModelCard, options: dict[str, Any]) -> Path:
+def build_engine_file(payload: EnginePayload) -> Path:
     """Build (or find in the cache) the serialized engine for this model on this GPU.
 
-    ``options`` uses the ``ScoreSettings`` names: ``trt_precision``, ``trt_min_batch``,
-    ``trt_opt_batch``, ``trt_max_batch``, ``cache_dir``, and ``calibration`` (uint8
-    ``[N, H, W]`` preprocessed images) for int8. Used by ``cxr-ray export --format tensorrt``.
+    Used by ``cxr-ray export --format tensorrt`` and by every actor (through ``build``).
     """
-    return _engine_path(onnx_bytes, card, options)
+    if not payload.onnx:
+        raise EngineUnavailableError("the tensorrt engine needs the payload's ONNX model")
+    return _engine_path(payload)
+
+
+def prepare(
+    art: Artifact, options: EngineOptions, spec: PreprocessSpec
+) -> tuple[EnginePayload, PrepareReport]:
+    """The fp32 ONNX model (TensorRT parses it on each node) and, for INT8, calibration images
+    from the artifact's training split, preprocessed as scoring does."""
+    onnx, hit = cached_onnx(art, options.cache_dir)
+    calibration = None
+    if options.trt_precision == "int8":
+        from cxr_ray.models.splits import calibration_images
+
+        calibration = calibration_images(art, options.trt_calibration_images, spec=spec)
+    payload = EnginePayload("tensorrt", art.card, options, onnx=onnx, calibration=calibration)
+    return payload, PrepareReport("tensorrt", options.trt_precision, "hit" if hit else "built")
+
+
+def build(payload: EnginePayload) -> TensorRTEngine:
+    return TensorRTEngine.from_payload(payload)
 
 
 _TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "BF16": "bfloat16"}
@@ -340,23 +356,18 @@ class TensorRTEngine:
     def from_payload(cls, payload: EnginePayload) -> TensorRTEngine:
         trt = _import_tensorrt()
         _require_cuda()
-        card, options = payload.card, dict(payload.options)
-        if not payload.onnx:
-            raise EngineUnavailableError(
-                "the tensorrt engine needs the payload's ONNX model (prepare_payload(..., engine='tensorrt'))"
-            )
         runtime = trt.Runtime(_logger(trt))
-        path = _engine_path(payload.onnx, card, options)
+        path = build_engine_file(payload)
         engine = _deserialize(runtime, path)
         if engine is None:
             logger.warning("TensorRT could not deserialize %s: rebuilding it", path)
-            path = _engine_path(payload.onnx, card, options, _sha256(path.read_bytes()))
+            path = _engine_path(payload, sha256(path.read_bytes()))
             engine = _deserialize(runtime, path)
             if engine is None:
                 raise EngineUnavailableError(
                     f"TensorRT could not deserialize the engine it just built ({path})"
                 )
-        return cls(engine, trt, profile=_options(options)["profile"], runtime=runtime)
+        return cls(engine, trt, profile=payload.options.profile, runtime=runtime)
 
     def run_tensor(self, x: Any) -> Any:
         """Score a CUDA tensor ``[N, 1, H, W]``; returns ``float32 [N, 3]`` on the same GPU.

@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import numpy as np
 
-from cxr_ray.engines.base import EnginePayload
+from cxr_ray.engines.base import EnginePayload, PrepareReport
+from cxr_ray.engines.options import EngineOptions
+from cxr_ray.errors import EngineUnavailableError
+from cxr_ray.imaging.preprocess import PreprocessSpec
+
+if TYPE_CHECKING:
+    from cxr_ray.models.artifact import Artifact
 
 
 class TorchEngine:
@@ -35,12 +43,8 @@ class TorchEngine:
         self.model = model.half() if self.half else model
         self._torch = torch
 
-    @classmethod
-    def from_payload(cls, payload: EnginePayload) -> TorchEngine:
-        return cls(payload, threads=payload.options.get("threads"))
-
-    def run_tensor(self, x):
-        """Score a torch tensor already on the engine's device (GPU decode path)."""
+    def run_tensor(self, x: Any) -> Any:
+        """Score a torch tensor (already on the engine's device on the GPU-decode path)."""
         torch = self._torch
         with torch.inference_mode():
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
@@ -51,3 +55,19 @@ class TorchEngine:
     def __call__(self, x: np.ndarray) -> np.ndarray:
         t = self._torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
         return self.run_tensor(t).cpu().numpy()
+
+
+def prepare(
+    art: Artifact, options: EngineOptions, spec: PreprocessSpec
+) -> tuple[EnginePayload, PrepareReport]:
+    """The artifact's weights as safetensors bytes (the network is rebuilt in each actor)."""
+    from cxr_ray.models.artifact import weights_bytes
+
+    payload = EnginePayload("torch", art.card, options, weights=weights_bytes(art.build()))
+    return payload, PrepareReport("torch", None)
+
+
+def build(payload: EnginePayload) -> TorchEngine:
+    if not payload.weights:
+        raise EngineUnavailableError("the torch engine needs the payload's weights")
+    return TorchEngine(payload, threads=payload.options.threads)

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from filelock import FileLock
 
+from cxr_ray.engines.options import EngineOptions
 from cxr_ray.errors import EngineUnavailableError
 from cxr_ray.models.card import ModelCard
 
@@ -28,13 +29,6 @@ logger = logging.getLogger(__name__)
 PRECISIONS = ("fp16", "fp32", "int8")
 #: Bumped when the key's meaning changes, so old caches are rebuilt rather than trusted.
 KEY_SCHEMA = 1
-DEFAULTS: dict[str, Any] = {
-    "trt_precision": "fp16",
-    "trt_min_batch": 1,
-    "trt_opt_batch": 64,
-    "trt_max_batch": 256,
-    "cache_dir": ".cache/cxr-ray",
-}
 #: Builder scratch memory; MobileNet/EfficientNet-class models need far less.
 WORKSPACE_BYTES = 2 << 30
 #: Calibration batch (images per ``get_batch``): the calibration profile is fixed at it.
@@ -87,58 +81,46 @@ class EngineKey:
         return [f"{k}: {recorded.get(k)!r} -> {v!r}" for k, v in current.items() if recorded.get(k) != v]
 
 
-def _options(options: dict[str, Any]) -> dict[str, Any]:
-    opts = {**DEFAULTS, **{k: v for k, v in options.items() if v is not None}}
-    if opts["trt_precision"] not in PRECISIONS:
-        raise EngineUnavailableError(
-            f"unknown TensorRT precision {opts['trt_precision']!r}; use one of {PRECISIONS}"
-        )
-    lo, opt, hi = (int(opts[k]) for k in ("trt_min_batch", "trt_opt_batch", "trt_max_batch"))
-    if not 1 <= lo <= opt <= hi:
-        raise EngineUnavailableError(
-            f"TensorRT profile needs 1 <= trt_min_batch <= trt_opt_batch <= trt_max_batch, "
-            f"got {lo}, {opt}, {hi}"
-        )
-    opts["profile"] = (lo, opt, hi)
-    return opts
-
-
-def _sha256(data: bytes) -> str:
+def sha256(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
 def make_key(
     card: ModelCard,
     onnx_bytes: bytes,
-    options: dict[str, Any],
+    options: EngineOptions,
     *,
     tensorrt: str,
     gpu_name: str,
     compute_capability: str,
     precision: str | None = None,
+    calibration: np.ndarray | None = None,
 ) -> EngineKey:
     """The cache key for building ``onnx_bytes`` with ``options`` on the given TensorRT/GPU.
 
-    ``precision`` overrides ``options["trt_precision"]`` with what will really be built (on
-    TensorRT 11 without ModelOpt, FP16 is built as FP32).
+    ``precision`` overrides ``options.trt_precision`` with what will really be built (on
+    TensorRT 11 without ModelOpt, FP16 is built as FP32); ``calibration`` is the INT8
+    calibration set (uint8 ``[N, H, W]``), part of the key for INT8 engines only.
     """
-    opts = _options(options)
-    calib = opts.get("calibration")
-    precision = precision or opts["trt_precision"]
+    precision = precision or options.trt_precision
+    if precision not in PRECISIONS:
+        raise EngineUnavailableError(f"unknown TensorRT precision {precision!r}; use one of {PRECISIONS}")
     calib_sha = (
-        _sha256(np.ascontiguousarray(calib).tobytes()) if precision == "int8" and calib is not None else None
+        sha256(np.ascontiguousarray(calibration).tobytes())
+        if precision == "int8" and calibration is not None
+        else None
     )
     h, w = card.input_size
     return EngineKey(
         weights_sha256=card.weights_sha256,
         input_size=(int(h), int(w)),
         temperature=float(card.temperature),
-        onnx_sha256=_sha256(onnx_bytes),
+        onnx_sha256=sha256(onnx_bytes),
         tensorrt=tensorrt,
         gpu_name=gpu_name,
         compute_capability=compute_capability,
         precision=precision,
-        profile=opts["profile"],
+        profile=options.profile,
         calibration_sha256=calib_sha,
     )
 
@@ -158,7 +140,7 @@ def cache_problem(plan: Path, sidecar: Path, key: EngineKey) -> str | None:
     diffs = key.differences(key_fields)
     if diffs:
         return "the cached engine was built for a different setup: " + "; ".join(diffs)
-    if _sha256(plan.read_bytes()) != plan_sha:
+    if sha256(plan.read_bytes()) != plan_sha:
         return f"{plan.name} does not match the checksum in {sidecar.name} (corrupt or replaced)"
     return None
 
@@ -180,7 +162,7 @@ def _log_stale_siblings(directory: Path, key: EngineKey) -> None:
             )
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
         with os.fdopen(fd, "wb") as f:
@@ -211,7 +193,7 @@ def cached_engine(
     plan, sidecar = directory / f"{stem}.plan", directory / f"{stem}.json"
     with FileLock(str(directory / f"{stem}.lock"), timeout=_LOCK_TIMEOUT_S):
         reason = cache_problem(plan, sidecar, key)
-        if reason is None and reject_sha256 is not None and _sha256(plan.read_bytes()) == reject_sha256:
+        if reason is None and reject_sha256 is not None and sha256(plan.read_bytes()) == reject_sha256:
             reason = "the cached engine failed to deserialize"
         if reason is None:
             logger.info("TensorRT engine cache hit: %s", plan)
@@ -222,15 +204,15 @@ def cached_engine(
         t0 = time.perf_counter()
         data = bytes(build())
         _builds += 1
-        _write_atomic(plan, data)
+        write_atomic(plan, data)
         # The sidecar goes last: a plan without a matching sidecar is never trusted.
         meta = {
             "key": key.to_json(),
-            "plan_sha256": _sha256(data),
+            "plan_sha256": sha256(data),
             "plan_bytes": len(data),
             "built_at": time.time(),
             "build_seconds": round(time.perf_counter() - t0, 2),
         }
-        _write_atomic(sidecar, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
+        write_atomic(sidecar, (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode())
         logger.info("built %s in %.1f s (%d bytes)", plan.name, meta["build_seconds"], len(data))
     return plan

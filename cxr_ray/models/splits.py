@@ -9,12 +9,11 @@ from __future__ import annotations
 import numpy as np
 import pyarrow.compute as pc
 
-from cxr_ray.config import DataSettings
 from cxr_ray.errors import DecodeError, EngineUnavailableError
-from cxr_ray.imaging.preprocess import decode, to_model_input
+from cxr_ray.imaging.preprocess import PreprocessSpec, decode, to_model_input
 from cxr_ray.io import storage
 from cxr_ray.labels import LABELS
-from cxr_ray.models.artifact import load_artifact, read_card
+from cxr_ray.models.artifact import Artifact
 from cxr_ray.models.card import spec_for
 
 #: What to fall back to when INT8 cannot be calibrated, per precision setting.
@@ -22,12 +21,12 @@ _FULL_PRECISION = {"trt_precision": "fp16", "onnx_precision": "fp32"}
 
 
 def split_images(
-    artifact: str,
+    art: Artifact,
     split: str,
     n: int | None = None,
     *,
     seed: int | None = None,
-    max_pixels: int = 64_000_000,
+    spec: PreprocessSpec | None = None,
     setting: str = "trt_precision",
 ) -> tuple[np.ndarray, list[str | None]]:
     """``uint8 [k, H, W]`` images of one split of the artifact's ``split.parquet``, and labels.
@@ -38,8 +37,8 @@ def split_images(
     ``EngineUnavailableError`` that names the full-precision ``setting`` to fall back to.
     """
     fallback = f"use {setting} = {_FULL_PRECISION.get(setting, 'fp32')!r} instead"
-    card = read_card(artifact)
-    split_uri = storage.join(artifact, "split.parquet")
+    card = art.card
+    split_uri = storage.join(art.uri, "split.parquet")
     if not storage.exists(split_uri):
         raise EngineUnavailableError(
             f"INT8 needs the artifact's training images: {split_uri} is missing (artifacts written "
@@ -53,7 +52,7 @@ def split_images(
         else:
             picked = np.random.default_rng(seed).choice(rows.num_rows, size=n, replace=False)
             rows = rows.take(np.sort(picked))
-    spec = spec_for(card, DataSettings(max_pixels=max_pixels))
+    spec = spec or spec_for(card)
     pixels = []
     for uri in rows["uri"].to_pylist():
         try:
@@ -68,17 +67,22 @@ def split_images(
 
 
 def calibration_images(
-    artifact: str, n: int, *, seed: int = 0, max_pixels: int = 64_000_000, setting: str = "trt_precision"
+    art: Artifact,
+    n: int,
+    *,
+    seed: int = 0,
+    spec: PreprocessSpec | None = None,
+    setting: str = "trt_precision",
 ) -> np.ndarray:
     """``uint8 [n, H, W]`` training images through the shared preprocessing (INT8 calibration).
 
     Drawn from the artifact's own training split (``split.parquet``), so calibration sees the
     distribution the model was fitted on, and preprocessed exactly as scoring will.
     """
-    return split_images(artifact, "train", n, seed=seed, max_pixels=max_pixels, setting=setting)[0]
+    return split_images(art, "train", n, seed=seed, spec=spec, setting=setting)[0]
 
 
-def split_logits(artifact: str, split: str = "val") -> tuple[np.ndarray, np.ndarray]:
+def split_logits(art: Artifact, split: str = "val") -> tuple[np.ndarray, np.ndarray]:
     """Raw (untempered) float64 logits of the artifact's network on one of its splits, and labels.
 
     The images are the ones recorded in ``ARTIFACT/split.parquet``, preprocessed as scoring does;
@@ -86,8 +90,8 @@ def split_logits(artifact: str, split: str = "val") -> tuple[np.ndarray, np.ndar
     """
     import torch
 
-    pixels, labels = split_images(artifact, split)
-    net = load_artifact(artifact).build().eval()
+    pixels, labels = split_images(art, split)
+    net = art.build().eval()
     x = torch.from_numpy(to_model_input(pixels))
     with torch.inference_mode():
         logits = [net(x[i : i + 64]).double().numpy() for i in range(0, len(x), 64)]

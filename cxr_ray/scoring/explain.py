@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cxr_ray.models.card import ModelCard
 from cxr_ray.models.factory import CxrNet
 
 
@@ -81,22 +82,32 @@ class Explainer:
     """Ray Data actor stage: Grad-CAM overlays for flagged (or all) rows, written as PNGs.
 
     Adds ``heatmap_uri`` to each row (null when not explained) and drops the pixels.
+    ``weights`` are the artifact's safetensors bytes (or an object ref to them). Runs on
+    CUDA when the pool gives it a working GPU (only when the cluster has GPUs to spare beyond
+    the predictor pool), else the CPU.
     """
 
     def __init__(
-        self, payload: Any, out_dir: str, *, only_flagged: bool = True, limit: int | None = None
+        self,
+        card: ModelCard,
+        weights: Any,
+        out_dir: str,
+        *,
+        only_flagged: bool = True,
+        limit: int | None = None,
     ) -> None:
         import ray
         from safetensors.torch import load
 
         from cxr_ray.models.factory import create_model
 
-        if isinstance(payload, ray.ObjectRef):
-            payload = ray.get(payload)
-        card = payload.card
+        if isinstance(weights, ray.ObjectRef):
+            weights = ray.get(weights)
         self.net = create_model(card.arch, num_classes=len(card.labels), pretrained=False)
-        self.net.load_state_dict(load(payload.weights))
-        self.net.eval()
+        self.net.load_state_dict(load(weights))
+        # Never assume a GPU actor has CUDA (an old driver, a logical GPU): use it if it works.
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.net.to(self.device).eval()
         self.target = card.target_layer
         self.out_dir = out_dir
         self.only_flagged = only_flagged
@@ -116,7 +127,7 @@ class Explainer:
         if self.limit is not None:
             idx = idx[: max(0, self.limit - self.done)]
         if len(idx):
-            x = torch.from_numpy(to_model_input(batch["pixels"][idx]))
+            x = torch.from_numpy(to_model_input(batch["pixels"][idx])).to(self.device)
             preds = np.array([LABELS.index(p) for p in batch["pred_label"][idx]])
             heat, _ = gradcam(self.net, x, self.target, preds)
             for k, i in enumerate(idx):

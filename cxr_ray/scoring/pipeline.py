@@ -34,13 +34,15 @@ import pyarrow.compute as pc
 from cxr_ray import metrics
 from cxr_ray.config import Settings
 from cxr_ray.data.manifest import source_dataset
-from cxr_ray.engines import prepare_payload, select_engine
+from cxr_ray.engines import EnginePayload, PrepareReport, engine_options, prepare, select_engine
+from cxr_ray.errors import DataError
+from cxr_ray.imaging.preprocess import PreprocessSpec
 from cxr_ray.io import storage
 from cxr_ray.labels import LABELS
-from cxr_ray.models.artifact import read_card
+from cxr_ray.models.artifact import Artifact, load_artifact
 from cxr_ray.models.card import spec_for
 from cxr_ray.scoring.schema import PREDICTIONS_SCHEMA
-from cxr_ray.scoring.stages import CxrPredictor, SeenIndex, decode_stage
+from cxr_ray.scoring.stages import CxrPredictor, SeenFilter, decode_stage
 
 logger = logging.getLogger(__name__)
 
@@ -54,10 +56,15 @@ class ScoreResult:
     out: str
     run_id: str
     model_version: str
+    #: The engine the run asked for, resolved on the driver (``auto`` only for GPU actors,
+    #: which resolve it where they run); ``engines`` says what the actors really ran.
     engine: str
+    engines: list[str] = field(default_factory=list)
     images: int = 0
     ok: int = 0
     errors: int = 0
+    #: Rows deliberately not scored (outside the model's intended use), with the reason.
+    skipped: int = 0
     flagged: int = 0
     labelled: int = 0
     seconds: float = 0.0
@@ -68,6 +75,9 @@ class ScoreResult:
     precision: str | None = None
     #: INT8 onnxruntime only: agreement with the fp32 model on the artifact's validation images.
     int8_check: dict[str, Any] | None = None
+    #: What preparing the engine took: ``onnx_cache`` is ``hit`` when the exported (or
+    #: quantized) model came from the node's cache, ``built`` when this run made it.
+    engine_report: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
     error_examples: list[dict[str, str]] = field(default_factory=list)
 
@@ -93,12 +103,19 @@ class _Accumulator:
         r.images += t.num_rows
         ok = pc.equal(t["status"], "ok")
         n_ok = int(pc.sum(ok).as_py() or 0)
+        n_skipped = int(pc.sum(pc.equal(t["status"], "skipped")).as_py() or 0)
         r.ok += n_ok
-        r.errors += t.num_rows - n_ok
+        r.skipped += n_skipped
+        r.errors += t.num_rows - n_ok - n_skipped
         r.flagged += int(pc.sum(pc.fill_null(t["flagged"], False)).as_py() or 0)
+        for name in pc.unique(t["engine"]).to_pylist():
+            if name not in r.engines:
+                r.engines.append(name)
         room = 20 - len(r.error_examples)
         if room > 0:
-            r.error_examples += t.filter(pc.invert(ok)).select(["uri", "error"]).slice(0, room).to_pylist()
+            bad = t.filter(pc.equal(t["status"], "error"))
+            # image_id and the error only: a uri can carry a patient identifier.
+            r.error_examples += bad.select(["image_id", "error"]).slice(0, room).to_pylist()
         y, p = labelled_arrays(t)
         if len(y):
             self.y.append(y)
@@ -135,49 +152,42 @@ def evaluate_table(t: pa.Table, threshold: float = 0.5) -> metrics.Metrics | Non
     return metrics.classification_metrics(y, p, threshold=threshold) if len(y) else None
 
 
+@dataclass(frozen=True)
+class ScorePlan:
+    """What a run resolved on the driver before any data moves."""
+
+    engine: str
+    payload: EnginePayload
+    report: PrepareReport
+    spec: PreprocessSpec
+
+
+def plan_run(art: Artifact, settings: Settings) -> ScorePlan:
+    """Resolve the engine and prepare its payload for ``art`` (before the dataset is built)."""
+    sc = settings.score
+    gpu_actors = sc.gpus_per_actor > 0
+    # With GPU actors, "auto" is resolved inside each actor: the driver may have no GPU.
+    engine = "auto" if sc.engine == "auto" and gpu_actors else select_engine(sc.engine)
+    spec = spec_for(art.card, settings.data)
+    payload, report = prepare(art, engine, engine_options(sc), spec)
+    return ScorePlan(engine, payload, report, spec)
+
+
 def build_dataset(
     source: str,
-    artifact: str,
+    art: Artifact,
+    plan: ScorePlan,
     settings: Settings,
     *,
-    engine: str,
     out_dir: str = ".",
-    seen_ids: list[str] | None = None,
-    engine_info: dict[str, Any] | None = None,
+    seen: SeenFilter | None = None,
 ) -> Any:
-    """The lazy Ray Dataset of prediction rows (without run columns) for ``source``.
-
-    ``engine_info`` (when given) receives, for an INT8 onnxruntime model, its check against
-    fp32 on the artifact's validation images (``int8_check``).
-    """
+    """The lazy Ray Dataset of prediction rows (without run columns) for ``source``."""
     import ray
     import ray.data
 
     sc = settings.score
-    card = read_card(artifact)
     gpu_actors = sc.gpus_per_actor > 0
-    options: dict[str, Any] = {
-        "threads": sc.threads_per_actor or (None if gpu_actors else max(1, int(sc.cpus_per_actor))),
-        "cache_dir": sc.cache_dir,
-        "trt_precision": sc.trt_precision,
-        "onnx_precision": sc.onnx_precision,
-        "onnx_calibration_images": sc.onnx_calibration_images,
-        "trt_min_batch": sc.trt_min_batch,
-        "trt_opt_batch": sc.trt_opt_batch,
-        "trt_max_batch": sc.trt_max_batch,
-    }
-    if sc.trt_precision == "int8" and engine in ("tensorrt", "auto"):
-        from cxr_ray.models.splits import calibration_images
-
-        options["calibration"] = calibration_images(artifact, sc.trt_calibration_images)
-    payload = prepare_payload(artifact, engine, cache_dir=sc.cache_dir, options=options)
-    if engine_info is not None and "int8_check" in payload.options:
-        engine_info["int8_check"] = payload.options["int8_check"]
-    payload_ref = ray.put(payload)
-    seen = None
-    if seen_ids:
-        seen = ray.remote(SeenIndex).options(num_cpus=0).remote(seen_ids)
-    spec = spec_for(card, settings.data)
     explain = sc.explain != "none"
     ds = source_dataset(source, settings.data)
     ds = ds.map_batches(
@@ -186,7 +196,7 @@ def build_dataset(
         batch_size=None,
         num_cpus=sc.cpus_per_decode_task,
         # Heatmaps need the decoded pixels on the CPU side, so explaining turns GPU decode off.
-        fn_kwargs={"spec": spec, "seen": seen, "gpu_jpeg": gpu_actors and sc.gpu_decode and not explain},
+        fn_kwargs={"spec": plan.spec, "seen": seen, "gpu_jpeg": gpu_actors and sc.gpu_decode and not explain},
     )
     ds = ds.map_batches(
         CxrPredictor,
@@ -195,27 +205,46 @@ def build_dataset(
         compute=ray.data.ActorPoolStrategy(min_size=sc.actors_min, max_size=sc.actors_max),
         num_cpus=sc.cpus_per_actor,
         num_gpus=sc.gpus_per_actor or None,
-        fn_constructor_kwargs={"payload": payload_ref, "gpu_decode": sc.gpu_decode, "keep_pixels": explain},
+        fn_constructor_kwargs={
+            "payload": ray.put(plan.payload),
+            "spec": plan.spec,
+            "gpu_decode": sc.gpu_decode,
+            "keep_pixels": explain,
+        },
     )
     if not explain:
         return ds
     from cxr_ray.scoring.explain import Explainer
 
-    torch_payload = payload if payload.weights else prepare_payload(artifact, "torch", cache_dir=sc.cache_dir)
+    weights = plan.payload.weights or prepare(art, "torch", plan.payload.options, plan.spec)[0].weights
+    gpus = explainer_gpus(sc.gpus_per_actor, sc.actors_max, ray.cluster_resources().get("GPU", 0.0))
     return ds.map_batches(
         Explainer,
         batch_size=sc.batch_size,
         batch_format="numpy",
         compute=ray.data.ActorPoolStrategy(min_size=1, max_size=sc.actors_max),
         num_cpus=sc.cpus_per_actor,
-        num_gpus=sc.gpus_per_actor or None,
+        num_gpus=gpus or None,
         fn_constructor_kwargs={
-            "payload": ray.put(torch_payload),
+            "card": art.card,
+            "weights": ray.put(weights),
             "out_dir": storage.join(out_dir, "heatmaps"),
             "only_flagged": sc.explain == "flagged",
             "limit": sc.explain_limit,
         },
     )
+
+
+def explainer_gpus(gpus_per_actor: float, actors_max: int, cluster_gpus: float) -> float:
+    """GPUs for each Grad-CAM actor: the predictors' share only if the cluster has room for a
+    full predictor pool plus one explainer; else 0 (Grad-CAM on CPU).
+
+    Asking for GPUs the predictor pool already holds would never schedule, and Ray Data
+    would wait for it without a timeout (``gpus_per_actor=1`` with as many GPUs as actors).
+    """
+    if gpus_per_actor <= 0:
+        return 0.0
+    return gpus_per_actor if cluster_gpus >= gpus_per_actor * (actors_max + 1) else 0.0
 
 
 def _with_run_columns(batch: pa.Table, *, version: str, run_id: str) -> pa.Table:
@@ -248,36 +277,46 @@ _PREDICTION_COLUMNS = (
 
 def score(
     source: str,
-    artifact: str,
+    artifact: Artifact | str,
     out: str,
     settings: Settings,
     *,
     run_id: str | None = None,
-    seen_ids: list[str] | None = None,
+    seen: SeenFilter | None = None,
     history: str | None = None,
     on_block: Callable[[pa.Table], None] | None = None,
+    overwrite: bool = False,
 ) -> ScoreResult:
-    """Score every image of ``source`` with the model at ``artifact`` into ``out``.
+    """Score every image of ``source`` with the model ``artifact`` into ``out``.
 
-    ``seen_ids`` skips images this model version has already scored (nightly runs);
-    ``history`` appends this run's metrics to a history table; ``on_block`` sees every
-    committed block (ledgers, progress).
+    ``artifact`` is a loaded ``Artifact`` (or its location, loaded here once); nothing below
+    reads it again. ``seen`` skips images this model version has already scored (nightly
+    runs); ``history`` appends this run's metrics to a history table; ``on_block`` sees every
+    committed block (ledgers, progress). An ``out`` that already holds a committed run
+    (``summary.json``) is refused unless ``overwrite``.
     """
     started = time.perf_counter()
-    card = read_card(artifact)
-    gpu_actors = settings.score.gpus_per_actor > 0
-    requested = settings.score.engine
-    # With GPU actors, "auto" is resolved inside each actor: the driver may have no GPU.
-    engine = "auto" if requested == "auto" and gpu_actors else select_engine(requested)
+    art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+    summary_uri = storage.join(out, "summary.json")
+    if not overwrite and storage.exists(summary_uri):
+        raise DataError(
+            f"{out} already holds a committed scoring run ({summary_uri}); choose another --out, "
+            "or pass --overwrite to replace it"
+        )
+    card = art.card
+    plan = plan_run(art, settings)
     run_id = run_id or new_run_id()
-    result = ScoreResult(out, run_id, card.version, engine, threshold=card.pneumonia_threshold)
-    engine_info: dict[str, Any] = {}
-    ds = build_dataset(
-        source, artifact, settings, engine=engine, out_dir=out, seen_ids=seen_ids, engine_info=engine_info
+    result = ScoreResult(
+        out,
+        run_id,
+        card.version,
+        plan.engine,
+        threshold=card.pneumonia_threshold,
+        precision=plan.report.precision,
+        int8_check=plan.report.int8_check,
+        engine_report={"engine": plan.report.engine, "onnx_cache": plan.report.onnx_cache},
     )
-    sc = settings.score
-    result.precision = {"onnxruntime": sc.onnx_precision, "tensorrt": sc.trt_precision}.get(engine)
-    result.int8_check = engine_info.get("int8_check")
+    ds = build_dataset(source, art, plan, settings, out_dir=out, seen=seen)
     acc = _Accumulator(result)
     storage.ensure_dir(out)
     with storage.atomic_parquet_writer(storage.join(out, "predictions.parquet"), PREDICTIONS_SCHEMA) as w:
@@ -287,8 +326,6 @@ def score(
             if not result.first_row_seconds:
                 result.first_row_seconds = time.perf_counter() - started
             table = _with_run_columns(block, version=card.version, run_id=run_id)
-            if result.engine == "auto":
-                result.engine = table["engine"][0].as_py()
             w.write_table(table)
             acc.add(table)
             if on_block is not None:
@@ -303,14 +340,18 @@ def score(
         storage.write_table(ct, storage.join(out, "confusion.parquet"))
         if history:
             storage.append_table(mt, history)
-    storage.write_bytes(result.to_json().encode(), storage.join(out, "summary.json"))
+    storage.write_bytes(result.to_json().encode(), summary_uri)
     return result
 
 
 def format_summary(r: ScoreResult) -> str:
+    engines = ", ".join(r.engines) if r.engines and r.engines != [r.engine] else r.engine
+    cache = r.engine_report.get("onnx_cache")
     lines = [
-        f"run {r.run_id}: {r.images} images, {r.ok} ok, {r.errors} errors, {r.flagged} flagged "
-        f"({r.engine}{' ' + r.precision if r.precision else ''}, model {r.model_version})",
+        f"run {r.run_id}: {r.images} images, {r.ok} ok, {r.errors} errors, {r.skipped} skipped, "
+        f"{r.flagged} flagged ({engines}{' ' + r.precision if r.precision else ''}, model {r.model_version}"
+        + (f", ONNX cache {cache}" if cache else "")
+        + ")",
         f"{r.images_per_s:.1f} img/s over {r.seconds:.1f} s (first rows after {r.first_row_seconds:.1f} s)",
         f"outputs: {storage.join(r.out, 'predictions.parquet')}"
         + (", metrics.parquet, confusion.parquet" if r.metrics else ""),
@@ -322,5 +363,5 @@ def format_summary(r: ScoreResult) -> str:
             f"{c['argmax_agreement']:.3f}, mean |probability change| {c['mean_abs_prob_change']:.4f}"
         )
     for e in r.error_examples[:5]:
-        lines.append(f"  error: {e['uri']}: {e['error']}")
+        lines.append(f"  error: image {str(e['image_id'] or '(unreadable)')[:12]}: {e['error']}")
     return "\n".join(lines)

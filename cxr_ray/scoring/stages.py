@@ -1,14 +1,18 @@
 """The two per-batch stages of the scoring pipeline, testable without Ray.
 
 ``decode_stage`` (CPU tasks): raw bytes -> identity, label, preprocessed pixels or an error.
-``CxrPredictor`` (actors): loads the engine once per actor; pixels -> probabilities.
+``CxrPredictor`` (actors): builds the engine once per actor; pixels -> probabilities.
+
+Both receive the run's ``PreprocessSpec`` from the driver (``spec_for(card, settings.data)``),
+so the decode contract, including ``data.max_pixels``, is the same in the decode tasks and in
+a GPU actor that decodes JPEGs itself.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pyarrow as pa
@@ -17,32 +21,52 @@ from cxr_ray.data.manifest import identify
 from cxr_ray.errors import DecodeError
 from cxr_ray.imaging.preprocess import PreprocessSpec, decode, sniff_format, to_model_input
 from cxr_ray.labels import LABELS, NORMAL
-from cxr_ray.models.card import spec_for
 
 logger = logging.getLogger(__name__)
 
 _PASS = ("image_id", "uri", "patient_id", "label", "status", "error")
+#: Columns between the stages that never reach an output table.
+INTERNAL = ("pixels", "jpeg", "decoded")
+_NOT_DECODED = "internal error: the image was not decoded before scoring (no prediction given)"
+
+
+class SeenFilter(Protocol):
+    """What nightly runs pass as ``seen``: picklable, called inside the decode tasks."""
+
+    def unseen(self, ids: list[str]) -> list[str]:
+        """The subset of ``ids`` (sha256 of file bytes) this model version has not scored."""
+        ...
+
+
+class SeenSet:
+    """A ``SeenFilter`` over an in-memory set of ids (small ledgers and tests)."""
+
+    def __init__(self, ids: list[str] | set[str] | frozenset[str]) -> None:
+        self.ids = frozenset(ids)
+
+    def unseen(self, ids: list[str]) -> list[str]:
+        return [i for i in ids if i not in self.ids]
 
 
 def decode_stage(
-    batch: pa.Table, *, spec: PreprocessSpec, seen: Any = None, gpu_jpeg: bool = False
+    batch: pa.Table, *, spec: PreprocessSpec, seen: SeenFilter | None = None, gpu_jpeg: bool = False
 ) -> dict[str, np.ndarray]:
     """Raw rows (``sources.RAW_SCHEMA``) -> rows ready for the predictor.
 
-    ``seen`` (an actor handle with ``new_ids``) drops images already scored by this model
-    version (nightly runs). With ``gpu_jpeg`` the JPEG bytes are passed on undecoded for the
-    actor to decode on its GPU; other formats are decoded here either way.
+    ``seen`` drops images already scored by this model version (nightly runs): ids are hashed
+    first and only what is new is decoded. With ``gpu_jpeg`` the JPEG bytes are passed on
+    undecoded (``decoded`` False) for a GPU actor to decode; other formats are decoded here
+    either way. ``decoded`` says which rows' ``pixels`` hold the decoded image.
     """
     rows = batch.to_pylist()
     ids = [hashlib.sha256(r["data"]).hexdigest() if r["data"] is not None else None for r in rows]
     if seen is not None:  # hash first, decode only what this model version has not scored
-        import ray
-
-        new = set(ray.get(seen.new_ids.remote([i for i in ids if i is not None])))
+        new = set(seen.unseen([i for i in ids if i is not None]))
         keep = [k for k, i in enumerate(ids) if i is None or i in new]
         rows, ids = [rows[k] for k in keep], [ids[k] for k in keep]
     out: dict[str, list[Any]] = {k: [] for k in _PASS}
     pixels = np.zeros((len(rows), spec.height, spec.width), np.uint8)
+    decoded = np.zeros(len(rows), dtype=bool)
     jpeg: list[bytes | None] = []
     for i, (row, image_id) in enumerate(zip(rows, ids, strict=True)):
         data, error = row["data"], row["error"]
@@ -54,8 +78,11 @@ def decode_stage(
             else:
                 try:
                     pixels[i] = decode(data, spec, row["name"]).pixels
+                    decoded[i] = True
                 except DecodeError as exc:
                     error = str(exc)
+        elif error is None:
+            error = "no image data"
         out["image_id"].append(image_id)
         out["uri"].append(row["uri"])
         out["patient_id"].append(info.patient_id)
@@ -65,6 +92,7 @@ def decode_stage(
         jpeg.append(raw)
     result = {k: np.array(v, dtype=object) for k, v in out.items()}
     result["pixels"] = pixels
+    result["decoded"] = decoded
     if gpu_jpeg:
         result["jpeg"] = np.array(jpeg, dtype=object)
     return result
@@ -73,87 +101,121 @@ def decode_stage(
 class CxrPredictor:
     """Ray Data actor: builds the engine once, then scores batches.
 
-    Rows that failed decoding pass through with null probabilities; every input row comes out.
+    Rows that failed decoding (or were skipped) pass through with null probabilities; every
+    input row comes out, with every column it came in with. A row is ``ok`` only if the
+    model saw its decoded pixels: JPEGs passed on undecoded are decoded on this actor's GPU
+    when its engine runs on CUDA, and on the CPU otherwise.
     """
 
-    def __init__(self, payload: Any, *, gpu_decode: bool = False, keep_pixels: bool = False) -> None:
+    def __init__(
+        self,
+        payload: Any,
+        *,
+        spec: PreprocessSpec,
+        gpu_decode: bool = False,
+        keep_pixels: bool = False,
+    ) -> None:
         import ray
 
-        from cxr_ray.engines import EnginePayload, build_engine, select_engine
+        from cxr_ray.engines import EnginePayload, build
 
         if isinstance(payload, ray.ObjectRef):
             payload = ray.get(payload)
         assert isinstance(payload, EnginePayload)
-        if payload.engine == "auto":  # resolved where the actor runs (GPU workers)
-            import dataclasses
-
-            payload = dataclasses.replace(payload, engine=select_engine("auto"))
-        self.engine = build_engine(payload)
-        card = payload.card
-        self.spec = spec_for(card)
-        self.threshold = card.pneumonia_threshold
+        self.engine = build(payload)
+        self.spec = spec
+        self.threshold = payload.card.pneumonia_threshold
         self.normal = LABELS.index(NORMAL)
-        self.gpu_decode = gpu_decode and getattr(self.engine, "device", "cpu") == "cuda"
+        self.gpu_decode = (
+            gpu_decode
+            and getattr(self.engine, "device", "cpu") == "cuda"
+            and hasattr(self.engine, "run_tensor")
+        )
         self.keep_pixels = keep_pixels  # for a Grad-CAM stage downstream
-        logger.info("predictor ready: %s on %s", self.engine.name, self.engine.device)
+        logger.info(
+            "predictor ready: %s on %s (JPEG decode on %s)",
+            self.engine.name,
+            self.engine.device,
+            "GPU" if self.gpu_decode else "CPU",
+        )
 
-    def _probs(self, batch: dict[str, np.ndarray], ok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _cpu_decode(self, batch: dict[str, np.ndarray], rows: list[int], errors: np.ndarray) -> list[int]:
+        """Decode undecoded JPEG rows on the CPU into ``batch["pixels"]``; returns the successes."""
+        done = []
+        for i in rows:
+            try:
+                batch["pixels"][i] = decode(batch["jpeg"][i], self.spec).pixels
+                done.append(i)
+            except DecodeError as exc:
+                errors[i] = str(exc)
+        return done
+
+    def _probs(
+        self, batch: dict[str, np.ndarray], ok: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(probabilities, error messages, which rows were scored from decoded pixels)."""
         n = len(ok)
         probs = np.full((n, len(LABELS)), np.nan, np.float32)
         errors = batch["error"].copy()
+        decoded = batch.get("decoded", np.ones(n, dtype=bool)).copy()
         jpeg = batch.get("jpeg")
-        if self.gpu_decode and jpeg is not None:
+        pending = [int(i) for i in np.flatnonzero(ok & ~decoded)] if jpeg is not None else []
+        pending = [i for i in pending if jpeg is not None and jpeg[i] is not None]
+        scored = np.zeros(n, dtype=bool)
+        if pending and self.gpu_decode:
             from cxr_ray.imaging.gpu_decode import decode_batch
 
-            idx = [i for i in np.flatnonzero(ok) if jpeg[i] is not None]
-            cpu_idx = [i for i in np.flatnonzero(ok) if jpeg[i] is None]
-            if idx:
-                x, errs = decode_batch([jpeg[i] for i in idx], self.spec, device="cuda")
-                good = [k for k, e in enumerate(errs) if e is None]
-                if good:
-                    out = self.engine.run_tensor(x[good])  # type: ignore[attr-defined]
-                    probs[[idx[k] for k in good]] = out.cpu().numpy()
-                for k, e in enumerate(errs):
-                    if e is not None:
-                        errors[idx[k]] = e
-            if cpu_idx:
-                probs[cpu_idx] = self.engine(to_model_input(batch["pixels"][cpu_idx]))
-        elif ok.any():
-            probs[ok] = self.engine(to_model_input(batch["pixels"][ok]))
-        return probs, errors
+            x, errs = decode_batch([jpeg[i] for i in pending], self.spec, device="cuda")  # type: ignore[index]
+            good = [k for k, e in enumerate(errs) if e is None]
+            if good:
+                out = self.engine.run_tensor(x[good])  # type: ignore[attr-defined]
+                rows = [pending[k] for k in good]
+                # .cpu() is synchronous: the result (and the decoder's writes it depends on)
+                # is complete before the next batch reuses any buffer.
+                probs[rows] = out.cpu().numpy()
+                scored[rows] = True
+            for k, e in enumerate(errs):
+                if e is not None:
+                    errors[pending[k]] = e
+        elif pending:  # undecoded JPEGs reached an actor that cannot decode them on a GPU
+            decoded[self._cpu_decode(batch, pending, errors)] = True
+        cpu_rows = np.flatnonzero(ok & decoded & ~scored)
+        if len(cpu_rows):
+            probs[cpu_rows] = self.engine(to_model_input(batch["pixels"][cpu_rows]))
+            scored[cpu_rows] = True
+        return probs, errors, scored
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        ok = batch["status"] == "ok"
-        probs, errors = self._probs(batch, ok)
+        status_in = batch["status"]
+        ok = status_in == "ok"
+        probs, errors, scored = self._probs(batch, ok)
+        lost = ok & ~scored & (errors == None)  # noqa: E711  (object array)
+        if lost.any():  # never happens by construction; if it did, no diagnosis without pixels
+            logger.error("%d rows reached the model without decoded pixels", int(lost.sum()))
+            errors = np.where(lost, _NOT_DECODED, errors)
         finite = np.isfinite(probs).all(axis=1)
-        errors = np.where(ok & ~finite & (errors == None), "model output is not finite", errors)  # noqa: E711
-        ok = ok & finite
+        errors = np.where(ok & scored & ~finite & (errors == None), "model output is not finite", errors)  # noqa: E711
+        ok = ok & scored & finite
+        assert not (ok & ~scored).any(), "a row is ok only if the model scored its decoded pixels"
         pneumonia = 1.0 - probs[:, self.normal]
         pred = np.array([LABELS[i] for i in np.nan_to_num(probs).argmax(axis=1)], dtype=object)
         pred[~ok] = None
-        # A plain bool column (False on error rows; the writer nulls those): an object column
+        # A plain bool column (False on other rows; the writer nulls those): an object column
         # of None would reach Arrow as float NaN, and NaN cast to bool is True.
         flagged = ok & (np.nan_to_num(pneumonia) >= self.threshold)
-        out: dict[str, np.ndarray] = {k: batch[k] for k in ("image_id", "uri", "patient_id", "label")}
+        out: dict[str, np.ndarray] = {k: v for k, v in batch.items() if k not in INTERNAL}
         out["pred_label"] = pred
         out["prob_normal"] = probs[:, 0]
         out["prob_bacterial"] = probs[:, 1]
         out["prob_viral"] = probs[:, 2]
         out["prob_pneumonia"] = pneumonia.astype(np.float32)
         out["flagged"] = flagged
-        out["status"] = np.where(ok, "ok", "error").astype(object)
+        # Rows that came in skipped stay skipped (with their reason); failures become errors.
+        out["status"] = np.where(ok, "ok", np.where(status_in == "skipped", "skipped", "error")).astype(
+            object
+        )
         out["error"] = np.where(ok, np.array(None), errors)
         out["engine"] = np.full(len(ok), self.engine.name, dtype=object)
         if self.keep_pixels:
             out["pixels"] = batch["pixels"]
         return out
-
-
-class SeenIndex:
-    """Ray actor holding the image ids a model version has already scored (nightly runs)."""
-
-    def __init__(self, ids: list[str]) -> None:
-        self.ids = frozenset(ids)
-
-    def new_ids(self, ids: list[str]) -> list[str]:
-        return [i for i in ids if i not in self.ids]
