@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml
 lint: setup
 	$(BIN)/ruff check cxr_ray trainers jobs tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-logo --no-cache   # the layer, leaf, entry-point and no-cycle contracts (.importlinter)
 
 # The README's test command: lint, types, then the default test tier (and the slow tier).
 test: lint

@@ -1,15 +1,18 @@
-"""cluster.yaml: valid for Ray's cluster launcher, the intended shape, and commented key by key."""
+"""cluster.yaml: valid for Ray's cluster launcher, consistent with the settings it documents, and
+commented key by key."""
 
 from __future__ import annotations
 
 import json
 import re
+import tomllib
 from pathlib import Path
 
 import jsonschema
 import pytest
 import ray
 import yaml
+from packaging.specifiers import SpecifierSet
 
 CLUSTER_YAML = Path(__file__).resolve().parents[1] / "cluster.yaml"
 RAY_SCHEMA = Path(ray.__file__).parent / "autoscaler" / "ray-schema.json"
@@ -41,42 +44,124 @@ def test_ray_itself_accepts_the_config(config):
     util.validate_config(util.prepare_config(json.loads(json.dumps(config))))
 
 
-def test_cpu_head_and_gpu_and_cpu_worker_types(config):
-    types_ = config["available_node_types"]
-    head = types_[config["head_node_type"]]
-    assert config["provider"]["type"] == "aws"
-    assert "GPU" not in head["resources"] and head["resources"].get("CPU") == 0
-    assert not head["node_config"]["InstanceType"].startswith(("g", "p"))
+def _workers(config: dict) -> dict[str, dict]:
+    return {n: t for n, t in config["available_node_types"].items() if n != config["head_node_type"]}
 
-    gpu = [t for name, t in types_.items() if t["resources"].get("GPU", 0) >= 1]
-    cpu = [
-        t
-        for name, t in types_.items()
-        if name != config["head_node_type"] and t["resources"].get("GPU", 0) == 0
-    ]
-    assert len(gpu) == 1 and len(cpu) == 1
-    assert re.match(r"^g[56]\.", gpu[0]["node_config"]["InstanceType"])
-    assert re.match(r"^c\d", cpu[0]["node_config"]["InstanceType"])
-    for worker in (gpu[0], cpu[0]):
-        assert worker["node_config"]["InstanceMarketOptions"]["MarketType"] == "spot"
-        assert 0 <= worker["min_workers"] <= worker["max_workers"]
-    total = sum(t.get("max_workers", 0) for t in (gpu[0], cpu[0]))
-    assert total <= config["max_workers"]
+
+def _vcpus(instance_type: str) -> int:
+    """vCPUs of an EC2 size (``large`` 2, ``xlarge`` 4, ``Nxlarge`` 4N: the same in every family)."""
+    size = instance_type.split(".", 1)[1]
+    if size == "large":
+        return 2
+    m = re.fullmatch(r"(\d*)xlarge", size)
+    assert m, f"unexpected EC2 size {instance_type}"
+    return 4 * int(m.group(1) or 1)
+
+
+def _gpu_family(instance_type: str) -> bool:
+    return instance_type.split(".")[0][0] in "gp"  # g4dn, g5, g6, p4d, p5 ... (c7g is a CPU)
+
+
+def test_every_node_type_is_defined_and_declares_what_its_machine_has(config):
+    types_ = config["available_node_types"]
+    assert config["provider"]["type"] == "aws"  # the instance-type rules below are EC2's
+    assert config["head_node_type"] in types_
+    assert _workers(config), "no worker node types"
+    for name, t in types_.items():
+        # Declared explicitly: the autoscaler schedules on them before a node of the type exists.
+        cpus, gpus = t["resources"].get("CPU"), t["resources"].get("GPU", 0)
+        instance = t["node_config"]["InstanceType"]
+        assert cpus is not None and 0 <= cpus <= _vcpus(instance), (name, instance, cpus)
+        # A GPU machine declares its GPU (or nothing would schedule on it), and only a GPU machine.
+        assert (gpus >= 1) == _gpu_family(instance), (name, instance, gpus)
+    for name, t in _workers(config).items():
+        assert 0 <= t["min_workers"] <= t["max_workers"] <= config["max_workers"], name
     assert config["idle_timeout_minutes"] > 0
 
 
-def test_docker_image_is_ray_2_60_with_cuda_matching_the_installed_ray(config):
+def test_the_head_only_coordinates_and_is_not_a_spot_node(config):
+    head = config["available_node_types"][config["head_node_type"]]
+    # CPU 0: no decode task or actor lands on the head, so a busy pipeline cannot starve the GCS
+    # or run it out of memory; job drivers (0 CPUs) still run there.
+    assert head["resources"] == {"CPU": 0}
+    # Losing the head loses the cluster: it must not be reclaimable capacity.
+    assert head["node_config"].get("InstanceMarketOptions", {}).get("MarketType") != "spot"
+
+
+def _documented_gpu_scoring():
+    """The score settings the README gives for GPU actors on this cluster."""
+    from cxr_ray.config import load_settings
+
+    readme = (CLUSTER_YAML.parent / "README.md").read_text()
+    section = readme.split("## GPU clusters", 1)[1].split("\n## ", 1)[0]
+    env = dict(re.findall(r"CXR_SCORE__(\w+)=(\S+?)`?(?=\s|$)", section))
+    assert {"GPUS_PER_ACTOR", "ACTORS_MAX"} <= set(env), section
+    return load_settings(None, {"score": {k.lower(): v for k, v in env.items()}}).score
+
+
+def _capacity(config: dict, per_node) -> int:
+    """How many of something fit on the cluster at full size (per worker type, under the caps)."""
+    total, nodes_left = 0, config["max_workers"]
+    for t in _workers(config).values():
+        nodes = min(t["max_workers"], nodes_left)
+        nodes_left -= nodes
+        total += nodes * per_node(t["resources"])
+    return total
+
+
+def test_the_documented_gpu_scoring_pool_fits_the_gpu_workers(config):
+    sc = _documented_gpu_scoring()
+    assert sc.gpus_per_actor > 0
+
+    def actors(res: dict) -> int:
+        if res.get("GPU", 0) < sc.gpus_per_actor:
+            return 0
+        return int(min(res["GPU"] // sc.gpus_per_actor, res["CPU"] // sc.cpus_per_actor))
+
+    # Every GPU actor of the pool can be placed: actors_max is reachable, not a silent wait.
+    assert _capacity(config, actors) >= sc.actors_max
+    # Decode tasks run beside them somewhere (the head takes none).
+    assert _capacity(config, lambda r: int(r["CPU"] // sc.cpus_per_decode_task)) >= 1
+
+
+@pytest.mark.parametrize(
+    "recipe", sorted((CLUSTER_YAML.parent / "trainers" / "recipes").glob("*.toml")), ids=lambda p: p.stem
+)
+def test_every_training_recipe_fits_the_cluster(config, recipe):
+    from cxr_ray.config import load_settings
+
+    t = load_settings(recipe).train
+
+    def slots(res: dict) -> int:
+        cpu_slots = int(res["CPU"] // t.cpus_per_worker)
+        return min(int(res.get("GPU", 0)), cpu_slots) if t.use_gpu else cpu_slots
+
+    # All DDP workers start at once (Ray Train waits for the whole group), so all must fit.
+    assert _capacity(config, slots) >= t.workers, f"{recipe.name}: {t.workers} workers do not fit"
+
+
+def test_docker_image_matches_the_installed_ray_and_python_and_has_cuda(config):
     image = config["docker"]["image"]
-    m = re.fullmatch(r"rayproject/ray:(\d+\.\d+)\.\d+-py311-(gpu|cu\d+)", image)
-    assert m, image
-    assert m.group(1) == "2.60" and ray.__version__.startswith("2.60.")
+    m = re.fullmatch(r"rayproject/ray:(\d+\.\d+)\.\d+-py(\d)(\d+)-(gpu|cu\d+)", image)
+    assert m, f"{image}: expected a pinned rayproject/ray:X.Y.Z-pyNN-(gpu|cuNN) image"
+    ray_minor, py = m.group(1), (int(m.group(2)), int(m.group(3)))
+    # The cluster's Ray must be the client's (job submission refuses other minors).
+    assert ray_minor == ".".join(ray.__version__.split(".")[:2]), (image, ray.__version__)
+    # Its Python is one the package supports.
+    requires = tomllib.loads((CLUSTER_YAML.parent / "pyproject.toml").read_text())["project"][
+        "requires-python"
+    ]
+    assert SpecifierSet(requires).contains(f"{py[0]}.{py[1]}"), (image, requires)
 
 
-def test_setup_installs_cxr_ray_with_the_tensorrt_extra(config):
+def test_setup_installs_the_mounted_checkout_with_the_tensorrt_extra(config):
     commands = " ; ".join(config["setup_commands"])
-    assert re.search(r"pip install .*cxr-ray\[tensorrt\]", commands), commands
-    # The package source it installs from is mounted on every node.
-    assert any(p.endswith("cxr-ray") for p in config["file_mounts"])
+    m = re.search(r"pip install [^;]*?[\"']?(/[^\"'\[ ]+)\[([^\]]+)\]", commands)
+    assert m, commands
+    path, extras = m.group(1), m.group(2).split(",")
+    assert "tensorrt" in extras  # the GPU workers' engine
+    # What it installs is the repository itself, mounted on every node.
+    assert config["file_mounts"].get(path) == ".", (path, config["file_mounts"])
 
 
 def _key_lines(text: str) -> list[tuple[int, str]]:

@@ -105,6 +105,25 @@ def test_rng_state_roundtrip_through_weights_only_checkpoint(tmp_path):
     assert (np.random.rand(), torch.rand(1).item()) == expected
 
 
+def test_best_checkpoint_is_the_kept_one_with_the_highest_val_macro_f1(tmp_path):
+    from ray.train import Checkpoint, Result
+
+    from cxr_ray.training.finalize import best_checkpoint
+
+    def ckpt(name: str) -> Checkpoint:
+        (tmp_path / name).mkdir()
+        return Checkpoint.from_directory(str(tmp_path / name))
+
+    kept = [(ckpt("e0"), {"epoch": 0, "val_macro_f1": 0.4}), (ckpt("e2"), {"epoch": 2, "val_macro_f1": 0.7})]
+    kept += [(ckpt("e1"), {"epoch": 1, "val_macro_f1": 0.6}), (ckpt("e3"), {"epoch": 3})]  # e3: no metric
+    result = Result(metrics={}, checkpoint=kept[-1][0], error=None, path=str(tmp_path), best_checkpoints=kept)
+    assert best_checkpoint(result).path == str(tmp_path / "e2")
+    with pytest.raises(RuntimeError, match="no checkpoint"):
+        best_checkpoint(
+            Result(metrics={}, checkpoint=None, error=None, path=str(tmp_path), best_checkpoints=[])
+        )
+
+
 def _settings(tmp_path: Path, **train):
     return load_settings(
         None,
@@ -123,6 +142,25 @@ def _settings(tmp_path: Path, **train):
     )
 
 
+def _check_history(card, storage: Path, run_name: str = "t") -> list[dict]:
+    """The card's history is the whole run, agrees with Ray's books and names the best epoch."""
+    from ray.train import Result
+
+    history = card.training["history"]
+    assert [h["epoch"] for h in history] == list(range(len(history)))  # one row per epoch, in order
+    assert card.training["epochs_run"] == len(history)
+    # Ray keeps the reports of the checkpoints it kept (Result.metrics_dataframe): each matches
+    # our row for its epoch, and the artifact was built from the best of them.
+    ray_rows = Result.from_path(str(storage / run_name)).metrics_dataframe.to_dict("records")
+    assert ray_rows
+    for row in ray_rows:
+        ours = history[int(row["epoch"])]
+        assert {k: row[k] for k in ours} == pytest.approx(ours)
+    best = card.training["best_epoch"]
+    assert history[best]["val_macro_f1"] == max(h["val_macro_f1"] for h in history)
+    return history
+
+
 @pytest.fixture(scope="module")
 def synthetic_data(tmp_path_factory) -> Path:
     return write_kermany_folder(tmp_path_factory.mktemp("syn") / "data", per_class=24, size=(96, 80))
@@ -136,7 +174,7 @@ def test_train_writes_a_complete_artifact(ray_local, synthetic_data, tmp_path):
     art = load_artifact(str(tmp_path / "model"))
     assert art.card == card
     assert card.input_size == (64, 64)
-    assert len(card.training["history"]) == 2
+    assert len(_check_history(card, tmp_path / "runs")) == 2
     assert card.training["data_fingerprint"] and card.training["split_counts"]["val"]
     assert 0 < card.thresholds["pneumonia"] < 1 and card.temperature > 0
     vm = pq.read_table(tmp_path / "model" / "val_metrics.parquet").to_pylist()
@@ -150,7 +188,7 @@ def test_train_writes_a_complete_artifact(ray_local, synthetic_data, tmp_path):
     assert set(split["split"].to_pylist()) == {"train", "val"} and split.num_rows == 72
     from cxr_ray.models.splits import calibration_images
 
-    calib = calibration_images(str(tmp_path / "model"), 8)  # INT8 calibration: train images only
+    calib = calibration_images(art, 8)  # INT8 calibration: train images only
     assert calib.shape == (8, 64, 64) and calib.dtype == np.uint8
     md = (tmp_path / "model" / "model_card.md").read_text()
     assert "95% bootstrap" in md and "## Limitations" in md and card.version in md
@@ -158,12 +196,19 @@ def test_train_writes_a_complete_artifact(ray_local, synthetic_data, tmp_path):
 
 
 def train_worker_pids() -> list[int]:
-    """PIDs of live Ray Train worker processes (Ray titles them ``ray::RayTrainWorker...``)."""
+    """PIDs of this test session's live Ray Train workers (titled ``ray::RayTrainWorker...``).
+
+    Only descendants of this process (the local Ray that ``ray_local`` started): other Ray
+    clusters on the same machine are left alone.
+    """
     import psutil
 
     pids = []
-    for proc in psutil.process_iter(["cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue  # exited meanwhile
         if cmd.startswith("ray::RayTrainWorker"):
             pids.append(proc.pid)
     return pids
@@ -211,7 +256,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, synthetic_data
         done.set()
         killer.join()
     assert killed, "no worker was killed"
-    history = card.training["history"]
+    history = _check_history(card, tmp_path / "runs")
     assert [h["epoch"] for h in history] == [0, 1, 2]
     # The restarted worker group continued from the checkpoint instead of starting over.
     assert max(h["attempt_start_epoch"] for h in history) >= 1
@@ -222,10 +267,12 @@ def test_driver_restart_with_same_run_name_resumes(ray_local, synthetic_data, tm
     from cxr_ray.training.trainer import train
 
     train(_settings(tmp_path, epochs=1), str(synthetic_data), str(tmp_path / "m1"))
+    first = load_artifact(str(tmp_path / "m1")).card.training["history"]
     card = train(_settings(tmp_path, epochs=2), str(synthetic_data), str(tmp_path / "m2"))
-    history = card.training["history"]
+    history = _check_history(card, tmp_path / "runs")
     assert [h["epoch"] for h in history] == [0, 1]
     assert history[1]["attempt_start_epoch"] == 1
+    assert history[0] == first[0]  # epoch 0 came from the first run's checkpoint, not a re-run
 
 
 def test_checkpoint_state_is_weights_only_loadable(ray_local, synthetic_data, tmp_path):

@@ -1,4 +1,10 @@
-"""Training checkpoints: everything a restarted run needs, loadable with ``weights_only=True``."""
+"""Training checkpoints: everything a restarted run needs, loadable with ``weights_only=True``.
+
+The state includes the per-epoch ``history`` so far: a restarted worker group (or a rerun with
+the same run name) continues it for early stopping and the model card. Ray keeps only the
+reports of the checkpoints it retains (``Result.metrics_dataframe``: ``keep_checkpoints`` rows),
+so it cannot be rebuilt from Ray's books.
+"""
 
 from __future__ import annotations
 

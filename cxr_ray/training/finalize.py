@@ -11,7 +11,7 @@ import io
 import logging
 import math
 import platform
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
@@ -24,6 +24,9 @@ from cxr_ray.models.artifact import card_for, save_artifact
 from cxr_ray.models.card import ModelCard
 from cxr_ray.models.factory import create_model
 from cxr_ray.training.checkpoint import load_state
+
+if TYPE_CHECKING:
+    from ray.train import Checkpoint, Result
 
 logger = logging.getLogger(__name__)
 
@@ -88,12 +91,12 @@ def write_artifact(
     settings: Settings,
     out: str,
     training_info: dict[str, Any],
-    history: list[dict[str, Any]] | None = None,
+    history: list[dict[str, Any]],
 ) -> ModelCard:
     """Build the artifact at ``out`` from the best checkpoint the trainer wrote.
 
-    ``history`` is the full per-epoch history (from the latest checkpoint); the best
-    checkpoint's own history ends at its epoch.
+    ``history`` is the full per-epoch history (what the training function returned); the
+    best checkpoint's own history ends at its epoch.
     """
     state = load_state(checkpoint_dir)
     arch = settings.model.arch
@@ -108,7 +111,6 @@ def write_artifact(
     nlls = (nll(raw, y), nll(probs, y))
     threshold = threshold_for_sensitivity(probs, y, TARGET_SENSITIVITY)
     after = metrics.classification_metrics(y, probs, threshold=threshold)
-    history = history if history is not None else state["history"]
     card = card_for(
         net,
         arch,
@@ -164,14 +166,11 @@ def training_info(settings: Settings, data: Any, run_name: str, seconds: float) 
     }
 
 
-def best_checkpoint(result: Any) -> Any:
-    """The best checkpoint (by validation macro-F1) of a Ray Train result."""
-    best = None
-    for ckpt, m in result.best_checkpoints or []:
-        score = m.get("val_macro_f1", -math.inf)
-        if best is None or score > best[0]:
-            best = (score, ckpt)
-    ckpt = best[1] if best is not None else result.checkpoint
-    if ckpt is None:
+def best_checkpoint(result: Result) -> Checkpoint:
+    """The best checkpoint (by validation macro-F1) that a Ray Train run kept."""
+    if not result.best_checkpoints:
         raise RuntimeError("the training run reported no checkpoint")
-    return ckpt
+    best = result.get_best_checkpoint(metric="val_macro_f1", mode="max")
+    if best is None:
+        raise RuntimeError("the training run reported no checkpoint with val_macro_f1")
+    return best

@@ -37,7 +37,14 @@ logger = logging.getLogger(__name__)
 _DTYPES = {"pixels": torch.uint8, "label": torch.int64}
 
 
-def train_loop_per_worker(config: dict[str, Any]) -> None:
+def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
+    """One DDP worker's training run; returns the full per-epoch history (``Result.return_value``).
+
+    The history also travels in every checkpoint: a restarted worker group (or a rerun with the
+    same run name) resumes from the latest checkpoint and needs the epochs before it, for early
+    stopping and for the model card. Ray's own books cannot give it: ``Result.metrics_dataframe``
+    holds only the ``keep_checkpoints`` best checkpoints' reports, ordered by score.
+    """
     cfg = TrainSettings.model_validate(config["train"])
     model_cfg = ModelSettings.model_validate(config["model"])
     ray.data.DataContext.get_current().enable_progress_bars = False  # one bar per worker drowns logs
@@ -121,12 +128,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 })  # fmt: skip
                 checkpoint = ray.train.Checkpoint.from_directory(tmp)
             ray.train.report(report, checkpoint=checkpoint)
+    return history
 
 
 def build_trainer(settings: Settings, data: data_mod.TrainingData, run_name: str) -> TorchTrainer:
     t = settings.train
     return TorchTrainer(
-        train_loop_per_worker,
+        train_loop_per_worker,  # type: ignore[arg-type]  # Ray's stub says -> None; v2 keeps the return
         train_loop_config={
             "train": t.model_dump(mode="json"),
             "model": settings.model.model_dump(mode="json"),
@@ -167,12 +175,14 @@ def train(settings: Settings, source: str, out: str) -> ModelCard:
     result = build_trainer(settings, data, run_name).fit()
     if result.error is not None:
         raise result.error
-    if result.checkpoint is None:
-        raise RuntimeError(f"training run {run_name} reported no checkpoint")
-    with result.checkpoint.as_directory() as d:
-        history = ckpt_mod.load_state(d)["history"]  # the best checkpoint's history ends early
+    best = finalize.best_checkpoint(result)
+    # Rank 0's return value: every epoch, also those before a resume (the best checkpoint's own
+    # history ends at its epoch), without downloading the latest checkpoint to read it.
+    history = getattr(result, "return_value", None)  # Ray Train v2 (the default)
+    if not history:
+        raise RuntimeError(f"training run {run_name} returned no history (is RAY_TRAIN_V2_ENABLED=0?)")
     info = finalize.training_info(settings, data, run_name, time.time() - started) | {"source": source}
-    with finalize.best_checkpoint(result).as_directory() as d:
+    with best.as_directory() as d:
         card = finalize.write_artifact(d, settings, out, info, history)
     storage.write_table(data.table, storage.join(out, "split.parquet"))  # which images trained/validated
     return card
