@@ -1,20 +1,53 @@
-"""DICOM to 8-bit grayscale, the way a radiologist's viewer would show it.
+"""DICOM pixels to 8-bit grayscale, the way a radiologist's viewer would show them.
 
 Order: modality LUT (rescale slope/intercept) -> VOI LUT or window centre/width -> invert
-MONOCHROME1 (where high values are dark) -> scale the windowed range to 0..255.
+MONOCHROME1 (where high values are dark) -> scale the windowed range to 0..255. The header
+(study identity, intended-use tags) is read without the pixels by ``read_header``
+(``cxr_ray.imaging.dicom_header``, re-exported here).
+
+Error messages are identifier-free: they say what was wrong, never a tag value (a patient
+name or id inside a corrupt element must not reach an error row, a summary or a log).
 """
 
 from __future__ import annotations
 
 import io
 import logging
-import warnings
+import re
 
 import numpy as np
 
 from cxr_ray.errors import DecodeError
+from cxr_ray.imaging.dicom_header import (
+    DICOM_FIELD_DOCS,
+    DICOM_FIELDS,
+    DicomHeader,
+    header_columns,
+    parse_age,
+    quiet_pydicom,
+    read_header,
+)
 
 logger = logging.getLogger(__name__)
+
+__all__ = [
+    "DICOM_FIELDS",
+    "DICOM_FIELD_DOCS",
+    "DicomHeader",
+    "decode_dicom",
+    "header_columns",
+    "parse_age",
+    "read_header",
+]
+
+_QUOTED = re.compile(r"""'[^']*'|"[^"]*"|b'[^']*'""")
+_UID_LIKE = re.compile(r"\b\d+(?:\.\d+){3,}\b")
+
+
+def _safe_message(exc: BaseException) -> str:
+    """``exc``'s message with quoted values and UIDs removed (they can be identifiers)."""
+    text = _UID_LIKE.sub("<uid>", _QUOTED.sub("<value>", str(exc)))
+    return text[:200]
 
 
 def decode_dicom(data: bytes, *, max_pixels: int) -> np.ndarray:
@@ -25,14 +58,12 @@ def decode_dicom(data: bytes, *, max_pixels: int) -> np.ndarray:
     inside becomes a ``DecodeError`` (an error row), never an exception that ends the run.
     """
     try:
-        with warnings.catch_warnings():
-            # pydicom warns about every odd value; the error row carries what matters.
-            warnings.simplefilter("ignore")
+        with quiet_pydicom():
             return _decode(data, max_pixels)
     except DecodeError:
         raise
     except Exception as exc:
-        raise DecodeError(f"unreadable DICOM: {type(exc).__name__}: {exc}") from None
+        raise DecodeError(f"unreadable DICOM: {type(exc).__name__}: {_safe_message(exc)}") from None
 
 
 def _decode(data: bytes, max_pixels: int) -> np.ndarray:
@@ -58,8 +89,8 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         hint = f" (transfer syntax {syntax.name})" if syntax is not None else ""
         raise DecodeError(
-            f"cannot decode DICOM pixel data{hint}: {exc}. cxr-ray ships the pylibjpeg plugins "
-            "(JPEG, JPEG-LS, JPEG 2000, RLE); other syntaxes need 'python-gdcm'"
+            f"cannot decode DICOM pixel data{hint}: {_safe_message(exc)}. cxr-ray ships the "
+            "pylibjpeg plugins (JPEG, JPEG-LS, JPEG 2000, RLE); other syntaxes need 'python-gdcm'"
         ) from None
     if frames > 1:
         arr = arr[0]
@@ -73,7 +104,7 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
         arr = apply_modality_lut(arr, ds)
         arr = apply_voi_lut(arr, ds)
     except Exception as exc:
-        logger.debug("LUT application failed (%s); using raw values", exc)
+        logger.debug("LUT application failed (%s); using raw values", type(exc).__name__)
     arr = np.asarray(arr, dtype=np.float32)
     lo, hi = float(np.min(arr)), float(np.max(arr))
     scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)

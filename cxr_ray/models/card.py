@@ -16,6 +16,7 @@ from cxr_ray.config import DataSettings, ModelSettings
 from cxr_ray.errors import ModelError
 from cxr_ray.imaging.preprocess import INTENSITY_MODES, PreprocessSpec
 from cxr_ray.labels import LABELS
+from cxr_ray.models.intended_use import IntendedUse
 
 CARD_FILE = "model_card.json"
 
@@ -61,6 +62,9 @@ class ModelCard(BaseModel):
         "Research and triage support for pediatric (1-5 years) frontal chest X-rays: normal vs "
         "bacterial vs viral pneumonia. Not a diagnostic device; a clinician reads every study."
     )
+    #: What scoring lets the model read (modality, body part, view, age); images outside are
+    #: skipped. Cards written before this field existed get the pediatric default.
+    intended_use_policy: IntendedUse = Field(default_factory=IntendedUse)
 
     @field_validator("labels")
     @classmethod

@@ -1,0 +1,165 @@
+"""Keyed pseudonymisation of output tables for research exports, and redaction for logs.
+
+A hospital needs the real identifiers in its own outputs (to find the flagged study); a
+research export must not carry them but must still join: the same patient, study or image
+maps to the same pseudonym in every table and every run made with the same key, and nobody
+without the key can recompute or reverse the mapping (HMAC-SHA256, RFC 2104).
+
+What becomes what (nulls stay null):
+
+- UIDs (``study_instance_uid``, ``series_instance_uid``, ``sop_instance_uid``): a valid
+  DICOM UID under the ``2.25`` root (PS3.5 B.2): ``2.25.`` + the decimal integer of the first
+  128 bits of the HMAC, with the RFC 9562 version-8 bits set, at most 44 characters. All UID
+  columns share one namespace, so a study UID maps identically wherever it appears.
+- ``patient_id``, ``accession_number``: the first 16 hex digits of the HMAC (fits the 16
+  characters of the DICOM SH type); each column has its own namespace.
+- URIs (``uri``, ``driving_uri``, ``heatmap_uri``; on by default, ``include_uris=False`` keeps
+  them): ``pseudonymized:`` + 24 hex digits, because paths carry names and ids (Kermany's
+  ``person1000_bacteria_2931.jpeg`` holds the patient id).
+- ``studies.parquet``'s ``study_key`` follows its ``study_key_kind`` (a UID, a patient id, a
+  URI, or an ``image_id``, which is a hash of the bytes and is kept).
+
+The key is bytes, at least 16 of them; the command line reads it from settings or the
+environment and refuses to run without one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import re
+from collections.abc import Callable, Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cxr_ray.errors import ConfigError
+
+__all__ = [
+    "ID_COLUMNS",
+    "MIN_KEY_BYTES",
+    "UID_COLUMNS",
+    "URI_COLUMNS",
+    "pseudonym_id",
+    "pseudonym_uid",
+    "pseudonym_uri",
+    "pseudonymize_table",
+    "redact",
+]
+
+MIN_KEY_BYTES = 16
+UID_COLUMNS: tuple[str, ...] = ("study_instance_uid", "series_instance_uid", "sop_instance_uid")
+ID_COLUMNS: tuple[str, ...] = ("patient_id", "accession_number")
+URI_COLUMNS: tuple[str, ...] = ("uri", "driving_uri", "heatmap_uri")
+
+
+def _check_key(key: bytes) -> None:
+    if not isinstance(key, bytes | bytearray) or len(key) < MIN_KEY_BYTES:
+        raise ConfigError(
+            f"the pseudonymisation key must be at least {MIN_KEY_BYTES} bytes "
+            "(e.g. 32 random bytes: python -c 'import secrets; print(secrets.token_hex(32))')"
+        )
+
+
+def _digest(key: bytes, namespace: str, value: str) -> bytes:
+    return hmac.new(key, f"{namespace}\0{value}".encode(), hashlib.sha256).digest()
+
+
+def pseudonym_uid(value: str, key: bytes) -> str:
+    """A stable, valid-looking DICOM UID for ``value`` under ``key``.
+
+    >>> pseudonym_uid("1.2.840.1", b"k" * 16).startswith("2.25.")
+    True
+    """
+    b = bytearray(_digest(key, "uid", value)[:16])
+    b[6] = (b[6] & 0x0F) | 0x80  # UUID version 8 (custom), RFC 9562
+    b[8] = (b[8] & 0x3F) | 0x80  # RFC 4122/9562 variant
+    return f"2.25.{int.from_bytes(b, 'big')}"
+
+
+def pseudonym_id(value: str, key: bytes, namespace: str = "patient_id") -> str:
+    """16 hex digits standing for ``value`` (a patient id or accession number)."""
+    return _digest(key, namespace, value).hex()[:16]
+
+
+def pseudonym_uri(value: str, key: bytes) -> str:
+    return "pseudonymized:" + _digest(key, "uri", value).hex()[:24]
+
+
+def _map_unique(arr: pa.Array, fn: Callable[[str], str]) -> pa.Array:
+    """``fn`` applied once per distinct value (HMAC in Python, but never once per row)."""
+    encoded = pc.dictionary_encode(arr.cast(pa.string()))
+    mapped = pa.array([None if v is None else fn(v) for v in encoded.dictionary.to_pylist()], pa.string())
+    return mapped.take(encoded.indices)
+
+
+def _mappers(key: bytes) -> dict[str, Callable[[str], str]]:
+    mappers: dict[str, Callable[[str], str]] = {c: (lambda v: pseudonym_uid(v, key)) for c in UID_COLUMNS}
+    mappers["patient_id"] = lambda v: pseudonym_id(v, key, "patient_id")
+    mappers["accession_number"] = lambda v: pseudonym_id(v, key, "accession_number")
+    mappers["uri"] = lambda v: pseudonym_uri(v, key)
+    return mappers
+
+
+def pseudonymize_table(table: pa.Table, key: bytes, *, include_uris: bool = True) -> pa.Table:
+    """``table`` (predictions, studies or manifest) with its identifiers pseudonymised.
+
+    Columns it does not have are ignored; the schema (names, types, order) is unchanged.
+    """
+    _check_key(key)
+    key = bytes(key)
+    mappers = _mappers(key)
+    targets = [*UID_COLUMNS, *ID_COLUMNS, *(URI_COLUMNS if include_uris else ())]
+    out = table
+    for name in targets:
+        if name not in table.column_names:
+            continue
+        fn = mappers["uri"] if name in URI_COLUMNS else mappers[name]
+        mapped = _map_unique(table.column(name).combine_chunks(), fn)
+        i = out.schema.get_field_index(name)
+        out = out.set_column(i, out.schema.field(name), mapped.cast(out.schema.field(name).type))
+    if "study_key" in table.column_names and "study_key_kind" in table.column_names:
+        out = _pseudonymize_study_key(out, table, mappers, include_uris)
+    return out
+
+
+def _pseudonymize_study_key(
+    out: pa.Table, table: pa.Table, mappers: dict[str, Callable[[str], str]], include_uris: bool
+) -> pa.Table:
+    study_key = table.column("study_key").combine_chunks()
+    kind = table.column("study_key_kind").combine_chunks()
+    result = study_key
+    for kind_name, mapper in (
+        ("study_instance_uid", "study_instance_uid"),
+        ("patient_id", "patient_id"),
+        *((("uri", "uri"),) if include_uris else ()),
+    ):
+        result = pc.if_else(pc.equal(kind, kind_name), _map_unique(study_key, mappers[mapper]), result)
+    i = out.schema.get_field_index("study_key")
+    return out.set_column(i, out.schema.field("study_key"), result.cast(out.schema.field("study_key").type))
+
+
+_UID = re.compile(r"(?<![\w.])\d+(?:\.\d+){2,}(?!\w|\.\d)")
+
+
+def redact(text: str, identifiers: Iterable[str | None] = ()) -> str:
+    """``text`` without identifiers, for logs, summaries and error messages.
+
+    Every value in ``identifiers`` (a row's patient id, accession number, file name, ...;
+    values under 3 characters are too common to replace safely) becomes ``<redacted>``, and
+    anything shaped like a DICOM UID (five or more dotted numbers, or three or more with a
+    long one, as in ``2.25.<uuid>``; addresses and versions stay) becomes ``<uid>``.
+
+    >>> redact("no study 1.2.840.113619.2.55 for patient P12345", ["P12345"])
+    'no study <uid> for patient <redacted>'
+    """
+    for value in sorted({v for v in identifiers if v and len(v) >= 3}, key=len, reverse=True):
+        text = text.replace(value, "<redacted>")
+    return _UID.sub(_uid_or_address, text)
+
+
+def _uid_or_address(m: re.Match[str]) -> str:
+    parts = m.group(0).split(".")
+    # Keep addresses and versions (127.0.0.1, 2.60.0): UIDs have 5+ components or long ones.
+    short = len(parts) < 5 and all(len(p) <= 5 for p in parts)
+    return m.group(0) if short else "<uid>"
