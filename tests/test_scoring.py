@@ -398,7 +398,15 @@ def test_the_second_run_says_the_onnx_cache_was_hit(ray_local, tiny_artifact, tm
 
 @pytest.mark.parametrize(
     ("gpus_per_actor", "actors_max", "cluster_gpus", "expected"),
-    [(0, 1, 0, 0.0), (1, 1, 1, 0.0), (1, 2, 2, 0.0), (1, 1, 2, 1.0), (0.5, 1, 1, 0.5), (0.5, 3, 1.5, 0.0), (0.5, 2, 2, 0.5)],
+    [
+        (0, 1, 0, 0.0),
+        (1, 1, 1, 0.0),
+        (1, 2, 2, 0.0),
+        (1, 1, 2, 1.0),
+        (0.5, 1, 1, 0.5),
+        (0.5, 3, 1.5, 0.0),
+        (0.5, 2, 2, 0.5),
+    ],
 )
 def test_the_explain_pool_never_asks_for_gpus_the_predictors_hold(
     gpus_per_actor, actors_max, cluster_gpus, expected
@@ -406,3 +414,17 @@ def test_the_explain_pool_never_asks_for_gpus_the_predictors_hold(
     from cxr_ray.scoring.pipeline import explainer_gpus
 
     assert explainer_gpus(gpus_per_actor, actors_max, cluster_gpus) == expected
+
+
+def test_a_pool_that_leaves_no_cpu_for_decoding_is_warned_about():
+    from cxr_ray.scoring.pipeline import starvation
+
+    two_actors = ScoreSettings(actors_min=2, actors_max=2, cpus_per_actor=0.5)
+    assert starvation(two_actors, 2.0) is None  # 1 CPU left for the decode task
+    explained = two_actors.model_copy(update={"explain": "flagged"})
+    problem = starvation(explained, 2.0)  # 2 predictors + 1 Grad-CAM actor leave 0.5 < 1
+    assert problem is not None and "reserve 1.5 of this cluster's 2 CPUs" in problem
+    assert starvation(explained.model_copy(update={"cpus_per_decode_task": 0.5}), 2.0) is None
+    growing = ScoreSettings(actors_min=1, actors_max=4, cpus_per_actor=0.5)
+    assert "reserve 2 of" in (starvation(growing, 2.0) or "")  # the pool may grow to 4
+    assert starvation(explained, 0.0) is None  # an autoscaling cluster with no node yet

@@ -100,6 +100,49 @@ def _cuda_available() -> bool:
         return False
 
 
+#: The CUDA 13 stack (torch 2.14 cu130 wheels, nvJPEG 13, tensorrt-cu13) needs this NVIDIA
+#: driver or newer on Linux (CUDA 13.0 release notes, "CUDA Toolkit and Minimum Driver").
+MIN_DRIVER_CUDA13 = "580.65.06"
+_DRIVER_FILE = "/proc/driver/nvidia/version"
+
+
+def nvidia_driver_version() -> str | None:
+    """The loaded NVIDIA kernel driver's version (``/proc/driver/nvidia/version``), if any."""
+    import re
+
+    try:
+        with open(_DRIVER_FILE, encoding="utf-8") as f:
+            text = f.read()
+    except OSError:
+        return None
+    m = re.search(r"Kernel Module(?: for [\w-]+)?\s+(\d+\.\d+(?:\.\d+)?)", text)
+    return m.group(1) if m else None
+
+
+def cuda_problem() -> str | None:
+    """``None`` when CUDA works in this process, else why not, in words an operator can act on.
+
+    For a process that was given GPUs (a predictor actor with ``num_gpus``): an old driver is
+    the usual cause, and torch only says "not available".
+    """
+    if _cuda_available():
+        return None
+    try:
+        import torch
+
+        built = torch.version.cuda
+    except Exception:  # pragma: no cover - torch is a dependency
+        built = None
+    driver = nvidia_driver_version()
+    need = f"an NVIDIA driver >= {MIN_DRIVER_CUDA13}" if (built or "").startswith("13") else "a newer driver"
+    if driver is None:
+        return f"CUDA is not usable: no NVIDIA driver is loaded (torch built for CUDA {built} needs {need})"
+    return (
+        f"CUDA is not usable: torch is built for CUDA {built}, which needs {need}; "
+        f"this node's driver is {driver} (see docs/GPU.md, 'Driver')"
+    )
+
+
 def availability() -> dict[str, str | None]:
     """Engine name -> ``None`` if it can run here, else why not (a message for users)."""
     out: dict[str, str | None] = {}

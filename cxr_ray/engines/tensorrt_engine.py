@@ -74,16 +74,13 @@ def _import_tensorrt() -> Any:
 
 
 def _require_cuda() -> None:
-    try:
-        import torch
+    from cxr_ray.engines.base import cuda_problem
 
-        ok = bool(torch.cuda.is_available())
-    except Exception:
-        ok = False
-    if not ok:
+    problem = cuda_problem()
+    if problem is not None:
         raise EngineUnavailableError(
             "engine 'tensorrt' needs a CUDA GPU and none is visible to this process "
-            "(schedule the predictor actors with num_gpus > 0, or use engine 'onnxruntime')"
+            f"({problem}; schedule the predictor actors with num_gpus > 0, or use engine 'onnxruntime')"
         )
 
 

@@ -47,6 +47,9 @@ def gradcam(
     finally:
         handle.remove()
         net.train(was_training)
+        # The weights' .grad would otherwise stay allocated: a second copy of the model in
+        # every explaining actor.
+        net.zero_grad(set_to_none=True)
     act, grad = saved["act"].detach(), saved["grad"].detach()
     weights = grad.mean(dim=(2, 3), keepdim=True)
     cam = torch.relu((weights * act).sum(dim=1, keepdim=True))
@@ -54,7 +57,9 @@ def gradcam(
     cam = cam[:, 0]
     flat = cam.flatten(1)
     lo, hi = flat.min(1).values.view(-1, 1, 1), flat.max(1).values.view(-1, 1, 1)
-    cam = (cam - lo) / (hi - lo).clamp_min(1e-8)
+    # A relative floor: an absolute one (1e-8) crushed maps whose raw range is tiny (a model
+    # without pretrained weights peaked at 0.014 instead of 1).
+    cam = (cam - lo) / (hi - lo).clamp_min(1e-12)
     return cam.cpu().numpy().astype(np.float32), cls.cpu().numpy()
 
 

@@ -9,11 +9,13 @@ Everything streams: blocks hold at most ``data.rows_per_block`` images and Ray D
 backpressure bounds what is in flight, so memory does not grow with the archive. The driver
 writes one row per input image (errors included) to ``predictions.parquet`` as blocks
 arrive and commits it atomically at the end, then writes ``metrics.parquet``,
-``confusion.parquet`` and ``summary.json`` (the run's completion marker).
+``confusion.parquet``, ``studies.parquet`` (one row per study) and ``summary.json`` (the
+run's completion marker, written last).
 
 Output folder::
 
-    OUT/predictions.parquet  OUT/metrics.parquet  OUT/confusion.parquet  OUT/summary.json
+    OUT/predictions.parquet  OUT/studies.parquet  OUT/metrics.parquet  OUT/confusion.parquet
+    OUT/summary.json
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxr_ray import metrics
-from cxr_ray.config import Settings
+from cxr_ray.config import ScoreSettings, Settings
 from cxr_ray.data.manifest import source_dataset
 from cxr_ray.engines import EnginePayload, PrepareReport, engine_options, prepare, select_engine
 from cxr_ray.errors import DataError
@@ -40,9 +42,10 @@ from cxr_ray.imaging.preprocess import PreprocessSpec
 from cxr_ray.io import storage
 from cxr_ray.labels import LABELS
 from cxr_ray.models.artifact import Artifact, load_artifact
-from cxr_ray.models.card import spec_for
+from cxr_ray.models.card import ModelCard, spec_for
 from cxr_ray.scoring.schema import PREDICTIONS_SCHEMA
 from cxr_ray.scoring.stages import CxrPredictor, SeenFilter, decode_stage
+from cxr_ray.scoring.studies import STUDIES_SCHEMA, STUDY_INPUT_COLUMNS, study_metrics, study_table
 
 logger = logging.getLogger(__name__)
 
@@ -66,6 +69,9 @@ class ScoreResult:
     #: Rows deliberately not scored (outside the model's intended use), with the reason.
     skipped: int = 0
     flagged: int = 0
+    #: Studies (``studies.parquet``) and how many of them are flagged.
+    studies: int = 0
+    flagged_studies: int = 0
     labelled: int = 0
     seconds: float = 0.0
     first_row_seconds: float = 0.0
@@ -79,6 +85,8 @@ class ScoreResult:
     #: quantized) model came from the node's cache, ``built`` when this run made it.
     engine_report: dict[str, Any] = field(default_factory=dict)
     metrics: dict[str, float] = field(default_factory=dict)
+    #: The same metrics per study (labelled studies only), when labels exist.
+    study_metrics: dict[str, float] = field(default_factory=dict)
     error_examples: list[dict[str, str]] = field(default_factory=list)
 
     @property
@@ -189,6 +197,9 @@ def build_dataset(
     sc = settings.score
     gpu_actors = sc.gpus_per_actor > 0
     explain = sc.explain != "none"
+    problem = starvation(sc, ray.cluster_resources().get("CPU", 0.0))
+    if problem:
+        logger.warning(problem)
     ds = source_dataset(source, settings.data)
     ds = ds.map_batches(
         decode_stage,
@@ -196,7 +207,13 @@ def build_dataset(
         batch_size=None,
         num_cpus=sc.cpus_per_decode_task,
         # Heatmaps need the decoded pixels on the CPU side, so explaining turns GPU decode off.
-        fn_kwargs={"spec": plan.spec, "seen": seen, "gpu_jpeg": gpu_actors and sc.gpu_decode and not explain},
+        fn_kwargs={
+            "spec": plan.spec,
+            "seen": seen,
+            "gpu_jpeg": gpu_actors and sc.gpu_decode and not explain,
+            "intended_use": art.card.intended_use_policy,
+            "enforce_intended_use": sc.enforce_intended_use,
+        },
     )
     ds = ds.map_batches(
         CxrPredictor,
@@ -222,7 +239,10 @@ def build_dataset(
         Explainer,
         batch_size=sc.batch_size,
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=sc.actors_max),
+        # One Grad-CAM actor: a pool allowed to grow would take the CPUs the decode tasks need
+        # (Ray Data then waits for a decode slot forever) for work that is usually only the
+        # flagged few.
+        compute=ray.data.ActorPoolStrategy(size=1),
         num_cpus=sc.cpus_per_actor,
         num_gpus=gpus or None,
         fn_constructor_kwargs={
@@ -235,9 +255,28 @@ def build_dataset(
     )
 
 
+def starvation(sc: ScoreSettings, cluster_cpus: float) -> str | None:
+    """Why the run would wait forever on this cluster's CPUs, or ``None``.
+
+    Actor pools keep their CPUs; read/decode tasks need ``cpus_per_decode_task`` more. If
+    the actors' reservation leaves less than that, Ray Data waits for a decode slot that
+    never comes, silently. An autoscaling cluster may still add nodes, so this is a warning.
+    """
+    # What the pools can grow to: predictors up to actors_max, one Grad-CAM actor.
+    pools = (sc.actors_max + (1 if sc.explain != "none" else 0)) * sc.cpus_per_actor
+    if cluster_cpus and cluster_cpus - pools < sc.cpus_per_decode_task:
+        return (
+            f"the actor pools reserve {pools:g} of this cluster's {cluster_cpus:g} CPUs, leaving less than "
+            f"score.cpus_per_decode_task = {sc.cpus_per_decode_task:g} for decode tasks: the run will wait "
+            "for CPUs (forever, unless the cluster grows); lower score.cpus_per_actor, score.actors_min "
+            "or score.cpus_per_decode_task"
+        )
+    return None
+
+
 def explainer_gpus(gpus_per_actor: float, actors_max: int, cluster_gpus: float) -> float:
-    """GPUs for each Grad-CAM actor: the predictors' share only if the cluster has room for a
-    full predictor pool plus one explainer; else 0 (Grad-CAM on CPU).
+    """GPUs for the Grad-CAM actor: the predictors' share only if the cluster has room for a
+    full predictor pool plus the explainer; else 0 (Grad-CAM on CPU).
 
     Asking for GPUs the predictor pool already holds would never schedule, and Ray Data
     would wait for it without a timeout (``gpus_per_actor=1`` with as many GPUs as actors).
@@ -252,8 +291,9 @@ def _with_run_columns(batch: pa.Table, *, version: str, run_id: str) -> pa.Table
     now = datetime.now(UTC)
     cols = {c: batch.column(c) for c in batch.column_names if c in PREDICTIONS_SCHEMA.names}
     cols["model_version"] = pa.array([version] * n, pa.string())
-    if "heatmap_uri" not in cols:
-        cols["heatmap_uri"] = pa.nulls(n, pa.string())
+    for f in PREDICTIONS_SCHEMA:  # columns a stage did not produce (no DICOM in this block...)
+        if f.name not in cols:
+            cols[f.name] = pa.nulls(n, f.type)
     cols["run_id"] = pa.array([run_id] * n, pa.string())
     cols["scored_at"] = pa.array([now] * n, pa.timestamp("us", tz="UTC"))
     # Error rows carry no prediction: null, not the NaN / False placeholders of the batch.
@@ -261,8 +301,15 @@ def _with_run_columns(batch: pa.Table, *, version: str, run_id: str) -> pa.Table
     for name in _PREDICTION_COLUMNS:
         typ = PREDICTIONS_SCHEMA.field(name).type
         cols[name] = pc.if_else(ok, cols[name].cast(typ), pa.scalar(None, typ))
-    table = pa.table(cols)
-    return table.select(PREDICTIONS_SCHEMA.names).cast(PREDICTIONS_SCHEMA)
+    table = pa.table({f.name: _conform(cols[f.name], f.type) for f in PREDICTIONS_SCHEMA})
+    return table.cast(PREDICTIONS_SCHEMA)
+
+
+def _conform(column: pa.ChunkedArray | pa.Array, typ: pa.DataType) -> pa.ChunkedArray | pa.Array:
+    """A stage column as ``typ``: nullable integers that crossed Ray as float NaN become null."""
+    if (pa.types.is_integer(typ) or pa.types.is_date(typ)) and pa.types.is_floating(column.type):
+        column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+    return column
 
 
 _PREDICTION_COLUMNS = (
@@ -330,6 +377,12 @@ def score(
             acc.add(table)
             if on_block is not None:
                 on_block(table)
+    studies = write_studies(out, card, run_id)
+    result.studies = studies.num_rows
+    result.flagged_studies = int(pc.sum(pc.fill_null(studies["flagged"], False)).as_py() or 0)
+    sm = study_metrics(studies, threshold=card.pneumonia_threshold)
+    if sm is not None:
+        result.study_metrics = sm.summary()
     result.seconds = time.perf_counter() - started
     m = acc.metrics(card.pneumonia_threshold)
     if m is not None:
@@ -344,6 +397,19 @@ def score(
     return result
 
 
+def write_studies(out: str, card: ModelCard, run_id: str) -> pa.Table:
+    """``OUT/studies.parquet`` from the committed ``OUT/predictions.parquet``: one row per study.
+
+    The rule (``cxr_ray.scoring.studies``): a study is its StudyInstanceUID (else the patient
+    id, else the image); its result is the in-scope frontal image with the highest
+    P(pneumonia).
+    """
+    preds = storage.read_table(storage.join(out, "predictions.parquet"), columns=list(STUDY_INPUT_COLUMNS))
+    studies = study_table(preds, frontal_views=card.intended_use_policy.views)
+    storage.write_table(studies, storage.join(out, "studies.parquet"), STUDIES_SCHEMA)
+    return studies
+
+
 def format_summary(r: ScoreResult) -> str:
     engines = ", ".join(r.engines) if r.engines and r.engines != [r.engine] else r.engine
     cache = r.engine_report.get("onnx_cache")
@@ -352,8 +418,9 @@ def format_summary(r: ScoreResult) -> str:
         f"{r.flagged} flagged ({engines}{' ' + r.precision if r.precision else ''}, model {r.model_version}"
         + (f", ONNX cache {cache}" if cache else "")
         + ")",
+        f"{r.studies} studies, {r.flagged_studies} flagged",
         f"{r.images_per_s:.1f} img/s over {r.seconds:.1f} s (first rows after {r.first_row_seconds:.1f} s)",
-        f"outputs: {storage.join(r.out, 'predictions.parquet')}"
+        f"outputs: {storage.join(r.out, 'predictions.parquet')}, studies.parquet"
         + (", metrics.parquet, confusion.parquet" if r.metrics else ""),
     ]
     if r.int8_check:

@@ -19,8 +19,10 @@ import pyarrow as pa
 
 from cxr_ray.data.manifest import identify
 from cxr_ray.errors import DecodeError
+from cxr_ray.imaging.dicom import DicomHeader, header_columns, read_header
 from cxr_ray.imaging.preprocess import PreprocessSpec, decode, sniff_format, to_model_input
 from cxr_ray.labels import LABELS, NORMAL
+from cxr_ray.models.intended_use import IntendedUse, UseCheck, use_columns
 
 logger = logging.getLogger(__name__)
 
@@ -49,14 +51,24 @@ class SeenSet:
 
 
 def decode_stage(
-    batch: pa.Table, *, spec: PreprocessSpec, seen: SeenFilter | None = None, gpu_jpeg: bool = False
+    batch: pa.Table,
+    *,
+    spec: PreprocessSpec,
+    seen: SeenFilter | None = None,
+    gpu_jpeg: bool = False,
+    intended_use: IntendedUse | None = None,
+    enforce_intended_use: bool = True,
 ) -> dict[str, np.ndarray]:
     """Raw rows (``sources.RAW_SCHEMA``) -> rows ready for the predictor.
 
     ``seen`` drops images already scored by this model version (nightly runs): ids are hashed
-    first and only what is new is decoded. With ``gpu_jpeg`` the JPEG bytes are passed on
-    undecoded (``decoded`` False) for a GPU actor to decode; other formats are decoded here
-    either way. ``decoded`` says which rows' ``pixels`` hold the decoded image.
+    first and only what is new is decoded. A DICOM's header is read first (no pixels): its
+    identifiers and acquisition tags become columns, and an image outside ``intended_use``
+    becomes a ``skipped`` row with the reason (never decoded, never scored) unless
+    ``enforce_intended_use`` is off (the research override, recorded in the row). With
+    ``gpu_jpeg`` the JPEG bytes are passed on undecoded (``decoded`` False) for a GPU actor to
+    decode; other formats are decoded here either way. ``decoded`` says which rows' ``pixels``
+    hold the decoded image.
     """
     rows = batch.to_pylist()
     ids = [hashlib.sha256(r["data"]).hexdigest() if r["data"] is not None else None for r in rows]
@@ -68,14 +80,26 @@ def decode_stage(
     pixels = np.zeros((len(rows), spec.height, spec.width), np.uint8)
     decoded = np.zeros(len(rows), dtype=bool)
     jpeg: list[bytes | None] = []
+    headers: list[DicomHeader | None] = []
+    checks: list[UseCheck | None] = []
     for i, (row, image_id) in enumerate(zip(rows, ids, strict=True)):
         data, error = row["data"], row["error"]
         info = identify(row["name"], row["uri"])
-        raw = None
+        raw = header = check = None
+        status = "ok"
         if error is None and data is not None:
-            if gpu_jpeg and sniff_format(data) == "jpeg":
+            fmt = sniff_format(data, row["name"])
+            try:
+                header = read_header(data) if fmt == "dicom" else None
+            except DecodeError as exc:
+                error = str(exc)
+            if error is None and intended_use is not None:
+                check = intended_use.check(header, enforce=enforce_intended_use)
+                if not check.scored:
+                    status, error = "skipped", check.reason
+            if error is None and gpu_jpeg and fmt == "jpeg":
                 raw = data
-            else:
+            elif error is None:
                 try:
                     pixels[i] = decode(data, spec, row["name"]).pixels
                     decoded[i] = True
@@ -87,10 +111,15 @@ def decode_stage(
         out["uri"].append(row["uri"])
         out["patient_id"].append(info.patient_id)
         out["label"].append(row.get("label") or info.label)
-        out["status"].append("error" if error else "ok")
+        out["status"].append(status if status == "skipped" else ("error" if error else "ok"))
         out["error"].append(error)
         jpeg.append(raw)
+        headers.append(header)
+        checks.append(check)
     result = {k: np.array(v, dtype=object) for k, v in out.items()}
+    extra = header_columns(headers, out["patient_id"]) | use_columns(checks)
+    for name, column in extra.items():
+        result[name] = np.array(column.to_pylist(), dtype=object)
     result["pixels"] = pixels
     result["decoded"] = decoded
     if gpu_jpeg:
@@ -122,6 +151,7 @@ class CxrPredictor:
         if isinstance(payload, ray.ObjectRef):
             payload = ray.get(payload)
         assert isinstance(payload, EnginePayload)
+        self._check_gpus(ray)
         self.engine = build(payload)
         self.spec = spec
         self.threshold = payload.card.pneumonia_threshold
@@ -138,6 +168,17 @@ class CxrPredictor:
             self.engine.device,
             "GPU" if self.gpu_decode else "CPU",
         )
+
+    @staticmethod
+    def _check_gpus(ray: Any) -> None:
+        """An actor given GPUs that CUDA cannot use says why, once, at start (an old driver is
+        the usual cause); CPU engines still score correctly, TensorRT then refuses to build."""
+        from cxr_ray.engines.base import cuda_problem
+
+        gpus = ray.get_gpu_ids() if ray.is_initialized() else []
+        problem = cuda_problem() if gpus else None
+        if problem is not None:
+            logger.warning("predictor given GPU %s, but %s: scoring on the CPU", gpus, problem)
 
     def _cpu_decode(self, batch: dict[str, np.ndarray], rows: list[int], errors: np.ndarray) -> list[int]:
         """Decode undecoded JPEG rows on the CPU into ``batch["pixels"]``; returns the successes."""
@@ -163,21 +204,28 @@ class CxrPredictor:
         pending = [i for i in pending if jpeg is not None and jpeg[i] is not None]
         scored = np.zeros(n, dtype=bool)
         if pending and self.gpu_decode:
+            import torch
+
             from cxr_ray.imaging.gpu_decode import decode_batch
 
             x, errs = decode_batch([jpeg[i] for i in pending], self.spec, device="cuda")  # type: ignore[index]
+            # torchvision's CUDA decoder writes on its own stream; the engine reads on another.
+            # Without this the model could read a partly written batch (today each batch also
+            # ends with a synchronous .cpu(), but nothing may overlap decode and inference
+            # without this barrier).
+            torch.cuda.synchronize()
             good = [k for k, e in enumerate(errs) if e is None]
             if good:
                 out = self.engine.run_tensor(x[good])  # type: ignore[attr-defined]
                 rows = [pending[k] for k in good]
-                # .cpu() is synchronous: the result (and the decoder's writes it depends on)
-                # is complete before the next batch reuses any buffer.
                 probs[rows] = out.cpu().numpy()
                 scored[rows] = True
             for k, e in enumerate(errs):
                 if e is not None:
                     errors[pending[k]] = e
         elif pending:  # undecoded JPEGs reached an actor that cannot decode them on a GPU
+            # Ray hands the actor read-only (zero-copy) arrays: decode into a copy.
+            batch["pixels"] = np.array(batch["pixels"], copy=True)
             decoded[self._cpu_decode(batch, pending, errors)] = True
         cpu_rows = np.flatnonzero(ok & decoded & ~scored)
         if len(cpu_rows):
@@ -186,6 +234,7 @@ class CxrPredictor:
         return probs, errors, scored
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = dict(batch)  # the stage may replace arrays, never the caller's dict
         status_in = batch["status"]
         ok = status_in == "ok"
         probs, errors, scored = self._probs(batch, ok)

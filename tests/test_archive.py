@@ -1,0 +1,114 @@
+"""Hospital archives end to end: DICOM identity, intended-use gating and study-level results.
+
+The issue's six files (real Kermany pixels in DICOM, with the tags a PACS export carries):
+a PA and a lateral of one study, an AP MONOCHROME1 CR, an adult, a CT and a HAND. Only the PA
+and the AP are what the pediatric frontal chest model may read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from cxr_ray.config import load_settings
+from cxr_ray.scoring.pipeline import score
+from cxr_ray.scoring.schema import PREDICTIONS_SCHEMA
+from cxr_ray.scoring.studies import STUDIES_SCHEMA
+from tests import dicom_factory
+
+
+def _settings(tmp_path, **score):
+    return load_settings(None, {"score": {"cache_dir": str(tmp_path / "cache"), **score}})
+
+
+@pytest.fixture(scope="module")
+def six(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("six")
+    instances = dicom_factory.six_file_case()
+    dicom_factory.write_files(instances, folder)
+    return folder, {i.key: i for i in instances}
+
+
+def test_six_file_case_scores_the_frontal_pediatric_chests_and_skips_the_rest(
+    ray_local, tiny_artifact, six, tmp_path
+):
+    folder, instances = six
+    out = tmp_path / "out"
+    r = score(str(folder), str(tiny_artifact), str(out), _settings(tmp_path))
+    t = pq.read_table(out / "predictions.parquet")
+    assert t.schema.equals(PREDICTIONS_SCHEMA)
+    assert t.num_rows == 6 == r.images
+    rows = {row["uri"].rsplit("/", 1)[-1].removesuffix(".dcm"): row for row in t.to_pylist()}
+    assert set(rows) == set(instances)
+    assert Counter(row["status"] for row in rows.values()) == {"ok": 2, "skipped": 4}
+    assert (r.ok, r.skipped, r.errors) == (2, 4, 0)
+    assert {k for k, row in rows.items() if row["status"] == "ok"} == {"pa", "ap_mono1"}
+    reasons = {k: row["error"] for k, row in rows.items() if row["status"] == "skipped"}
+    assert reasons["lateral"] == "view LL is outside the model's intended use (PA, AP)"
+    assert reasons["ct"].startswith("modality CT is outside the model's intended use (CR, DX)")
+    assert reasons["hand"].startswith("body part HAND is outside the model's intended use (CHEST)")
+    assert reasons["adult"] == "patient age 45 years is outside the model's intended use (0-17 years)"
+    for k, row in rows.items():
+        # identifiers in every row, skipped ones included
+        tags = instances[k].tags
+        assert row["study_instance_uid"] == tags.study_instance_uid
+        assert row["sop_instance_uid"] == tags.sop_instance_uid
+        assert row["series_instance_uid"] == tags.series_instance_uid
+        assert row["accession_number"] == tags.accession_number
+        assert row["patient_id"] == tags.patient_id
+        assert row["modality"] == tags.modality
+        if row["status"] == "skipped":
+            assert row["intended_use"] == "out_of_scope"
+            assert all(row[c] is None for c in ("pred_label", "prob_normal", "prob_pneumonia", "flagged"))
+        else:
+            assert row["intended_use"] == "in_scope" and row["prob_pneumonia"] is not None
+    assert rows["ap_mono1"]["photometric_interpretation"] == "MONOCHROME1"
+    assert rows["ap_mono1"]["view_position"] == "AP"
+
+    studies = pq.read_table(out / "studies.parquet")
+    assert studies.schema.equals(STUDIES_SCHEMA)
+    assert studies.num_rows == 5 == r.studies
+    pa_study = studies.filter(
+        pc.equal(studies["study_instance_uid"], instances["pa"].tags.study_instance_uid)
+    )
+    (study,) = pa_study.to_pylist()
+    assert (study["images"], study["scored"], study["skipped"]) == (2, 1, 1)
+    assert study["prob_pneumonia"] == pytest.approx(rows["pa"]["prob_pneumonia"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["ok"], summary["skipped"], summary["studies"]) == (2, 4, 5)
+
+
+def test_the_research_override_scores_everything_and_says_so(ray_local, tiny_artifact, six, tmp_path):
+    folder, _ = six
+    out = tmp_path / "out"
+    r = score(str(folder), str(tiny_artifact), str(out), _settings(tmp_path, enforce_intended_use=False))
+    t = pq.read_table(out / "predictions.parquet")
+    assert (r.ok, r.skipped) == (6, 0)
+    by_use = Counter(t["intended_use"].to_pylist())
+    assert by_use == {"in_scope": 2, "overridden": 4}
+    notes = [
+        n for n, u in zip(t["intended_use_note"].to_pylist(), t["intended_use"].to_pylist(), strict=True)
+    ]
+    assert all(
+        "research override" in (n or "")
+        for n, u in zip(notes, t["intended_use"].to_pylist(), strict=True)
+        if u == "overridden"
+    )
+
+
+def test_logs_and_summary_print_no_patient_identifiers(ray_local, tiny_artifact, six, tmp_path, caplog):
+    from cxr_ray.scoring.pipeline import format_summary
+
+    folder, instances = six
+    (folder.parent / "broken").mkdir(exist_ok=True)
+    out = tmp_path / "out"
+    with caplog.at_level("DEBUG", logger="cxr_ray"):
+        r = score(str(folder), str(tiny_artifact), str(out), _settings(tmp_path))
+    text = format_summary(r) + (out / "summary.json").read_text() + caplog.text
+    for inst in instances.values():
+        for ident in (inst.tags.patient_id, inst.tags.accession_number, inst.tags.patient_name):
+            assert ident not in text, ident
