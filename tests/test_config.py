@@ -1,9 +1,11 @@
 import pytest
 from click.testing import CliRunner
 
+from cxr_ray import vocabulary
 from cxr_ray.cli import main
 from cxr_ray.config import Settings, check_uri, load_settings, settings_from_dict
 from cxr_ray.errors import ConfigError
+from cxr_ray.vocabulary import INTENSITY_MODES
 
 
 def test_priority_flags_over_env_over_toml(tmp_path, monkeypatch):
@@ -73,3 +75,36 @@ def test_every_shipped_recipe_is_valid():
         assert s.model.arch in recipe.name
     default = load_settings(recipes[[r.name for r in recipes].index("mobilenet_v2_cpu.toml")])
     assert default.train == Settings().train  # the file documents the built-in defaults
+
+
+def test_one_invalid_field_is_one_line_naming_the_allowed_values():
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, {"model": {"intensity": "sharpen"}})
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("invalid settings: model.intensity: unknown intensity mode 'sharpen'")
+    assert all(mode in msg for mode in INTENSITY_MODES) and "CXR_MODEL__INTENSITY" in msg
+
+
+def test_settings_use_the_one_vocabulary():
+    import cxr_ray.config as config
+
+    assert config.ARCHITECTURES is vocabulary.ARCHITECTURES and config.ENGINES is vocabulary.ENGINES
+    for arch in vocabulary.ARCHITECTURES:
+        assert load_settings(None, {"model": {"arch": arch}}).model.arch == arch
+    for engine in vocabulary.ENGINES:
+        assert load_settings(None, {"score": {"engine": engine}}).score.engine == engine
+
+
+@pytest.mark.parametrize("mode", INTENSITY_MODES)
+def test_every_intensity_the_settings_accept_is_implemented(mode):
+    """Settings, the model's preprocessing spec and the decoder agree on each mode."""
+    from cxr_ray.imaging.preprocess import decode
+    from cxr_ray.models.card import spec_for
+    from tests import imaging
+
+    s = load_settings(None, {"model": {"intensity": mode, "input_size": 64}})
+    spec = spec_for(s.model, s.data)
+    assert spec.intensity == mode
+    pixels = decode(imaging.jpeg_bytes(seed=5), spec).pixels
+    assert pixels.shape == (64, 64) and pixels.dtype.name == "uint8"

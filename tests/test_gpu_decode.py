@@ -141,6 +141,17 @@ def test_batched_failure_retries_one_by_one_and_falls_back(monkeypatch):
     np.testing.assert_array_equal(x[1:2].numpy(), _reference(datas[1:2], spec))
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, needs_cuda])])
+def test_clahe_spec_goes_through_the_cpu_contract(device):
+    """No GPU CLAHE: every row of a clahe spec is decoded by the CPU path, bit for bit."""
+    spec = PreprocessSpec(224, 224, intensity="clahe", max_pixels=2_000_000)
+    datas = [imaging.jpeg_bytes(h, w, seed=s) for s, (h, w) in enumerate([(320, 256), (1200, 1000)])]
+    datas.append(imaging.jpeg_bytes(2000, 1600, seed=3))  # over max_pixels: an error row
+    x, errors = decode_batch(datas, spec, device=device)
+    assert errors[:2] == [None, None] and errors[2] is not None and "pixel" in errors[2]
+    np.testing.assert_array_equal(x[:2].cpu().numpy(), _reference(datas[:2], spec))
+
+
 def test_empty_batch():
     x, errors = decode_batch([], PreprocessSpec(32, 48), device="cpu")
     assert x.shape == (0, 1, 32, 48) and errors == []

@@ -125,6 +125,41 @@ def test_equalize_spreads_histogram():
         PreprocessSpec(intensity="sharpen")
 
 
+def _local_contrast(pixels: np.ndarray, tile: int = 28) -> float:
+    """Mean standard deviation over tiles: what adaptive equalisation raises."""
+    h, w = pixels.shape
+    blocks = pixels[: h - h % tile, : w - w % tile].reshape(h // tile, tile, w // tile, tile)
+    return float(blocks.astype(np.float32).std(axis=(1, 3)).mean())
+
+
+def test_clahe_is_deterministic_uint8_after_the_resize():
+    import cv2
+
+    data = imaging.jpeg_bytes(900, 700, seed=6)
+    spec = PreprocessSpec(intensity="clahe")
+    out = decode(data, spec).pixels
+    assert out.shape == (224, 224) and out.dtype == np.uint8
+    np.testing.assert_array_equal(out, decode(data, spec).pixels)
+    # Step 3 runs on the resized image (step 2), with the contract's parameters.
+    resized = decode(data, SPEC).pixels
+    expected = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8)).apply(resized)
+    np.testing.assert_array_equal(out, expected)
+    assert _local_contrast(out) > 1.2 * _local_contrast(resized)
+    assert not np.array_equal(out, decode(data, PreprocessSpec(intensity="equalize")).pixels)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [imaging.png_bytes(seed=2), imaging.png_bytes(seed=3, bits=16), imaging.dicom_bytes(seed=4)],
+    ids=["png8", "png16", "dicom"],
+)
+def test_clahe_applies_to_every_format(data):
+    out = decode(data, PreprocessSpec(64, 64, intensity="clahe"), "x.dcm").pixels
+    plain = decode(data, PreprocessSpec(64, 64), "x.dcm").pixels
+    assert out.shape == (64, 64) and out.dtype == np.uint8
+    assert not np.array_equal(out, plain)
+
+
 def test_model_input_contract():
     x = to_model_input(np.full((2, 224, 224), 255, np.uint8))
     assert x.shape == (2, 1, 224, 224) and x.dtype == np.float32

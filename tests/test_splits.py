@@ -95,3 +95,15 @@ def test_fingerprint_depends_on_content_only():
     t = _synthetic().filter(pa.compute.equal(_synthetic()["status"], "ok"))
     assert data_fingerprint(t) == data_fingerprint(t.take(list(reversed(range(t.num_rows)))))
     assert data_fingerprint(t) != data_fingerprint(t.slice(1))
+
+
+def test_a_class_too_rare_for_the_folds_is_a_clear_error_not_a_traceback():
+    # 6 images of each class, one per patient: 18 patients pass the patient check, but a
+    # 7-fold stratified split cannot put a viral image in every fold (sklearn's ValueError).
+    rows = [
+        {"uri": f"/x/{c}{i}.jpeg", "image_id": f"{c}{i}", "label": c, "patient_id": f"{c}{i}", "status": "ok"}
+        for c in ("normal", "bacterial", "viral")
+        for i in range(6)
+    ]
+    with pytest.raises(DataError, match=r"the rarest class has only 6 images.*7-fold"):
+        split_manifest(pa.Table.from_pylist(rows), val_fraction=0.15)

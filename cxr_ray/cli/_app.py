@@ -10,12 +10,16 @@ import functools
 import logging
 import sys
 from collections.abc import Callable
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
 from cxr_ray.config import Settings, load_settings
 from cxr_ray.errors import ConfigError, CxrRayError, DataError, ModelError
+
+if TYPE_CHECKING:
+    from cxr_ray.models.artifact import Artifact
 
 F = TypeVar("F", bound=Callable[..., Any])
 logger = logging.getLogger("cxr_ray")
@@ -30,7 +34,11 @@ def _fail(msg: str, code: int) -> None:
 
 
 def handle_errors(fn: F) -> F:
-    """Turn cxr-ray errors into a message and an exit code instead of a traceback."""
+    """Turn cxr-ray errors into one message line and an exit code instead of a traceback.
+
+    The one error mapping of every entry point (commands, ``jobs/``, ``trainers/``): 2 for
+    what the user must fix (settings, inputs, model artifacts), 1 for other cxr-ray errors.
+    """
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -46,6 +54,30 @@ def handle_errors(fn: F) -> F:
 
 def settings_from(ctx: click.Context, overrides: dict[str, Any]) -> Settings:
     return load_settings(ctx.obj.get("config"), overrides)
+
+
+def verbosity(ctx: click.Context) -> int:
+    """``-v`` count given before the command name (0: Ray's own output kept quiet)."""
+    return int((ctx.find_root().obj or {}).get("verbose", 0))
+
+
+def require_source(uri: str, what: str = "source") -> None:
+    """Refuse a local path that does not exist, before Ray starts (remote URIs: the reader's job)."""
+    from cxr_ray.io import uris
+
+    if uris.is_remote(uri):
+        return
+    local = Path(uri.removeprefix("file://")).expanduser()
+    if not local.exists():
+        raise DataError(f"{what} {uri!r} does not exist")
+
+
+def load_model(uri: str) -> Artifact:
+    """Read and verify a model artifact once, on the driver, before Ray starts."""
+    from cxr_ray.models.artifact import load_artifact
+
+    require_source(uri, "model artifact")
+    return load_artifact(uri)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -76,6 +108,36 @@ def main(ctx: click.Context, config: str | None, verbose: int) -> None:
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     ctx.ensure_object(dict)
     ctx.obj["config"] = config
+    ctx.obj["verbose"] = verbose
+
+
+#: Options of the ``cxr-ray`` group itself, which go before the command name.
+_GROUP_FLAGS = ("-v", "-vv", "-vvv", "--verbose")
+
+
+def job_args(command: str, argv: list[str]) -> list[str]:
+    """``argv`` of a job entrypoint as a ``cxr-ray`` command line for ``run_command``.
+
+    ``--config FILE`` and ``-v`` may come anywhere in a job's arguments; they move before
+    the command name, where the ``cxr-ray`` group reads them.
+
+    >>> job_args("train", ["DATA", "--out", "m", "--config", "c.toml", "-v"])
+    ['--config', 'c.toml', '-v', 'train', 'DATA', '--out', 'm']
+    """
+    group: list[str] = []
+    rest: list[str] = []
+    it = iter(argv)
+    for arg in it:
+        if arg == "--":
+            rest.extend([arg, *it])
+        elif arg == "--config":
+            value = next(it, None)  # a missing value is click's to report
+            group.extend([arg] if value is None else [arg, value])
+        elif arg.startswith("--config=") or arg in _GROUP_FLAGS:
+            group.append(arg)
+        else:
+            rest.append(arg)
+    return [*group, command, *rest]
 
 
 def run_command(args: list[str]) -> int:

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from cxr_ray.cli._app import handle_errors, main, settings_from
+from cxr_ray.cli._app import handle_errors, main, require_source, settings_from, verbosity
 
 
 @main.command()
@@ -30,8 +30,9 @@ def manifest(
     from cxr_ray.data.manifest import write_manifest
 
     s = settings_from(ctx, {"data": {"max_pixels": max_pixels, "rows_per_block": rows_per_block}})
-    with ray_session(s.ray, quiet=True):
-        summary = write_manifest(source, out, s.data)
+    require_source(source)
+    with ray_session(s.ray, verbose=verbosity(ctx)):
+        summary = write_manifest(source, out, s.data, s.dicomweb)
     click.echo(f"wrote {summary.rows} rows to {out}")
     for status, n in sorted(summary.status.items()):
         click.echo(f"  status={status}: {n}")

@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 from cxr_ray.config import Settings, load_settings
 from cxr_ray.data.manifest import ManifestSummary, write_manifest
 from cxr_ray.io import storage
+from cxr_ray.models.artifact import load_artifact
 from cxr_ray.models.card import ModelCard
 from cxr_ray.scoring.pipeline import ScoreResult, score
 
@@ -63,6 +64,8 @@ def demo_settings(base: Settings, out: Path, real: bool) -> Settings:
 
 
 def run_demo(out: Path, settings: Settings, data_dir: Path | None = None) -> DemoResult:
+    """Manifest, train, then score the validation images (with the CLI's progress line)."""
+    from cxr_ray.cli.progress import Progress
     from cxr_ray.training.trainer import train
 
     out.mkdir(parents=True, exist_ok=True)
@@ -79,5 +82,10 @@ def run_demo(out: Path, settings: Settings, data_dir: Path | None = None) -> Dem
     split = storage.read_table(storage.join(model_dir, "split.parquet"))
     val = split.filter(pc.equal(split["split"], "val"))
     storage.write_table(val, str(out / "val_manifest.parquet"))
-    scored = score(str(out / "val_manifest.parquet"), model_dir, str(out / "scores"), s)
+    art = load_artifact(model_dir)
+    with Progress("scoring") as progress:
+        # overwrite: the demo folder is rewritten on every run.
+        scored = score(
+            str(out / "val_manifest.parquet"), art, str(out / "scores"), s, on_block=progress, overwrite=True
+        )
     return DemoResult(Path(source), summary, card, scored)

@@ -6,21 +6,18 @@ from typing import Any
 
 import click
 
-from cxr_ray.cli._app import handle_errors, main, settings_from
+from cxr_ray.cli._app import handle_errors, load_model, main, require_source, settings_from, verbosity
 from cxr_ray.errors import CxrRayError
+from cxr_ray.vocabulary import ARCHITECTURES, INTENSITY_MODES
 
 
 @main.command()
 @click.argument("data")
 @click.option("--out", required=True, help="Artifact directory to write (path or s3://).")
-@click.option(
-    "--arch",
-    default=None,
-    help="Backbone: mobilenet_v2 (default), efficientnet_lite0, resnet18, ...",
-)
+@click.option("--arch", default=None, help=f"Backbone: {' | '.join(ARCHITECTURES)} (default: mobilenet_v2).")
 @click.option("--pretrained/--no-pretrained", default=None, help="Start from offline ImageNet weights.")
 @click.option("--input-size", type=int, default=None, help="Square input size in pixels (224).")
-@click.option("--intensity", default=None, help="Intensity normalisation: none | equalize.")
+@click.option("--intensity", default=None, help=f"Intensity normalisation: {' | '.join(INTENSITY_MODES)}.")
 @click.option("--workers", type=int, default=None, help="Ray Train workers (DDP processes).")
 @click.option("--use-gpu/--no-gpu", default=None, help="One GPU per worker, mixed precision.")
 @click.option("--epochs", type=int, default=None, help="Maximum epochs (early stopping may end sooner).")
@@ -43,17 +40,20 @@ def train(ctx: click.Context, data: str, out: str, **flags: Any) -> None:
     best epoch by validation macro-F1 becomes the artifact (model_card.json,
     model.safetensors, val_metrics.parquet, training_curve.png).
     """
-    from cxr_ray.cli.runtime import ray_session
-    from cxr_ray.metrics import format_metrics_summary
-    from cxr_ray.training.trainer import train as run_training
-
     model_keys = ("arch", "pretrained", "input_size", "intensity")
     overrides = {
         "model": {k: flags.pop(k) for k in model_keys},
         "train": dict(flags),
     }
     s = settings_from(ctx, overrides)
-    with ray_session(s.ray):
+    require_source(data, "training data")
+    # Imported after the checks above, so a bad flag is refused without loading torch.
+    from cxr_ray.cli.runtime import ray_session
+    from cxr_ray.metrics import format_metrics_summary
+    from cxr_ray.training.trainer import train as run_training
+
+    # Ray Train's per-epoch lines come from the workers: forwarded even when not verbose.
+    with ray_session(s.ray, verbose=verbosity(ctx), worker_logs=True):
         card = run_training(s, data, out)
     click.echo(f"artifact {card.version} written to {out}")
     click.echo(format_metrics_summary(card.metrics.get("validation", {})))
@@ -75,16 +75,17 @@ def export_cmd(ctx: click.Context, artifact: str, fmt: str, out: str | None) -> 
     """
     from pathlib import Path
 
-    from cxr_ray.engines import prepare_payload, select_engine
+    from cxr_ray.engines import engine_options, prepare, select_engine
     from cxr_ray.engines.onnx_export import cached_onnx, onnx_cache_path
     from cxr_ray.io import storage
-    from cxr_ray.models.artifact import load_artifact
+    from cxr_ray.models.card import spec_for
 
     s = settings_from(ctx, {})
-    art = load_artifact(artifact)
+    art = load_model(artifact)
+    options = engine_options(s.score)
     if fmt == "onnx":
-        data = cached_onnx(art, s.score.cache_dir)
-        target = out or str(onnx_cache_path(art, s.score.cache_dir))
+        data, _ = cached_onnx(art, options.cache_dir)
+        target = out or str(onnx_cache_path(art, options.cache_dir))
         if out:
             storage.write_bytes(data, out)
         click.echo(f"ONNX model ({len(data) / 1e6:.1f} MB) for {art.card.version}: {target}")
@@ -92,20 +93,8 @@ def export_cmd(ctx: click.Context, artifact: str, fmt: str, out: str | None) -> 
     select_engine("tensorrt")
     from cxr_ray.engines.tensorrt_engine import build_engine_file
 
-    sc = s.score
-    options = {
-        "cache_dir": sc.cache_dir,
-        "trt_precision": sc.trt_precision,
-        "trt_min_batch": sc.trt_min_batch,
-        "trt_opt_batch": sc.trt_opt_batch,
-        "trt_max_batch": sc.trt_max_batch,
-    }
-    if sc.trt_precision == "int8":
-        from cxr_ray.models.splits import calibration_images
-
-        options["calibration"] = calibration_images(artifact, sc.trt_calibration_images)
-    payload = prepare_payload(artifact, "tensorrt", cache_dir=sc.cache_dir, options=options)
-    path = build_engine_file(payload.onnx, art.card, payload.options)
+    payload, _ = prepare(art, "tensorrt", options, spec_for(art.card, s.data))
+    path = build_engine_file(payload)
     if out:
         storage.write_bytes(Path(path).read_bytes(), out)
     click.echo(f"TensorRT engine for {art.card.version}: {out or path}")
@@ -122,8 +111,9 @@ def export_cmd(ctx: click.Context, artifact: str, fmt: str, out: str | None) -> 
     show_default=True,
     help="Class whose evidence the heatmap shows.",
 )
+@click.pass_context
 @handle_errors
-def explain(images: tuple[str, ...], artifact: str, out: str, target: str) -> None:
+def explain(ctx: click.Context, images: tuple[str, ...], artifact: str, out: str, target: str) -> None:
     """Grad-CAM heatmaps for single images: where the model looked.
 
     Writes OUT/<file name>.png (the preprocessed image with the heatmap in jet colours) and
@@ -137,14 +127,14 @@ def explain(images: tuple[str, ...], artifact: str, out: str, target: str) -> No
     from cxr_ray.imaging.preprocess import decode, to_model_input
     from cxr_ray.io import storage
     from cxr_ray.labels import LABELS
-    from cxr_ray.models.artifact import load_artifact
     from cxr_ray.models.card import spec_for
     from cxr_ray.models.factory import Probabilities
     from cxr_ray.scoring.explain import gradcam, overlay_png
 
-    art = load_artifact(artifact)
+    s = settings_from(ctx, {})
+    art = load_model(artifact)
     net = art.build()
-    spec = spec_for(art.card)
+    spec = spec_for(art.card, s.data)
     for path in images:
         try:
             pixels = decode(storage.read_bytes(path), spec, path).pixels
@@ -193,7 +183,7 @@ def demo(ctx: click.Context, out: str, data_dir: str | None) -> None:
     data = Path(data_dir) if data_dir and Path(data_dir).is_dir() else None
     if data_dir and data is None:
         click.echo(f"{data_dir} not found: using a generated synthetic sample")
-    with ray_session(s.ray, quiet=True):
+    with ray_session(s.ray, verbose=verbosity(ctx)):
         result = run_demo(Path(out), s, data)
     click.echo(f"\nsource: {result.source}")
     click.echo(f"manifest: {result.manifest.rows} files {dict(result.manifest.status)}")

@@ -1,27 +1,114 @@
-"""Scoring commands: score, evaluate, report."""
+"""Scoring commands: score, screen, nightly, evaluate, report."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any, TypeVar
+
 import click
 
-from cxr_ray.cli._app import DataError, handle_errors, main, settings_from
+from cxr_ray.cli._app import (
+    DataError,
+    handle_errors,
+    load_model,
+    main,
+    require_source,
+    settings_from,
+    verbosity,
+)
+from cxr_ray.vocabulary import ENGINES
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _engine_flags(fn: F) -> F:
+    """The engine and resource options shared by score, screen and nightly."""
+    options = [
+        click.option("--engine", default=None, help=f"{' | '.join(ENGINES)} (default: auto)."),
+        click.option("--batch-size", type=int, default=None, help="Images per predictor call."),
+        click.option("--actors", type=int, default=None, help="Predictor actors (min = max)."),
+        click.option(
+            "--gpus-per-actor", type=float, default=None, help="GPUs per predictor actor (0 = CPU)."
+        ),
+        click.option("--cpus-per-actor", type=float, default=None, help="CPUs reserved per predictor actor."),
+        click.option(
+            "--onnx-precision",
+            type=click.Choice(["fp32", "int8"]),
+            default=None,
+            help="onnxruntime precision; int8 is quantized from the artifact's training images (opt-in).",
+        ),
+        click.option(
+            "--study-date",
+            default=None,
+            help="DICOMweb sources: StudyDate YYYYMMDD or YYYYMMDD-YYYYMMDD (one end may be open).",
+        ),
+        click.option(
+            "--modality",
+            "modalities",
+            multiple=True,
+            help="DICOMweb sources: only this Modality (repeatable).",
+        ),
+        click.option(
+            "--query", "queries", multiple=True, metavar="KEY=VALUE", help="DICOMweb: extra QIDO-RS key."
+        ),
+        click.option(
+            "--pseudonymize",
+            is_flag=True,
+            default=None,
+            help="Research export: keyed HMAC pseudonyms for patient id, accession, UIDs and uri "
+            "(key: score.pseudonym_key / CXR_SCORE__PSEUDONYM_KEY).",
+        ),
+        click.option(
+            "--score-outside-intended-use",
+            is_flag=True,
+            default=None,
+            help="Research override: score images outside the model's intended use too (recorded per row).",
+        ),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+
+def _query(pairs: tuple[str, ...]) -> dict[str, str] | None:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise click.BadParameter(f"{pair!r} is not KEY=VALUE", param_hint="--query")
+        out[key] = value
+    return out or None
+
+
+def _score_overrides(flags: dict[str, Any]) -> dict[str, Any]:
+    actors = flags.pop("actors", None)
+    outside = flags.pop("score_outside_intended_use", None)
+    return {
+        "dicomweb": {
+            "study_date": flags.pop("study_date", None),
+            "modalities": tuple(flags.pop("modalities", ())) or None,
+            "query": _query(tuple(flags.pop("queries", ()))),
+        },
+        "score": {
+            "pseudonymize": flags.pop("pseudonymize", None),
+            "enforce_intended_use": None if outside is None else not outside,
+            "engine": flags.pop("engine", None),
+            "batch_size": flags.pop("batch_size", None),
+            "actors_min": actors,
+            "actors_max": actors,
+            "gpus_per_actor": flags.pop("gpus_per_actor", None),
+            "cpus_per_actor": flags.pop("cpus_per_actor", None),
+            "onnx_precision": flags.pop("onnx_precision", None),
+            "explain": flags.pop("explain", None),
+        },
+    }
 
 
 @main.command()
 @click.argument("source")
 @click.option("--model", "artifact", required=True, help="Model artifact directory (path or s3://).")
 @click.option("--out", required=True, help="Output folder for this run (path or s3://).")
-@click.option("--engine", default=None, help="auto | onnxruntime | torch | tensorrt.")
-@click.option("--batch-size", type=int, default=None, help="Images per predictor call.")
-@click.option("--actors", type=int, default=None, help="Predictor actors (min = max).")
-@click.option("--gpus-per-actor", type=float, default=None, help="GPUs per predictor actor (0 = CPU).")
-@click.option("--cpus-per-actor", type=float, default=None, help="CPUs reserved per predictor actor.")
-@click.option(
-    "--onnx-precision",
-    type=click.Choice(["fp32", "int8"]),
-    default=None,
-    help="onnxruntime precision; int8 is quantized from the artifact's training images (opt-in).",
-)
+@_engine_flags
 @click.option(
     "--explain",
     type=click.Choice(["none", "flagged", "all"]),
@@ -33,6 +120,7 @@ from cxr_ray.cli._app import DataError, handle_errors, main, settings_from
     default=None,
     help="Metrics history table to append to (default: metrics_history.parquet beside OUT).",
 )
+@click.option("--overwrite", is_flag=True, help="Replace a committed run already in OUT.")
 @click.pass_context
 @handle_errors
 def score(
@@ -40,50 +128,100 @@ def score(
     source: str,
     artifact: str,
     out: str,
-    engine: str | None,
-    batch_size: int | None,
-    actors: int | None,
-    gpus_per_actor: float | None,
-    cpus_per_actor: float | None,
-    onnx_precision: str | None,
-    explain: str | None,
     history: str | None,
+    overwrite: bool,
+    **flags: Any,
 ) -> None:
     """Score every image of SOURCE with a model artifact; write predictions and metrics.
 
     One row per input file in OUT/predictions.parquet (broken files included, as
     status=error rows). When SOURCE carries labels (Kermany names or folders), per-class
     metrics go to OUT/metrics.parquet and OUT/confusion.parquet and are appended to the
-    history table. Ends with a summary: images, ok, errors, flagged, img/s.
+    history table. Ends with a summary: images, ok, errors, flagged, img/s. An OUT that
+    already holds a run is refused unless --overwrite.
     """
+    s = settings_from(ctx, _score_overrides(flags))
+    require_source(source)
+    # Imported after the checks above, so a bad flag or path is refused at once.
+    from cxr_ray.cli.progress import Progress
     from cxr_ray.cli.runtime import ray_session
     from cxr_ray.io import storage
     from cxr_ray.metrics import format_metrics_summary
     from cxr_ray.scoring.pipeline import format_summary
     from cxr_ray.scoring.pipeline import score as run_score
 
-    overrides = {
-        "score": {
-            "engine": engine,
-            "batch_size": batch_size,
-            "actors_min": actors,
-            "actors_max": actors,
-            "gpus_per_actor": gpus_per_actor,
-            "cpus_per_actor": cpus_per_actor,
-            "onnx_precision": onnx_precision,
-            "explain": explain,
-        }
-    }
-    s = settings_from(ctx, overrides)
+    art = load_model(artifact)
     history = history or storage.join(storage.parent(out), "metrics_history.parquet")
-    with ray_session(s.ray):
-        result = run_score(source, artifact, out, s, history=history)
+    with ray_session(s.ray, verbose=verbosity(ctx)), Progress("scoring") as progress:
+        result = run_score(source, art, out, s, history=history, overwrite=overwrite, on_block=progress)
     click.echo(format_summary(result))
     if result.metrics:
         from cxr_ray.reporting.report import write_report
 
         click.echo(format_metrics_summary(result.metrics, title="metrics"))
         click.echo(f"report: {write_report(out)}")
+
+
+@main.command()
+@click.argument("source")
+@click.option("--model", "artifact", required=True, help="Model artifact directory (path or s3://).")
+@click.option("--out", required=True, help="Output folder (path or s3://).")
+@click.option("--top", type=int, default=20, show_default=True, help="Flagged studies to print.")
+@_engine_flags
+@click.option("--overwrite", is_flag=True, help="Replace a committed run already in OUT.")
+@click.pass_context
+@handle_errors
+def screen(
+    ctx: click.Context, source: str, artifact: str, out: str, top: int, overwrite: bool, **flags: Any
+) -> None:
+    """Screen a whole archive retrospectively: score everything, rank the flagged studies.
+
+    Writes what `score` writes plus OUT/flagged.parquet (flagged studies, most suspicious
+    first) and OUT/report.html, and prints counts per predicted class and the TOP flagged
+    studies by image id (never file names: they may carry patient identifiers).
+    """
+    s = settings_from(ctx, _score_overrides(flags))
+    require_source(source)
+    from cxr_ray.cli.progress import Progress
+    from cxr_ray.cli.runtime import ray_session
+    from cxr_ray.metrics import format_metrics_summary
+    from cxr_ray.reporting.report import write_report
+    from cxr_ray.scoring.screen import format_screen
+    from cxr_ray.scoring.screen import screen as run_screen
+
+    art = load_model(artifact)
+    with ray_session(s.ray, verbose=verbosity(ctx)), Progress("screening") as progress:
+        result = run_screen(source, art, out, s, top=top, overwrite=overwrite, on_block=progress)
+    click.echo(format_screen(result))
+    if result.scored.metrics:
+        click.echo(format_metrics_summary(result.scored.metrics, title="metrics"))
+    click.echo(f"report: {write_report(out)}")
+
+
+@main.command()
+@click.argument("source")
+@click.option("--model", "artifact", required=True, help="Model artifact directory (path or s3://).")
+@click.option("--root", required=True, help="Folder of the nightly tables and runs (path or s3://).")
+@_engine_flags
+@click.pass_context
+@handle_errors
+def nightly(ctx: click.Context, source: str, artifact: str, root: str, **flags: Any) -> None:
+    """Incremental scoring: only the images of SOURCE this model version has not scored yet.
+
+    Everything goes under ROOT (predictions, metrics, metrics history and the record of
+    which images each model version has scored); a rerun over the same SOURCE scores
+    nothing new, and a run killed mid-way is finished by the next one.
+    """
+    s = settings_from(ctx, _score_overrides(flags))
+    require_source(source)
+    from cxr_ray.cli.progress import Progress
+    from cxr_ray.cli.runtime import ray_session
+    from cxr_ray.scoring.nightly import format_nightly, run_nightly
+
+    art = load_model(artifact)
+    with ray_session(s.ray, verbose=verbosity(ctx)), Progress("nightly") as progress:
+        result = run_nightly(source, art, root, s, on_block=progress)
+    click.echo(format_nightly(result))
 
 
 @main.command()

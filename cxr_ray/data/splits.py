@@ -59,6 +59,13 @@ def split_manifest(table: pa.Table, *, val_fraction: float = 0.15, seed: int = 0
     # Any int seed (negative, huge) maps into the 32-bit range numpy accepts.
     digest = hashlib.sha256(f"{seed}".encode()).digest()
     rng_seed = int.from_bytes(digest[:4], "little")
+    smallest = min(int(np.sum(np.asarray(labels) == c)) for c in set(labels))
+    if smallest < n_splits:
+        raise DataError(
+            f"the rarest class has only {smallest} images: too few for a patient-grouped "
+            f"{n_splits}-fold split (data.val_fraction = {val_fraction}); give at least {n_splits} "
+            "labelled images of every class, or raise data.val_fraction"
+        )
     sgkf = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=rng_seed)
     _, val_idx = next(iter(sgkf.split(np.zeros(len(labels)), labels, groups)))
     split = np.full(len(labels), "train", dtype=object)

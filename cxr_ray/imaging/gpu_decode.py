@@ -15,6 +15,9 @@ directly on the predictor's device, so full-resolution X-rays never cross PCIe a
 4. Squash-resize with ``interpolate(bilinear, antialias=True)`` (PIL's bilinear), rounding to
    uint8 like the CPU path, then ``equalize`` when the card asks for it, then x 1/255.
 
+A spec whose intensity step has no GPU implementation here (``clahe``) sends every row to the
+CPU decoder, so GPU and CPU actors feed the model the same pixels.
+
 Anything the GPU path does not handle (PNG, DICOM, CMYK or truncated JPEGs, JPEGs nvJPEG
 rejects) falls back to ``cxr_ray.imaging.preprocess.decode`` on the CPU for that row only. A row that
 fails everywhere gets an error message; one bad image never fails the batch.
@@ -32,7 +35,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from cxr_ray.errors import DecodeError
-from cxr_ray.imaging.preprocess import PreprocessSpec, _check_pixels, decode, sniff_format
+from cxr_ray.imaging.preprocess import PreprocessSpec, check_pixels, decode, sniff_format
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +47,8 @@ _EOI = b"\xff\xd9"
 _DRAFT_SCALES = (8, 4, 2, 1)
 #: Header modes nvJPEG's GRAY output matches PIL for (luma of YCbCr, or the single channel).
 _GPU_MODES = ("L", "RGB")
+#: Intensity steps implemented on the GPU; any other goes through the CPU contract.
+GPU_INTENSITY_MODES = ("none", "equalize")
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +80,8 @@ def _route(data: bytes, spec: PreprocessSpec) -> str:
 
     Raises ``DecodeError`` for a JPEG over the pixel limit (checked before decoding).
     """
+    if spec.intensity not in GPU_INTENSITY_MODES:
+        return "cpu"
     if sniff_format(data) != "jpeg" or not data.rstrip(b"\x00").endswith(_EOI):
         return "cpu"
     try:
@@ -83,7 +90,7 @@ def _route(data: bytes, spec: PreprocessSpec) -> str:
         raise DecodeError(f"decompression bomb refused: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError):
         return "cpu"  # the CPU decoder produces the canonical error message for this row
-    _check_pixels(header.width, header.height, spec.max_pixels)
+    check_pixels(header.width, header.height, spec.max_pixels)
     return "gpu" if header.mode in _GPU_MODES else "cpu"
 
 

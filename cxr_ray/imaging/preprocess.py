@@ -9,8 +9,12 @@ Contract (recorded in every model card and checked when a model is loaded):
    the Kermany 224 px release does), bilinear with antialiasing. Nothing about the original
    size, aspect ratio or file size survives: the dataset's normals are larger files, and a
    model must not read the class off that.
-3. Optional intensity normalisation: ``equalize`` (global histogram equalisation) removes
-   much of the exposure/contrast difference between acquisition sites.
+3. Optional intensity normalisation (``cxr_ray.vocabulary.INTENSITY_MODES``), on the resized
+   ``uint8`` image, deterministic: ``equalize`` (global histogram equalisation, PIL) removes
+   much of the exposure/contrast difference between acquisition sites; ``clahe``
+   (contrast-limited adaptive histogram equalisation, OpenCV's ``createCLAHE`` with clip
+   limit 2.0 on an 8 x 8 tile grid, a common chest X-ray setting) equalises each region of
+   the image, the clip limit bounding how much it amplifies noise.
 4. The model receives ``float32 [N, 1, H, W]`` in 0..1. Channel replication and ImageNet
    mean/std normalisation happen inside the exported network (``cxr_ray.models``), so every
    engine is fed the same tensor.
@@ -29,9 +33,26 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from cxr_ray.errors import DecodeError
+from cxr_ray.vocabulary import INTENSITY_MODES
 
 FORMATS = ("jpeg", "png", "dicom")
-INTENSITY_MODES = ("none", "equalize")
+#: CLAHE parameters: part of the contract (a model trained with ``clahe`` saw exactly these).
+CLAHE_CLIP_LIMIT = 2.0
+CLAHE_TILES = (8, 8)
+
+__all__ = [
+    "CLAHE_CLIP_LIMIT",
+    "CLAHE_TILES",
+    "FORMATS",
+    "INTENSITY_MODES",
+    "Decoded",
+    "PreprocessSpec",
+    "check_pixels",
+    "clahe",
+    "decode",
+    "sniff_format",
+    "to_model_input",
+]
 
 _MAGIC: tuple[tuple[bytes, int, str], ...] = (
     (b"\xff\xd8\xff", 0, "jpeg"),
@@ -86,7 +107,7 @@ def sniff_format(data: bytes, name: str | None = None) -> str:
     return "unknown"
 
 
-def _check_pixels(width: int, height: int, max_pixels: int) -> None:
+def check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise DecodeError(
             f"image is {width}x{height} = {width * height} pixels, over the {max_pixels}-pixel "
@@ -111,7 +132,7 @@ def _decode_pil(data: bytes, fmt: str, spec: PreprocessSpec) -> tuple[Image.Imag
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=[fmt.upper()])
             width, height = im.size
-            _check_pixels(width, height, spec.max_pixels)
+            check_pixels(width, height, spec.max_pixels)
             if fmt == "jpeg":
                 im.draft("L", (spec.width, spec.height))
             im.load()
@@ -149,11 +170,27 @@ def decode(data: bytes, spec: PreprocessSpec, name: str | None = None) -> Decode
     return Decoded(_finish(im, spec), fmt, width, height)
 
 
+def clahe(pixels: np.ndarray) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation of ``uint8 [H, W]`` (step 3, ``clahe``)."""
+    import cv2
+
+    if pixels.ndim != 2 or pixels.dtype != np.uint8:
+        raise ValueError(f"expected uint8 [H, W], got {pixels.dtype} {pixels.shape}")
+    out: np.ndarray = cv2.createCLAHE(clipLimit=CLAHE_CLIP_LIMIT, tileGridSize=CLAHE_TILES).apply(
+        np.ascontiguousarray(pixels)
+    )
+    return out
+
+
 def _finish(im: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     if im.size != (spec.width, spec.height):
         im = im.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
     if spec.intensity == "equalize":
         im = ImageOps.equalize(im)
+    elif spec.intensity == "clahe":
+        return clahe(np.asarray(im, dtype=np.uint8))
+    elif spec.intensity != "none":  # a mode added to the vocabulary but not implemented here
+        raise ValueError(f"intensity mode {spec.intensity!r} has no implementation")
     return np.asarray(im, dtype=np.uint8)
 
 

@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from cxr_ray.config import DataSettings, ModelSettings
 from cxr_ray.errors import ModelError
-from cxr_ray.imaging.preprocess import INTENSITY_MODES, PreprocessSpec
+from cxr_ray.imaging.preprocess import PreprocessSpec
 from cxr_ray.labels import LABELS
 from cxr_ray.models.intended_use import IntendedUse
+from cxr_ray.vocabulary import INTENSITY_MODES
 
 CARD_FILE = "model_card.json"
 

@@ -18,11 +18,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from cxr_ray.config import ARCHITECTURES
 from cxr_ray.errors import ModelError
 from cxr_ray.labels import LABELS
 from cxr_ray.models import efficientnet_lite
 from cxr_ray.models import weights as weights_mod
+from cxr_ray.vocabulary import ARCHITECTURES
 
 logger = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ BACKBONES: dict[str, Backbone] = {
     "efficientnet_b0": Backbone(_tv("efficientnet_b0"), _classifier_last, _features, _last_feature),
     "convnext_tiny": Backbone(_tv("convnext_tiny"), _classifier_last, _features, _last_feature),
 }
-assert set(BACKBONES) == set(ARCHITECTURES), "config.ARCHITECTURES and BACKBONES disagree"
+assert set(BACKBONES) == set(ARCHITECTURES), "vocabulary.ARCHITECTURES and BACKBONES disagree"
 
 
 def backbone_spec(arch: str) -> Backbone:

@@ -70,7 +70,10 @@ def _plots(y: np.ndarray, p: np.ndarray) -> dict[str, str]:
         ax.plot(fpr, tpr, "k--", label="pneumonia vs normal")
     ax.plot([0, 1], [0, 1], color="#bbb", lw=0.8)
     ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
-    ax.legend(loc="lower right", fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8)
+    else:  # every labelled image is of one class: no curve has both positives and negatives
+        ax.text(0.5, 0.5, "one class only:\nno ROC curve", ha="center", va="center", color="#6b7785")
     out["roc"] = _fig_png(fig)
 
     fig, ax = plt.subplots(figsize=(5, 4))

@@ -1,0 +1,31 @@
+"""The closed vocabularies of cxr-ray, each defined once (a leaf: imports nothing from cxr_ray).
+
+Settings validation, the preprocessing contract, model cards and output tables import these,
+so a value accepted in one place is accepted everywhere and an unknown one is refused at
+settings validation, before any work starts. Class labels live in ``cxr_ray.labels``.
+"""
+
+from __future__ import annotations
+
+#: Backbones the model factory can build (``cxr_ray.models.factory.BACKBONES`` must match).
+ARCHITECTURES: tuple[str, ...] = (
+    "mobilenet_v2",
+    "efficientnet_lite0",
+    "resnet18",
+    "resnet50",
+    "densenet121",
+    "efficientnet_b0",
+    "convnext_tiny",
+)
+
+#: Scoring engines; ``auto`` picks the best available one (``cxr_ray.engines.select_engine``).
+ENGINES: tuple[str, ...] = ("auto", "onnxruntime", "torch", "tensorrt")
+
+#: Step 3 of the preprocessing contract (``cxr_ray.imaging.preprocess``): ``none``;
+#: ``equalize``, global histogram equalisation; ``clahe``, contrast-limited adaptive
+#: histogram equalisation (OpenCV's, clip limit 2.0 on an 8 x 8 tile grid).
+INTENSITY_MODES: tuple[str, ...] = ("none", "equalize", "clahe")
+
+#: Row statuses of every output table: ``ok``; ``error`` (the file could not be read or
+#: decoded); ``skipped`` (deliberately not scored). The reason is in the row's ``error``.
+STATUSES: tuple[str, ...] = ("ok", "error", "skipped")
