@@ -11,7 +11,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxr_ray import labels as labels_mod
-from cxr_ray.config import DataSettings
+from cxr_ray.config import DataSettings, DicomwebSettings
+from cxr_ray.data import dicomweb as dicomweb_mod
 from cxr_ray.data.sources import ReadOptions, ReadUnit, list_source, units_from_uris
 from cxr_ray.errors import DataError, DecodeError
 from cxr_ray.imaging.preprocess import PreprocessSpec, decode
@@ -45,11 +46,12 @@ MANIFEST_SCHEMA = pa.schema(
 _CHECK_SIZE = 64
 
 
-def read_options(settings: DataSettings) -> ReadOptions:
+def read_options(settings: DataSettings, dicomweb: DicomwebSettings | None = None) -> ReadOptions:
     return ReadOptions(
         bytes_column=settings.bytes_column,
         name_column=settings.name_column,
         rows_per_block=settings.rows_per_block,
+        dicomweb=dicomweb,
     )
 
 
@@ -91,15 +93,24 @@ def inspect_block(batch: pa.Table, *, max_pixels: int) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=MANIFEST_SCHEMA)
 
 
-def image_dataset(units: list[ReadUnit], options: ReadOptions) -> Any:
-    """A Ray Dataset of raw image rows for ``units`` (Ray must be initialised)."""
+def image_dataset(units: list[ReadUnit], options: ReadOptions, *, read_cpus: float = 1.0) -> Any:
+    """A Ray Dataset of raw image rows for ``units`` (Ray must be initialised).
+
+    ``read_cpus``: CPUs per read task. Give it the decode stage's share so Ray fuses read and
+    decode into one task: unfused, a read task still asks for its default full CPU, which a
+    node whose actors hold all but a fraction can never grant (the run then waits forever).
+    """
     import ray.data
 
     from cxr_ray.data.datasource import ImageDatasource
 
     # One block stream per unit, as listed: Ray's default (at least 200 blocks) would split
     # the reads further, and a split read cannot be fused with the decode stage after it.
-    return ray.data.read_datasource(ImageDatasource(units, options), override_num_blocks=max(1, len(units)))
+    return ray.data.read_datasource(
+        ImageDatasource(units, options),
+        override_num_blocks=max(1, len(units)),
+        ray_remote_args={"num_cpus": read_cpus},
+    )
 
 
 def is_manifest(source: str) -> bool:
@@ -119,30 +130,64 @@ def is_manifest(source: str) -> bool:
     return {"uri", "image_id", "status"} <= names
 
 
-def source_dataset(source: str, settings: DataSettings) -> Any:
-    """Raw image rows of every entry of ``source`` (or of the URIs a manifest lists)."""
+def source_dataset(
+    source: str,
+    settings: DataSettings,
+    dicomweb: DicomwebSettings | None = None,
+    *,
+    read_cpus: float = 1.0,
+) -> Any:
+    """Raw image rows of every entry of ``source`` (or of the URIs a manifest lists).
+
+    ``dicomweb``: filters, credentials and retries for ``dicomweb://`` sources (and manifests
+    listing DICOMweb instances); ``None`` uses the defaults (no filter, no authentication).
+    """
     if is_manifest(source):
         table = read_manifest(source)
-        return uri_dataset(table.select([c for c in ("uri", "label") if c in table.column_names]), settings)
-    options = read_options(settings)
-    units = list_source(source, options)
+        columns = [c for c in ("uri", "label") if c in table.column_names]
+        return uri_dataset(table.select(columns), settings, dicomweb, read_cpus=read_cpus)
+    options = read_options(settings, dicomweb)
+    units = source_units(source, options)
     logger.info("listed %s: %d read units", source, len(units))
-    return image_dataset(units, options)
+    return image_dataset(units, options, read_cpus=read_cpus)
 
 
-def uri_dataset(table: pa.Table, settings: DataSettings) -> Any:
+def source_units(source: str, options: ReadOptions) -> list[ReadUnit]:
+    """Read units of ``source``: a PACS (``dicomweb://``) or what ``sources`` lists."""
+    if dicomweb_mod.is_dicomweb(source):
+        return dicomweb_mod.list_units(source, options)
+    return list_source(source, options)
+
+
+def uri_units(items: Iterable[tuple[str, str | None, str | None]], rows_per_block: int) -> list[ReadUnit]:
+    """Read units for known ``(uri, name, label)``: DICOMweb instances and everything else."""
+    items = list(items)
+    pacs = [it for it in items if dicomweb_mod.is_dicomweb(it[0])]
+    rest = [it for it in items if not dicomweb_mod.is_dicomweb(it[0])]
+    return units_from_uris(rest, rows_per_block) + dicomweb_mod.units_for_uris(pacs, rows_per_block)
+
+
+def uri_dataset(
+    table: pa.Table,
+    settings: DataSettings,
+    dicomweb: DicomwebSettings | None = None,
+    *,
+    read_cpus: float = 1.0,
+) -> Any:
     """Raw image rows for the ``uri`` column of a manifest-like table (labels carried along)."""
-    options = read_options(settings)
+    options = read_options(settings, dicomweb)
     none = [None] * table.num_rows
     names = table.column("name").to_pylist() if "name" in table.column_names else none
     labels = table.column("label").to_pylist() if "label" in table.column_names else none
     items = zip(table.column("uri").to_pylist(), names, labels, strict=True)
-    return image_dataset(units_from_uris(items, options.rows_per_block), options)
+    return image_dataset(uri_units(items, options.rows_per_block), options, read_cpus=read_cpus)
 
 
-def iter_manifest(source: str, settings: DataSettings) -> Iterator[pa.Table]:
+def iter_manifest(
+    source: str, settings: DataSettings, dicomweb: DicomwebSettings | None = None
+) -> Iterator[pa.Table]:
     """Stream manifest blocks for ``source`` in listing order."""
-    ds = source_dataset(source, settings)
+    ds = source_dataset(source, settings, dicomweb)
     # Deterministic manifests (same source, same file) are worth the small cost.
     ds.context.execution_options.preserve_order = True
     ds = ds.map_batches(
@@ -168,13 +213,15 @@ class ManifestSummary:
         self.labels.update(str(v) for v in ok.column("label").to_pylist())
 
 
-def write_manifest(source: str, out: str, settings: DataSettings) -> ManifestSummary:
+def write_manifest(
+    source: str, out: str, settings: DataSettings, dicomweb: DicomwebSettings | None = None
+) -> ManifestSummary:
     """Write the manifest of ``source`` to ``out`` (atomically) and count what is in it."""
     from cxr_ray.io.storage import atomic_parquet_writer
 
     summary = ManifestSummary(out)
     with atomic_parquet_writer(out, MANIFEST_SCHEMA) as writer:
-        for block in iter_manifest(source, settings):
+        for block in iter_manifest(source, settings, dicomweb):
             writer.write_table(block)
             summary.add(block)
     return summary

@@ -236,7 +236,14 @@ def _read_members(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
             yield ref.uri, ref.name, None, "entry not found in its container"
 
 
+def _read_dicomweb(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
+    from cxr_ray.data.dicomweb import read_instances
+
+    return read_instances(unit, options)
+
+
 _READERS = {
+    "dicomweb": _read_dicomweb,
     "files": _read_files,
     "zip": _read_zip,
     "tar": _read_tar,

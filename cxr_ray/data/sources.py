@@ -4,6 +4,8 @@ A source is a directory tree (any depth, local or ``s3://``/``gs://``), a tar or
 archive, a Parquet table with an image-bytes column, or a single image file. Archives found
 inside a directory are opened too. Listing reads names and sizes only; bytes are read later,
 inside Ray read tasks, a block at a time, so memory stays bounded however big the source is.
+(A PACS, ``dicomweb://HOST:PORT/PATH``, is listed by ``dicomweb``; ``manifest.source_units``
+picks the lister.)
 
 Nothing is ever extracted to disk. Entries that cannot be images we can read (non-UTF-8
 names, symlinks leaving the root, unsafe archive member paths, files over the size limit)
@@ -20,6 +22,7 @@ import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pyarrow as pa
 import pyarrow.fs as pafs
@@ -27,6 +30,9 @@ import pyarrow.parquet as pq
 
 from cxr_ray.errors import DataError
 from cxr_ray.io import uris
+
+if TYPE_CHECKING:
+    from cxr_ray.config import DicomwebSettings
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +65,7 @@ class ImageRef:
 class ReadUnit:
     """Work for one read task: entries of one container (or plain files)."""
 
-    kind: str  # files | zip | tar | tar-stream | parquet
+    kind: str  # files | zip | tar | tar-stream | parquet | members | dicomweb
     container: str | None = None
     refs: list[ImageRef] = field(default_factory=list)
     row_group: int | None = None
@@ -73,6 +79,9 @@ class ReadOptions:
     bytes_column: str = "image"
     name_column: str | None = "path"
     rows_per_block: int = 64
+    #: Filters, auth and retries of ``dicomweb://`` sources (``None``: the defaults). Travels
+    #: pickled to the read tasks, secrets included: never dump it to JSON for them.
+    dicomweb: DicomwebSettings | None = None
 
 
 # ----------------------------------------------------------------------------- listing

@@ -1,0 +1,489 @@
+"""DICOMweb sources: a PACS read with QIDO-RS (listing) and WADO-RS (retrieval).
+
+``dicomweb://HOST:PORT/PATH`` is the DICOMweb service at ``http://HOST:PORT/PATH`` (for
+Orthanc, ``dicomweb://pacs:8042/dicom-web``); ``dicomwebs://`` is the same over HTTPS. The
+filters, paging, timeouts, retries and credentials are ``DicomwebSettings`` (``[dicomweb]``
+in TOML, ``CXR_DICOMWEB__*`` in the environment); credentials never go in the URL.
+
+- **Listing** (on the driver): QIDO-RS searches the studies matching the filters
+  (``StudyDate`` and the extra ``query`` keys) in pages of ``page_size`` (``limit`` and
+  ``offset``: a year of studies is never one request), then each study's instances, in pages,
+  of the wanted modalities (``Modality``; not ``ModalitiesInStudy``, which servers compute
+  after paging: Orthanc 1.10 then loses whole pages). The same can happen with ``query`` keys
+  a server does not index (Orthanc: those outside its main DICOM tags), so prefer indexed
+  study attributes such as ``AccessionNumber``, ``PatientID`` or ``StudyDescription``.
+  Studies are packed whole into read units of at most ``data.rows_per_block`` instances (a
+  bigger study is split), so each Ray read task retrieves whole studies.
+- **Retrieval** (inside Ray read tasks, in parallel across the cluster): WADO-RS, one
+  instance per request, in the transfer syntax it is stored in, as DICOM Part 10 bytes for the
+  usual decode path. ``dicomweb-client`` parses the answer and pydicom writes the file again,
+  which gives back the stored bytes for well-formed files (tested against Orthanc), so an
+  image has the same ``image_id`` (SHA-256) in the PACS as in an export of it.
+- **Failures**: a timeout, a connection error or an HTTP 5xx/408/429 is retried with
+  exponential backoff (``retries``, ``backoff_s`` doubling to ``max_backoff_s``). An instance
+  that keeps failing becomes an error row (no bytes, a reason); once the server looks down,
+  the rest of that read task tries each instance once (no backoff) until one succeeds, so an
+  outage costs one backoff sequence per task, not per image. Listing the studies failing is a
+  ``DataError`` before anything is scored (wrong URL, refused credentials, server down);
+  listing one study's instances failing with an HTTP error (after the retries) is one error
+  row for that study (URI ``.../studies/UID``), so the rest of the archive is scored and the
+  study shows up for a rerun; the server going away while listing is a ``DataError``.
+  Objects without pixels (structured reports) are rows like any other; decoding makes them
+  error rows. Rows out == instances listed.
+
+URIs of rows are ``dicomweb://host:port/path/studies/S/series/R/instances/I``: stable, enough
+to read the instance again (a manifest of them can be re-read), and free of credentials. Log
+lines and error messages carry no UIDs or patient identifiers.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable, Generator, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from cxr_ray.config import DicomwebSettings
+from cxr_ray.data.sources import ImageRef, ReadOptions, ReadUnit
+from cxr_ray.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+SCHEMES = {"dicomweb": "http", "dicomwebs": "https"}
+_INSTANCE = re.compile(
+    r"^(?P<base>dicomwebs?://.+?)/studies/(?P<study>[^/]+)/series/(?P<series>[^/]+)/instances/(?P<sop>[^/]+)$"
+)
+# DICOM JSON tags of the QIDO-RS answers we read.
+_STUDY_UID, _SERIES_UID, _SOP_UID, _MODALITY = "0020000D", "0020000E", "00080018", "00080060"
+# Retrieve in the stored transfer syntax: no transcoding on the server, no quality loss.
+_AS_STORED = (("application/dicom", "*"),)
+_RETRIABLE_STATUS = {408, 429}
+
+T = TypeVar("T")
+
+
+def is_dicomweb(source: str) -> bool:
+    return source.split("://", 1)[0].lower() in SCHEMES if "://" in source else False
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """A DICOMweb service: ``source`` as users write it, ``url`` as HTTP needs it."""
+
+    source: str
+    url: str
+
+
+def endpoint(source: str) -> Endpoint:
+    """Parse ``dicomweb[s]://HOST[:PORT][/PATH]``; ``DataError`` for anything else."""
+    parts = urlsplit(source)
+    scheme = parts.scheme.lower()
+    if scheme not in SCHEMES:
+        raise DataError(f"not a DICOMweb source: {source!r} (use dicomweb://HOST:PORT/PATH)")
+    if parts.username is not None or parts.password is not None:
+        # Never echo the URL: it holds a password.
+        raise DataError(
+            "credentials in a DICOMweb URL are refused (they would end up in logs and outputs): "
+            "set dicomweb.username/dicomweb.password or dicomweb.token instead"
+        )
+    if not parts.hostname:
+        raise DataError(f"DICOMweb source {source!r} has no host (use dicomweb://HOST:PORT/PATH)")
+    if parts.query or parts.fragment:
+        raise DataError(
+            f"DICOMweb source {source!r} has a query string: give filters as dicomweb.study_date, "
+            "dicomweb.modalities and dicomweb.query"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise DataError(f"DICOMweb source {source!r} has an invalid port") from None
+    netloc = parts.hostname if port is None else f"{parts.hostname}:{port}"
+    if ":" in parts.hostname:  # IPv6 literal
+        netloc = f"[{parts.hostname}]" + ("" if port is None else f":{port}")
+    path = parts.path.rstrip("/")
+    return Endpoint(f"{scheme}://{netloc}{path}", f"{SCHEMES[scheme]}://{netloc}{path}")
+
+
+def instance_uri(base: str, study: str, series: str, sop: str) -> str:
+    return f"{base}/studies/{study}/series/{series}/instances/{sop}"
+
+
+def parse_instance_uri(uri: str) -> tuple[str, str, str, str] | None:
+    """(base source, study, series, SOP instance UID) of an instance URI, or ``None``."""
+    m = _INSTANCE.match(uri)
+    return None if m is None else (m["base"], m["study"], m["series"], m["sop"])
+
+
+# ----------------------------------------------------------------------------- HTTP
+
+
+def make_client(url: str, settings: DicomwebSettings, session: Any = None) -> Any:
+    """A ``dicomweb_client.DICOMwebClient`` with our auth, TLS and timeouts.
+
+    ``session``: a ``requests.Session`` to use (e.g. with response hooks); a new one if ``None``.
+    """
+    import requests
+    from dicomweb_client import DICOMwebClient
+
+    session = session if session is not None else requests.Session()
+    if settings.token is not None:
+        session.headers["Authorization"] = f"Bearer {settings.token.get_secret_value()}"
+    elif settings.username is not None:
+        password = settings.password.get_secret_value() if settings.password is not None else ""
+        session.auth = (settings.username, password)
+    if settings.ca_bundle is not None:
+        session.verify = settings.ca_bundle
+    client = DICOMwebClient(
+        url, session=session, timeout=(settings.connect_timeout_s, settings.read_timeout_s)
+    )
+    # One retry policy, ours: the client's own retries only cover a few status codes, not
+    # connection errors or 500s.
+    client.set_http_retry_params(retry=False)
+    # dicomweb-client logs every request's UIDs at INFO, and its `retrying` dependency a
+    # traceback per failed request at WARNING (even with retries off): identifiers stay out
+    # of logs and our retry lines say what happened. Levels set explicitly are left alone.
+    for name, level in (("dicomweb_client", logging.WARNING), ("retrying", logging.ERROR)):
+        library_logger = logging.getLogger(name)
+        if library_logger.level == logging.NOTSET:
+            library_logger.setLevel(level)
+    return client
+
+
+def _status(exc: BaseException) -> int | None:
+    response = getattr(exc, "response", None)
+    return getattr(response, "status_code", None)
+
+
+def retriable(exc: BaseException) -> bool:
+    """Timeouts, connection errors (incl. a body cut short) and HTTP 5xx/408/429."""
+    import requests
+
+    if isinstance(exc, requests.HTTPError):
+        status = _status(exc)
+        return status is not None and (status >= 500 or status in _RETRIABLE_STATUS)
+    return isinstance(
+        exc, requests.ConnectionError | requests.Timeout | requests.exceptions.ChunkedEncodingError
+    )
+
+
+def describe(exc: BaseException) -> str:
+    """What went wrong, without URLs (they hold UIDs) or credentials."""
+    import requests
+
+    status = _status(exc)
+    if status in (401, 403):
+        return (
+            f"the DICOMweb server refused the credentials (HTTP {status}): check dicomweb.username "
+            "and dicomweb.password, or dicomweb.token"
+        )
+    if isinstance(exc, requests.HTTPError) and status is not None:
+        reason = getattr(getattr(exc, "response", None), "reason", "") or ""
+        return f"HTTP {status} {reason}".strip()
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return "connecting to the DICOMweb server timed out"
+    if isinstance(exc, requests.Timeout):
+        return "the DICOMweb server did not answer in time (dicomweb.read_timeout_s)"
+    if isinstance(exc, requests.ConnectionError | requests.exceptions.ChunkedEncodingError):
+        errno = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(exc))
+        return f"cannot reach the DICOMweb server ({errno.group(0) if errno else type(exc).__name__})"
+    return f"{type(exc).__name__}: {exc}"
+
+
+class _Caller:
+    """Runs requests with retries and backoff, remembering whether the server looks down."""
+
+    def __init__(self, settings: DicomwebSettings) -> None:
+        self.settings = settings
+        self.server_down = False
+        self.retried = 0
+
+    def __call__(self, what: str, fn: Callable[[], T]) -> T:
+        s = self.settings
+        attempts = 1 if self.server_down else s.retries + 1
+        for attempt in range(attempts):
+            try:
+                result = fn()
+            except Exception as exc:
+                if not retriable(exc):
+                    raise
+                if attempt + 1 >= attempts:
+                    self.server_down = True
+                    raise
+                delay = min(s.max_backoff_s, s.backoff_s * 2**attempt)
+                self.retried += 1
+                logger.warning(
+                    "DICOMweb %s failed (%s); retry %d of %d in %.1f s",
+                    what,
+                    describe(exc),
+                    attempt + 1,
+                    s.retries,
+                    delay,
+                )
+                time.sleep(delay)
+            else:
+                self.server_down = False
+                return result
+        raise AssertionError("unreachable")
+
+
+# ----------------------------------------------------------------------------- listing
+
+
+def _value(item: dict[str, Any], tag: str) -> str | None:
+    values = item.get(tag, {}).get("Value") or []
+    return str(values[0]) if values else None
+
+
+def _pages(
+    call: _Caller, what: str, search: Callable[..., list[dict[str, Any]]], page_size: int, **kwargs: Any
+) -> Iterator[dict[str, Any]]:
+    """Every result of a QIDO-RS search, ``page_size`` at a time (``limit``/``offset``)."""
+    offset = 0
+    while True:
+        fetch = functools.partial(search, limit=page_size, offset=offset, **kwargs)
+        page = call(f"{what} (offset {offset})", fetch)
+        yield from page
+        # A short page is the last one; so page_size must not exceed the server's own cap
+        # on results per request (the default, 100, is below every common PACS's).
+        if not page or len(page) < page_size:
+            return
+        offset += len(page)
+
+
+def list_studies(client: Any, settings: DicomwebSettings, call: _Caller | None = None) -> list[str]:
+    """StudyInstanceUIDs matching the settings' filters, in the server's order, once each."""
+    call = call or _Caller(settings)
+    filters: dict[str, Any] = dict(settings.query)
+    if settings.study_date is not None:
+        filters["StudyDate"] = settings.study_date
+    # No ModalitiesInStudy here: servers compute it after paging (Orthanc 1.10 applies limit
+    # and offset first, so pages lose studies); the modality filter runs on the instances.
+    seen: dict[str, None] = {}
+    for item in _pages(
+        call,
+        "study search",
+        client.search_for_studies,
+        settings.page_size,
+        fields=["StudyInstanceUID"],
+        search_filters=filters,
+    ):
+        uid = _value(item, _STUDY_UID)
+        if uid is not None:
+            seen.setdefault(uid, None)
+    return list(seen)
+
+
+def list_study(
+    client: Any, base: str, study: str, settings: DicomwebSettings, call: _Caller | None = None
+) -> list[ImageRef]:
+    """The instances of one study as refs, of the wanted modalities only (when set)."""
+    call = call or _Caller(settings)
+    wanted = set(settings.modalities)
+    items: list[dict[str, Any]] = []
+    # Modality is a series attribute every server indexes: filtering on it pages reliably.
+    # One search per modality (a list of values in one key is not understood everywhere).
+    for modality in settings.modalities or (None,):
+        items.extend(
+            _pages(
+                call,
+                "instance search",
+                client.search_for_instances,
+                settings.page_size,
+                study_instance_uid=study,
+                fields=["SeriesInstanceUID", "SOPInstanceUID", "Modality"],
+                search_filters={} if modality is None else {"Modality": modality},
+            )
+        )
+    refs = []
+    done: set[str] = set()
+    for item in items:
+        series, sop, modality = _value(item, _SERIES_UID), _value(item, _SOP_UID), _value(item, _MODALITY)
+        if wanted and modality is not None and modality.upper() not in wanted:
+            continue  # a server that ignored the filter
+        if sop is not None and sop in done:
+            continue
+        if sop is not None:
+            done.add(sop)
+        if series is None or sop is None:
+            refs.append(
+                ImageRef(
+                    f"{base}/studies/{study}",
+                    f"{study}.dcm",
+                    error="the server's instance listing lacks SeriesInstanceUID or SOPInstanceUID",
+                )
+            )
+            continue
+        refs.append(ImageRef(instance_uri(base, study, series, sop), f"{sop}.dcm"))
+    return refs
+
+
+def _threaded(
+    items: list[Any], work: Callable[[Any, Any], T], new_client: Callable[[], Any], threads: int
+) -> Generator[T, None, None]:
+    """``work(client, item)`` for each item, in order, on ``threads`` threads (a client each).
+
+    ``work`` must not raise. Closing the iterator early cancels what has not started.
+    """
+    if threads <= 1 or len(items) <= 1:
+        client = new_client()
+        yield from (work(client, item) for item in items)
+        return
+    local = threading.local()
+
+    def run(item: Any) -> T:
+        if not hasattr(local, "client"):
+            local.client = new_client()
+        return work(local.client, item)
+
+    pool = ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="dicomweb")
+    try:
+        yield from pool.map(run, items)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def list_units(source: str, options: ReadOptions) -> list[ReadUnit]:
+    """Every instance of the studies matching the filters, packed by study into read units."""
+    import requests
+
+    settings = options.dicomweb or DicomwebSettings()
+    ep = endpoint(source)
+    call = _Caller(settings)
+    t0 = time.monotonic()
+    try:
+        studies = list_studies(make_client(ep.url, settings), settings, call)
+    except Exception as exc:
+        raise DataError(f"cannot list the studies of {ep.source}: {describe(exc)}") from None
+
+    def one(client: Any, study: str) -> list[ImageRef] | Exception:
+        try:
+            return list_study(client, ep.source, study, settings, call)
+        except Exception as exc:
+            return exc
+
+    by_study: list[list[ImageRef]] = []
+    failed = 0
+    results = _threaded(studies, one, lambda: make_client(ep.url, settings), settings.concurrency)
+    for i, (study, refs) in enumerate(zip(studies, results, strict=False)):
+        if isinstance(refs, requests.HTTPError):
+            failed += 1
+            reason = f"cannot list the study's instances: {describe(refs)}"
+            by_study.append([ImageRef(f"{ep.source}/studies/{study}", f"{study}.dcm", error=reason)])
+        elif isinstance(refs, Exception):
+            # The server itself went away (after every retry): nothing is scored yet, so
+            # stopping here beats thousands of error rows. Rerun when it is back.
+            results.close()
+            raise DataError(
+                f"the DICOMweb server {ep.source} stopped answering while listing study "
+                f"{i + 1} of {len(studies)}: {describe(refs)}"
+            )
+        else:
+            by_study.append(refs)
+    units = pack(ep.source, by_study, options.rows_per_block)
+    logger.info(
+        "listed %s: %d studies, %d instances, %d read units in %.1f s%s",
+        ep.source,
+        len(studies),
+        sum(u.num_rows for u in units),
+        len(units),
+        time.monotonic() - t0,
+        f" ({failed} studies could not be listed: error rows)" if failed else "",
+    )
+    return units
+
+
+def pack(base: str, studies: Iterable[list[ImageRef]], rows: int) -> list[ReadUnit]:
+    """Read units of whole studies, at most ``rows`` instances each (big studies are split)."""
+    units: list[ReadUnit] = []
+    current: list[ImageRef] = []
+    for refs in studies:
+        if current and len(current) + len(refs) > rows:
+            units.append(_unit(base, current))
+            current = []
+        for i in range(0, len(refs), rows):
+            chunk = refs[i : i + rows]
+            if len(chunk) == rows:
+                units.append(_unit(base, chunk))
+            else:
+                current.extend(chunk)
+    if current:
+        units.append(_unit(base, current))
+    return units
+
+
+def _unit(base: str, refs: list[ImageRef]) -> ReadUnit:
+    return ReadUnit("dicomweb", base, list(refs), num_rows=len(refs))
+
+
+def units_for_uris(items: Iterable[tuple[str, str | None, str | None]], rows: int) -> list[ReadUnit]:
+    """Read units for known ``(uri, name, label)`` of instances (a manifest re-read), grouped
+    by server and study."""
+    grouped: dict[str, dict[str, list[ImageRef]]] = {}
+    for uri, name, label in items:
+        ref = ImageRef(uri, name or uri.rsplit("/", 1)[-1] + ".dcm", label=label)
+        parsed = parse_instance_uri(ref.uri)
+        base, study = (parsed[0], parsed[1]) if parsed else (ref.uri, "")
+        grouped.setdefault(base, {}).setdefault(study, []).append(ref)
+    units = []
+    for base, studies in grouped.items():
+        units.extend(pack(base, studies.values(), rows))
+    return units
+
+
+# ----------------------------------------------------------------------------- retrieval
+
+
+def read_instances(
+    unit: ReadUnit, options: ReadOptions
+) -> Iterator[tuple[str, str, bytes | None, str | None]]:
+    """WADO-RS retrieval of every instance of ``unit``: ``(uri, name, data, error)`` each."""
+    settings = options.dicomweb or DicomwebSettings()
+    assert unit.container is not None
+    try:
+        url = endpoint(unit.container).url
+    except DataError as exc:
+        for ref in unit.refs:
+            yield ref.uri, ref.name, None, ref.error or str(exc)
+        return
+    call = _Caller(settings)
+
+    def one(client: Any, ref: ImageRef) -> tuple[str, str, bytes | None, str | None]:
+        data, error = (None, ref.error) if ref.error else _retrieve(client, ref.uri, call, options)
+        return ref.uri, ref.name, data, error
+
+    yield from _threaded(unit.refs, one, lambda: make_client(url, settings), settings.concurrency)
+    if call.retried:
+        logger.info("DICOMweb read task: %d instances, %d retried requests", len(unit.refs), call.retried)
+
+
+def _retrieve(client: Any, uri: str, call: _Caller, options: ReadOptions) -> tuple[bytes | None, str | None]:
+    """(Part 10 bytes, None) or (None, why not) for one instance URI; never raises."""
+    import pydicom
+
+    parsed = parse_instance_uri(uri)
+    if parsed is None:
+        return None, "not a DICOMweb instance URI (.../studies/S/series/R/instances/I)"
+    _, study, series, sop = parsed
+    try:
+        ds = call(
+            "instance retrieval",
+            functools.partial(client.retrieve_instance, study, series, sop, media_types=_AS_STORED),
+        )
+    except Exception as exc:
+        return None, f"cannot retrieve the instance: {describe(exc)}"
+    try:
+        buf = io.BytesIO()
+        pydicom.dcmwrite(buf, ds)
+        data = buf.getvalue()
+    except Exception as exc:
+        return None, f"the server sent an instance pydicom cannot write: {exc}"
+    if len(data) > options.max_file_bytes:
+        return None, f"instance is {len(data)} bytes, over the {options.max_file_bytes}-byte limit"
+    return data, None
