@@ -16,32 +16,36 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
 )
 
 from cxr_ray.errors import ConfigError
-
-#: Backbones the model factory can build (kept here so validating settings needs no torch).
-ARCHITECTURES: tuple[str, ...] = (
-    "mobilenet_v2",
-    "efficientnet_lite0",
-    "resnet18",
-    "resnet50",
-    "densenet121",
-    "efficientnet_b0",
-    "convnext_tiny",
-)
-ENGINES: tuple[str, ...] = ("auto", "onnxruntime", "torch", "tensorrt")
+from cxr_ray.vocabulary import ARCHITECTURES, ENGINES, INTENSITY_MODES
 
 _URI = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<rest>.*)$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
 
 PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+def _one_of(value: str, allowed: tuple[str, ...], what: str) -> str:
+    if value not in allowed:
+        raise ValueError(f"unknown {what} {value!r}; choose one of {', '.join(allowed)}")
+    return value
 
 
 class _Section(BaseModel):
@@ -100,15 +104,19 @@ class ModelSettings(_Section):
     #: Where pretrained weight files live; ``None``: ``$TORCH_HOME/hub/checkpoints``.
     weights_dir: str | None = None
     input_size: int = Field(default=224, ge=32, le=1024)
-    #: Intensity normalisation applied after the resize: see ``cxr_ray.imaging.preprocess``.
-    intensity: Literal["none", "equalize", "clahe"] = "none"
+    #: Intensity normalisation applied after the resize (step 3 of the contract in
+    #: ``cxr_ray.imaging.preprocess``): one of ``cxr_ray.vocabulary.INTENSITY_MODES``.
+    intensity: str = "none"
 
     @field_validator("arch")
     @classmethod
     def _known_arch(cls, v: str) -> str:
-        if v not in ARCHITECTURES:
-            raise ValueError(f"unknown architecture {v!r}; choose one of {', '.join(ARCHITECTURES)}")
-        return v
+        return _one_of(v, ARCHITECTURES, "architecture")
+
+    @field_validator("intensity")
+    @classmethod
+    def _known_intensity(cls, v: str) -> str:
+        return _one_of(v, INTENSITY_MODES, "intensity mode")
 
 
 class AugmentSettings(_Section):
@@ -194,8 +202,22 @@ class ScoreSettings(_Section):
     explain: Literal["none", "flagged", "all"] = "none"
     #: At most this many heatmaps per explaining actor (``None``: no limit).
     explain_limit: int | None = Field(default=None, ge=1)
-    #: Where exported ONNX models and TensorRT engines are cached.
-    cache_dir: str = ".cache/cxr-ray"
+    #: Where exported ONNX models, INT8 models and TensorRT engines are cached on each node.
+    #: Resolved to an absolute path on the driver (``~`` expanded; a relative path anchors at
+    #: the driver's working directory, which under ``ray job submit`` is a per-package copy
+    #: that changes with every code change, hence the home-folder default).
+    cache_dir: str = "~/.cache/cxr-ray"
+    #: Images outside the model card's intended use (modality, body part, view, age) become
+    #: ``skipped`` rows with the reason. ``false`` is the research override: they are scored,
+    #: and every such row says so in ``intended_use`` / ``intended_use_note``.
+    enforce_intended_use: bool = True
+    #: Research exports: replace patient_id, accession_number, the study/series/instance UIDs
+    #: and the uri of every output row with keyed HMAC-SHA256 pseudonyms
+    #: (``cxr_ray.scoring.pseudonymize``), stable for one key. Needs ``pseudonym_key``.
+    pseudonymize: bool = False
+    #: The HMAC key (at least 16 bytes): a secret, e.g. ``CXR_SCORE__PSEUDONYM_KEY``; never
+    #: logged. Keep it: the same key gives the same pseudonyms in every later export.
+    pseudonym_key: SecretStr | None = None
     #: onnxruntime precision. ``int8``: static QDQ quantization calibrated on the artifact's
     #: training images (its ``split.parquet``), 2.2-2.6x the fp32 model's speed on VNNI CPUs;
     #: checked once against fp32 on the validation images (``summary.json`` reports it).
@@ -211,9 +233,7 @@ class ScoreSettings(_Section):
     @field_validator("engine")
     @classmethod
     def _known_engine(cls, v: str) -> str:
-        if v not in ENGINES:
-            raise ValueError(f"unknown engine {v!r}; choose one of {', '.join(ENGINES)}")
-        return v
+        return _one_of(v, ENGINES, "engine")
 
     @model_validator(mode="after")
     def _pool_bounds(self) -> ScoreSettings:
@@ -221,6 +241,93 @@ class ScoreSettings(_Section):
             raise ValueError(f"actors_min ({self.actors_min}) > actors_max ({self.actors_max})")
         if not self.trt_min_batch <= self.trt_opt_batch <= self.trt_max_batch:
             raise ValueError("TensorRT profile needs trt_min_batch <= trt_opt_batch <= trt_max_batch")
+        if self.pseudonymize:
+            key = self.pseudonym_key.get_secret_value() if self.pseudonym_key else ""
+            if not key:
+                raise ValueError(
+                    "pseudonymize needs a key: set score.pseudonym_key (CXR_SCORE__PSEUDONYM_KEY); "
+                    "keep it, the same key gives the same pseudonyms in later exports"
+                )
+            if len(key.encode()) < 16:  # cxr_ray.scoring.pseudonymize.MIN_KEY_BYTES
+                raise ValueError("score.pseudonym_key must be at least 16 bytes")
+        return self
+
+
+_DICOM_DATE_RANGE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
+_QIDO_RESERVED = {"limit", "offset", "includefield", "fuzzymatching"}
+
+
+class DicomwebSettings(_Section):
+    """DICOMweb sources (``dicomweb://HOST:PORT/PATH``, ``dicomwebs://`` for HTTPS).
+
+    QIDO-RS filters, paging, timeouts, retries and credentials. Credentials are secrets:
+    never logged, never in error messages, shown as ``**********`` in any dump of settings.
+    Give them by environment (``CXR_DICOMWEB__PASSWORD``, ``CXR_DICOMWEB__TOKEN``) or in a
+    TOML file readable only by the service account, never in the source URL.
+    """
+
+    #: Studies whose StudyDate matches: ``YYYYMMDD`` or a range ``YYYYMMDD-YYYYMMDD`` (one
+    #: end may be left open: ``20261130-``).
+    study_date: str | None = None
+    #: Only instances of these modalities (``Modality``, e.g. ``CR,DX``). Empty: every
+    #: modality. A comma list in the environment.
+    modalities: Annotated[tuple[str, ...], NoDecode] = ()
+    #: Extra QIDO-RS study-level matching keys (DICOM keyword or tag -> value), e.g.
+    #: ``{InstitutionName = "CHILDRENS"}``.
+    query: dict[str, str] = {}
+    #: Results per QIDO-RS request (``limit``); the listing pages with ``offset``.
+    page_size: int = Field(default=100, ge=1, le=10_000)
+    connect_timeout_s: PositiveFloat = 10.0
+    #: Longest wait for a response (a large instance can take a while on a busy PACS).
+    read_timeout_s: PositiveFloat = 60.0
+    #: Retries of one request after a timeout, a connection error or an HTTP 5xx/408/429.
+    retries: int = Field(default=4, ge=0, le=20)
+    #: First wait between retries; it doubles each time, up to ``max_backoff_s``.
+    backoff_s: float = Field(default=0.5, ge=0)
+    max_backoff_s: float = Field(default=16.0, ge=0)
+    #: Bearer token (``Authorization: Bearer ...``), or basic auth with username/password.
+    token: SecretStr | None = None
+    username: str | None = None
+    password: SecretStr | None = None
+    #: CA bundle file for ``dicomwebs://`` (a hospital CA); ``None``: the system's.
+    ca_bundle: str | None = None
+    #: Requests in flight at once: listing studies' instances on the driver, and retrieving
+    #: instances in each Ray read task (on top of the read tasks running in parallel).
+    concurrency: int = Field(default=4, ge=1, le=64)
+
+    @field_validator("study_date")
+    @classmethod
+    def _date_range(cls, v: str | None) -> str | None:
+        if v is not None and (v in ("", "-") or not _DICOM_DATE_RANGE.match(v)):
+            raise ValueError(f"study_date {v!r} is not YYYYMMDD or YYYYMMDD-YYYYMMDD")
+        return v
+
+    @field_validator("modalities", mode="before")
+    @classmethod
+    def _modality_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [m for m in v.replace(" ", "").split(",") if m]
+        if isinstance(v, list | tuple):
+            v = tuple(str(m).upper() for m in v)
+            bad = [m for m in v if not re.fullmatch(r"[A-Z0-9]{1,16}", m)]
+            if bad:
+                raise ValueError(f"not DICOM modality codes: {bad} (e.g. CR, DX)")
+        return v
+
+    @field_validator("query")
+    @classmethod
+    def _query_keys(cls, v: dict[str, str]) -> dict[str, str]:
+        reserved = sorted(k for k in v if k.lower() in _QIDO_RESERVED)
+        if reserved:
+            raise ValueError(f"query keys {reserved} are set by cxr-ray (use page_size)")
+        return v
+
+    @model_validator(mode="after")
+    def _one_auth(self) -> DicomwebSettings:
+        if self.token is not None and self.username is not None:
+            raise ValueError("give either a bearer token or username/password, not both")
+        if self.password is not None and self.username is None:
+            raise ValueError("password given without a username")
         return self
 
 
@@ -240,6 +347,7 @@ class Settings(BaseSettings):
     model: ModelSettings = ModelSettings()
     train: TrainSettings = TrainSettings()
     score: ScoreSettings = ScoreSettings()
+    dicomweb: DicomwebSettings = DicomwebSettings()
 
     toml_path_: ClassVar[Path | None] = None
 
@@ -271,16 +379,22 @@ def _without_none(d: dict[str, Any]) -> dict[str, Any]:
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    """One line per invalid field: where it is set, what is wrong, the value given."""
+    """One line per invalid field: where it is set, what is wrong, the value given.
+
+    A single invalid field gives a single line (``invalid settings: model.arch: ...``).
+    """
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(settings)"
         env = "CXR_" + "__".join(str(p).upper() for p in err["loc"])
         msg = err["msg"].removeprefix("Value error, ")
         given = err.get("input")
-        shown = "" if isinstance(given, dict) else f" (got {given!r})"
-        lines.append(f"  {loc}: {msg}{shown}  [flag, {env} or TOML]")
-    return "invalid settings:\n" + "\n".join(lines)
+        # The allowed values are in the message already when a vocabulary refused it.
+        shown = "" if isinstance(given, dict) or f"{given!r}" in msg else f" (got {given!r})"
+        lines.append(f"{loc}: {msg}{shown}  [flag, {env} or TOML]")
+    if len(lines) == 1:
+        return f"invalid settings: {lines[0]}"
+    return "invalid settings:\n" + "\n".join("  " + line for line in lines)
 
 
 def load_settings(config_file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Settings:

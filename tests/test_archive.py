@@ -19,6 +19,7 @@ from cxr_ray.scoring.pipeline import score
 from cxr_ray.scoring.schema import PREDICTIONS_SCHEMA
 from cxr_ray.scoring.studies import STUDIES_SCHEMA
 from tests import dicom_factory
+from tests.orthanc_server import orthanc as orthanc  # the module-scoped fixture
 
 
 def _settings(tmp_path, **score):
@@ -112,3 +113,61 @@ def test_logs_and_summary_print_no_patient_identifiers(ray_local, tiny_artifact,
     for inst in instances.values():
         for ident in (inst.tags.patient_id, inst.tags.accession_number, inst.tags.patient_name):
             assert ident not in text, ident
+
+
+def test_the_same_files_from_orthanc_give_the_same_rows(ray_local, tiny_artifact, six, orthanc, tmp_path):
+    """The six files uploaded to a real Orthanc and scored over DICOMweb: the same rows."""
+    folder, instances = six
+    orthanc.clear()
+    dicom_factory.upload(instances.values(), orthanc)
+    score(str(folder), str(tiny_artifact), str(tmp_path / "local"), _settings(tmp_path))
+    remote = score(orthanc.source, str(tiny_artifact), str(tmp_path / "pacs"), _settings(tmp_path))
+    assert (remote.images, remote.ok, remote.skipped, remote.studies) == (6, 2, 4, 5)
+    keep = [c for c in PREDICTIONS_SCHEMA.names if c not in ("uri", "run_id", "scored_at")]
+    a = pq.read_table(tmp_path / "local" / "predictions.parquet").sort_by("sop_instance_uid").select(keep)
+    b = pq.read_table(tmp_path / "pacs" / "predictions.parquet").sort_by("sop_instance_uid").select(keep)
+    diffs = [
+        (k, x[k], y[k])
+        for x, y in zip(a.to_pylist(), b.to_pylist(), strict=True)
+        for k in keep
+        if x[k] != y[k]
+    ]
+    assert diffs == []
+    uris = pq.read_table(tmp_path / "pacs" / "predictions.parquet")["uri"].to_pylist()
+    assert all(u.startswith("dicomweb://127.0.0.1:") and "/instances/" in u for u in uris)
+
+
+def test_pseudonymized_export_carries_no_identifier_and_keeps_studies_together(
+    ray_local, tiny_artifact, six, tmp_path
+):
+    from cxr_ray.errors import ConfigError
+
+    folder, instances = six
+    with pytest.raises(ConfigError, match="pseudonymize needs a key"):
+        _settings(tmp_path, pseudonymize=True)
+    key = "a-research-key-of-32-bytes-000000"
+    runs = []
+    for name in ("a", "b"):
+        out = tmp_path / name
+        r = score(
+            str(folder),
+            str(tiny_artifact),
+            str(out),
+            _settings(tmp_path, pseudonymize=True, pseudonym_key=key),
+        )
+        runs.append((r, pq.read_table(out / "predictions.parquet"), pq.read_table(out / "studies.parquet")))
+    (r, preds, studies), (_, preds_b, _) = runs
+    assert (r.images, r.ok, r.skipped, r.studies) == (6, 2, 4, 5)  # the same studies, grouped by pseudonym
+    dumped = json.dumps(preds.to_pylist(), default=str) + json.dumps(studies.to_pylist(), default=str)
+    for inst in instances.values():
+        t = inst.tags
+        for ident in (
+            t.patient_id,
+            t.accession_number,
+            t.study_instance_uid,
+            t.sop_instance_uid,
+            inst.filename,
+        ):
+            assert ident not in dumped, ident
+    assert all(u.startswith("2.25.") for u in preds["study_instance_uid"].to_pylist())
+    assert preds["study_instance_uid"].to_pylist() == preds_b["study_instance_uid"].to_pylist()  # stable

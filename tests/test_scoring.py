@@ -428,3 +428,21 @@ def test_a_pool_that_leaves_no_cpu_for_decoding_is_warned_about():
     growing = ScoreSettings(actors_min=1, actors_max=4, cpus_per_actor=0.5)
     assert "reserve 2 of" in (starvation(growing, 2.0) or "")  # the pool may grow to 4
     assert starvation(explained, 0.0) is None  # an autoscaling cluster with no node yet
+
+
+def test_the_predictor_takes_batches_as_ray_hands_them(tiny_artifact, tmp_path):
+    """Ray gives actors read-only arrays, and a column of only missing values as float NaN:
+    the predictor must still decode handed-over JPEGs and record error messages."""
+    art = load_artifact(str(tiny_artifact))
+    spec = spec_for(art.card)
+    payload, _ = _prepare(tiny_artifact, "onnxruntime", tmp_path / "c")
+    root = imaging.kermany_folder(tmp_path / "in", per_class=1)
+    (root / "truncated.jpeg").write_bytes(imaging.jpeg_bytes(200, 160, seed=6)[:300])
+    batch = decode_stage(_raw_batch(root), spec=spec, gpu_jpeg=True)
+    batch["error"] = np.full(len(batch["error"]), np.nan)  # all None, as Ray converts it
+    for v in batch.values():
+        v.setflags(write=False)
+    out = CxrPredictor(payload, spec=spec, gpu_decode=True)(batch)
+    assert sorted(out["status"]) == ["error", "ok", "ok", "ok"]
+    (msg,) = [e for e in out["error"] if e is not None]
+    assert "truncated" in msg

@@ -43,6 +43,7 @@ from cxr_ray.io import storage
 from cxr_ray.labels import LABELS
 from cxr_ray.models.artifact import Artifact, load_artifact
 from cxr_ray.models.card import ModelCard, spec_for
+from cxr_ray.scoring.pseudonymize import pseudonymize_table
 from cxr_ray.scoring.schema import PREDICTIONS_SCHEMA
 from cxr_ray.scoring.stages import CxrPredictor, SeenFilter, decode_stage
 from cxr_ray.scoring.studies import STUDIES_SCHEMA, STUDY_INPUT_COLUMNS, study_metrics, study_table
@@ -200,7 +201,7 @@ def build_dataset(
     problem = starvation(sc, ray.cluster_resources().get("CPU", 0.0))
     if problem:
         logger.warning(problem)
-    ds = source_dataset(source, settings.data)
+    ds = source_dataset(source, settings.data, settings.dicomweb, read_cpus=sc.cpus_per_decode_task)
     ds = ds.map_batches(
         decode_stage,
         batch_format="pyarrow",
@@ -306,9 +307,13 @@ def _with_run_columns(batch: pa.Table, *, version: str, run_id: str) -> pa.Table
 
 
 def _conform(column: pa.ChunkedArray | pa.Array, typ: pa.DataType) -> pa.ChunkedArray | pa.Array:
-    """A stage column as ``typ``: nullable integers that crossed Ray as float NaN become null."""
-    if (pa.types.is_integer(typ) or pa.types.is_date(typ)) and pa.types.is_floating(column.type):
+    """A stage column as ``typ``: values that crossed Ray as float NaN (missing DICOM values,
+    nullable integers, a block whose column is all null) become null. No output column has
+    NaN as a value: non-finite model outputs are error rows."""
+    if pa.types.is_floating(column.type):
         column = pc.if_else(pc.is_nan(column), pa.scalar(None, column.type), column)
+    if column.null_count == len(column):
+        return pa.nulls(len(column), typ)
     return column
 
 
@@ -337,9 +342,11 @@ def score(
     """Score every image of ``source`` with the model ``artifact`` into ``out``.
 
     ``artifact`` is a loaded ``Artifact`` (or its location, loaded here once); nothing below
-    reads it again. ``seen`` skips images this model version has already scored (nightly
-    runs); ``history`` appends this run's metrics to a history table; ``on_block`` sees every
-    committed block (ledgers, progress). An ``out`` that already holds a committed run
+    reads it again. With ``score.pseudonymize`` every block is pseudonymised before it is
+    written (and before ``on_block`` sees it), so studies, flagged lists and nightly tables
+    derived from it carry pseudonyms only. ``seen`` skips images this model version has
+    already scored (nightly runs); ``history`` appends this run's metrics to a history table;
+    ``on_block`` sees every committed block (ledgers, progress). An ``out`` that already holds a committed run
     (``summary.json``) is refused unless ``overwrite``.
     """
     started = time.perf_counter()
@@ -351,6 +358,8 @@ def score(
             "or pass --overwrite to replace it"
         )
     card = art.card
+    sc = settings.score
+    key = sc.pseudonym_key.get_secret_value().encode() if sc.pseudonymize and sc.pseudonym_key else None
     plan = plan_run(art, settings)
     run_id = run_id or new_run_id()
     result = ScoreResult(
@@ -373,6 +382,8 @@ def score(
             if not result.first_row_seconds:
                 result.first_row_seconds = time.perf_counter() - started
             table = _with_run_columns(block, version=card.version, run_id=run_id)
+            if key is not None:  # research export: identifiers never reach the table
+                table = pseudonymize_table(table, key)
             w.write_table(table)
             acc.add(table)
             if on_block is not None:

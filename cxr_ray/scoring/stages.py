@@ -197,7 +197,9 @@ class CxrPredictor:
         """(probabilities, error messages, which rows were scored from decoded pixels)."""
         n = len(ok)
         probs = np.full((n, len(LABELS)), np.nan, np.float32)
-        errors = batch["error"].copy()
+        # A column of only missing values reaches the actor as float NaN (Ray's conversion):
+        # messages need an object column with None for "no error".
+        errors = np.array([e if isinstance(e, str) else None for e in batch["error"]], dtype=object)
         decoded = batch.get("decoded", np.ones(n, dtype=bool)).copy()
         jpeg = batch.get("jpeg")
         pending = [int(i) for i in np.flatnonzero(ok & ~decoded)] if jpeg is not None else []
