@@ -236,3 +236,25 @@ def test_train_with_clahe_trains_and_records_it(ray_local, tmp_path):
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
     assert read_card(str(out)).intensity == "clahe"
+
+
+def test_intended_use_is_shown_and_edited_per_artifact(tiny_artifact, tmp_path):
+    import shutil
+
+    from cxr_ray.models.artifact import load_artifact
+
+    art = tmp_path / "model"
+    shutil.copytree(tiny_artifact, art)
+    before = load_artifact(str(art))
+    shown = CliRunner().invoke(main, ["intended-use", str(art)])
+    assert shown.exit_code == 0, shown.output
+    assert "modality CR, DX; body part CHEST; view PA, AP; patient age 0-17 years" in shown.output
+    edited = CliRunner().invoke(main, ["intended-use", str(art), "--max-age", "21", "--view", "PA"])
+    assert edited.exit_code == 0, edited.output
+    after = load_artifact(str(art))  # still loads: the weights hash is unchanged
+    assert after.card.version == before.card.version
+    assert after.card.intended_use_policy.max_age_years == 21
+    assert after.card.intended_use_policy.views == ("PA",)
+    bad = CliRunner().invoke(main, ["intended-use", str(art), "--min-age", "30"])
+    assert bad.exit_code == 2 and "min_age_years" in bad.output
+    assert load_artifact(str(art)).card.intended_use_policy.min_age_years == 0

@@ -200,3 +200,36 @@ def demo(ctx: click.Context, out: str, data_dir: str | None) -> None:
     )
     if m is not None:
         click.echo(metrics.format_metrics(m))
+
+
+@main.command("intended-use")
+@click.argument("artifact")
+@click.option("--modality", "modalities", multiple=True, help="Allowed DICOM Modality (repeat; replaces).")
+@click.option("--body-part", "body_parts", multiple=True, help="Allowed BodyPartExamined (repeat; replaces).")
+@click.option("--view", "views", multiple=True, help="Allowed ViewPosition (repeat; replaces).")
+@click.option("--min-age", "min_age_years", type=float, default=None, help="Youngest patient, in years.")
+@click.option("--max-age", "max_age_years", type=float, default=None, help="Oldest patient, in years.")
+@handle_errors
+def intended_use(artifact: str, **changes: Any) -> None:
+    """Show, or change, the intended use an artifact's model card enforces at scoring.
+
+    Without options: prints the block (modalities, body parts, views, age range). With
+    options: validates the new block and rewrites the card in place (the weights, and so the
+    model version, are unchanged); every later scoring run skips images outside it.
+
+    \b
+      cxr-ray intended-use artifacts/mnv2                   # show
+      cxr-ray intended-use artifacts/mnv2 --max-age 21      # a site that scans young adults
+    """
+    from cxr_ray.io import storage
+    from cxr_ray.models.card import CARD_FILE
+    from cxr_ray.models.intended_use import with_intended_use
+
+    art = load_model(artifact)
+    given = {k: v for k, v in changes.items() if v not in (None, ())}
+    if not given:
+        click.echo(f"{art.card.version}: {art.card.intended_use_policy.describe()}")
+        return
+    card = with_intended_use(art.card, **given)
+    storage.write_bytes(card.to_json().encode(), storage.join(artifact, CARD_FILE))
+    click.echo(f"{card.version}: {card.intended_use_policy.describe()} (written to {artifact}/{CARD_FILE})")
