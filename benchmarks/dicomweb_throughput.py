@@ -32,6 +32,8 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+from _common import mobilenet_artifact, timed_score
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # tests.dicom_factory and tests.orthanc_server
 
@@ -73,13 +75,8 @@ def main() -> None:
     ap.add_argument("--data", default=str(DATA))
     args = ap.parse_args()
 
-    import ray
-    import torch
-
     from cxr_ray.config import load_settings
-    from cxr_ray.models.artifact import card_for, load_artifact, save_artifact
-    from cxr_ray.models.factory import create_model
-    from cxr_ray.scoring.pipeline import score
+    from cxr_ray.models.artifact import load_artifact
     from tests.orthanc_server import Orthanc, unavailable_reason
 
     reason = unavailable_reason()
@@ -103,10 +100,7 @@ def main() -> None:
 
             artifact = args.model
             if artifact is None:
-                torch.manual_seed(0)
-                net = create_model("mobilenet_v2", pretrained=True)
-                artifact = str(tmpd / "model")
-                save_artifact(net, card_for(net, "mobilenet_v2", input_size=224, intensity="none"), artifact)
+                artifact = mobilenet_artifact(tmpd / "model")
             art = load_artifact(artifact)
             settings = load_settings(None, {"score": {"cache_dir": str(tmpd / "cache")}})
             print(
@@ -116,23 +110,10 @@ def main() -> None:
             )
 
             def timed(source: str, out: str, n: int = args.images) -> tuple[float, float, float]:
-                # A fresh local Ray per run, started before the clock (as score_throughput.py).
-                ray.init(include_dashboard=False, log_to_driver=False)
-                ray.data.DataContext.get_current().enable_progress_bars = False
-                marks: list[tuple[float, int]] = []
-
-                def mark(block) -> None:
-                    done = (marks[-1][1] if marks else 0) + block.num_rows
-                    marks.append((time.perf_counter(), done))
-
-                start = time.perf_counter()
-                result = score(source, artifact, str(tmpd / out), settings, on_block=mark)
-                wall = time.perf_counter() - start
-                ray.shutdown()
-                assert result.images == n, (out, result.images)
-                assert result.errors == 0, (out, result.error_examples)
-                steady = (marks[-1][1] - marks[0][1]) / max(1e-9, marks[-1][0] - marks[0][0])
-                return result.images / wall, steady, marks[0][0] - start
+                t = timed_score(source, artifact, str(tmpd / out), settings)
+                assert t.result.images == n, (out, t.result.images)
+                assert t.result.errors == 0, (out, t.result.error_examples)
+                return t.end_to_end, t.steady, t.first_rows_s
 
             from cxr_ray.data.dicomweb import list_units
             from cxr_ray.data.manifest import read_options

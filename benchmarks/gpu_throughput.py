@@ -34,6 +34,7 @@ from pathlib import Path
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import torch
+from _common import mobilenet_artifact, timed_score
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "kermany-fullres"
@@ -104,24 +105,15 @@ def engine_ceilings(engine, datas: list[bytes], spec, batch: int) -> tuple[float
 
 
 def end_to_end(images: Path, artifact: str, out: Path, score_settings: dict) -> tuple[float, float]:
-    """(img/s wall, img/s steady state) of the scoring pipeline on a local Ray."""
+    """(img/s wall, img/s steady state) of the scoring pipeline on the running local Ray."""
     from cxr_ray.config import load_settings
-    from cxr_ray.scoring.pipeline import score
 
-    settings = load_settings(None, {"score": score_settings})
-    marks: list[tuple[float, int]] = []
-
-    def mark(block) -> None:
-        done = (marks[-1][1] if marks else 0) + block.num_rows
-        marks.append((time.perf_counter(), done))
-
-    t = time.perf_counter()
-    result = score(str(images), artifact, str(out), settings, on_block=mark)
-    wall = time.perf_counter() - t
-    if result.errors:
-        print(f"  warning: {result.errors} error rows, e.g. {result.error_examples[:1]}")
-    steady = (marks[-1][1] - marks[0][1]) / max(1e-9, marks[-1][0] - marks[0][0])
-    return result.images / wall, steady
+    t = timed_score(
+        str(images), artifact, str(out), load_settings(None, {"score": score_settings}), fresh_ray=False
+    )
+    if t.result.errors:
+        print(f"  warning: {t.result.errors} error rows, e.g. {t.result.error_examples[:1]}")
+    return t.end_to_end, t.steady
 
 
 def _model(tmpd: Path, size: int, files: list[Path]) -> str:
@@ -129,18 +121,9 @@ def _model(tmpd: Path, size: int, files: list[Path]) -> str:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from cxr_ray.errors import WeightsUnavailableError
     from cxr_ray.labels import parse_kermany_path
-    from cxr_ray.models.artifact import card_for, save_artifact
-    from cxr_ray.models.factory import create_model
 
-    torch.manual_seed(0)
-    try:
-        net = create_model("mobilenet_v2", pretrained=True)
-    except WeightsUnavailableError:  # throughput does not depend on the weights' values
-        net = create_model("mobilenet_v2", pretrained=False)
-    artifact = str(tmpd / "model")
-    save_artifact(net, card_for(net, "mobilenet_v2", input_size=size, intensity="none"), artifact)
+    artifact = mobilenet_artifact(tmpd / "model", size)
     uris = [str(f) for f in files[:640]]
     split = ["val" if i % 5 == 0 else "train" for i in range(len(uris))]
     labels = [parse_kermany_path(u).label for u in uris]

@@ -30,6 +30,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np
 import torch
+from _common import mobilenet_artifact, timed_score
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -109,23 +110,16 @@ def main() -> None:
     ap.add_argument("--int8", action="store_true", help="also score with onnx_precision=int8 (needs --model)")
     args = ap.parse_args()
 
-    import ray
-
     from cxr_ray.config import load_settings
     from cxr_ray.errors import EngineUnavailableError
-    from cxr_ray.models.artifact import card_for, load_artifact, save_artifact
-    from cxr_ray.models.factory import create_model
-    from cxr_ray.scoring.pipeline import score
+    from cxr_ray.models.artifact import load_artifact
 
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
         files = replicate(Path(args.data), tmpd / "images", args.images)
         artifact = args.model
         if artifact is None:
-            torch.manual_seed(0)
-            net = create_model("mobilenet_v2", pretrained=True)
-            artifact = str(tmpd / "model")
-            save_artifact(net, card_for(net, "mobilenet_v2", input_size=224, intensity="none"), artifact)
+            artifact = mobilenet_artifact(tmpd / "model")
         art = load_artifact(artifact)
         size = art.card.input_size[0]
         cache = str(tmpd / "cache")
@@ -155,24 +149,9 @@ def main() -> None:
                 int8 = None
 
         def timed(run_settings, out: str):
-            # A fresh local Ray for each run, started before the clock: every run pays Ray
-            # Data's first-execution set-up, none inherits a warm one from the run before.
-            ray.init(include_dashboard=False, log_to_driver=False)
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            marks: list[tuple[float, int]] = []
-
-            def mark(block) -> None:
-                done = (marks[-1][1] if marks else 0) + block.num_rows
-                marks.append((time.perf_counter(), done))
-
-            t = time.perf_counter()
-            result = score(str(tmpd / "images"), artifact, str(tmpd / out), run_settings, on_block=mark)
-            wall = time.perf_counter() - t
-            ray.shutdown()
-            assert result.images == len(files), (result.images, len(files))
-            # Rows per second between the first and the last committed block.
-            steady = (marks[-1][1] - marks[0][1]) / max(1e-9, marks[-1][0] - marks[0][0])
-            return result, result.images / wall, steady
+            t = timed_score(str(tmpd / "images"), artifact, str(tmpd / out), run_settings)
+            assert t.result.images == len(files), (t.result.images, len(files))
+            return t.result, t.end_to_end, t.steady
 
         result, e2e, steady = timed(settings, "out")
         if int8 is not None:

@@ -8,11 +8,7 @@ bytes shipped for GPU decode used to be scored as black images.
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +19,7 @@ from cxr_ray.engines import EnginePayload, build, engine_options, prepare
 from cxr_ray.errors import EngineUnavailableError
 from cxr_ray.models.artifact import load_artifact
 from cxr_ray.models.card import spec_for
-from tests import imaging
+from tests import imaging, scenarios
 from tests.conftest import make_artifact
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,24 +35,7 @@ def test_logical_gpus_score_like_the_cpu_path_and_explain_finishes(tmp_path):
     (images / "scan.png").write_bytes(imaging.png_bytes(120, 100, seed=5))
     (images / "truncated.jpeg").write_bytes(imaging.jpeg_bytes(200, 160, seed=6)[:300])
     artifact = make_artifact(tmp_path / "model", threshold=0.0)  # every ok row flagged: explained
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.scenarios.logical_gpus",
-            str(images),
-            str(artifact),
-            str(tmp_path / "o"),
-        ],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    r = scenarios.report(scenarios.run("logical_gpus", images, artifact, tmp_path / "o"))
     assert r["cpu"] == {"images": 11, "ok": 10, "engines": ["onnxruntime"], "flagged": 10}
     for name in ("gpu_onnx", "gpu_auto", "explain"):
         assert r[name]["images"] == 11 and r[name]["ok"] == 10, (name, r[name])

@@ -20,6 +20,7 @@ import pytest
 
 from cxr_ray.config import load_settings
 from cxr_ray.data.synthetic import jpeg_bytes, kermany_name
+from tests import scenarios
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = os.environ | {"RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(REPO)}
@@ -38,23 +39,7 @@ def _images(root: Path, n: int, broken: int = 0) -> Path:
 @pytest.mark.slow
 def test_worker_node_killed_while_scoring_loses_and_doubles_nothing(tiny_artifact, tmp_path):
     images = _images(tmp_path / "images", 240, broken=3)
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.scenarios.node_loss",
-            str(images),
-            str(tiny_artifact),
-            str(tmp_path / "o"),
-        ],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert out.returncode == 0, out.stderr[-3000:]
-    r = json.loads(next(line for line in out.stdout.splitlines() if line.startswith('{"rows"')))
+    r = scenarios.report(scenarios.run("node_loss", images, tiny_artifact, tmp_path / "o"), '{"rows"')
     assert r["killed"], "no node was killed"
     assert r["blocks"] > 2  # the node died mid-stream, with blocks still to come
     assert r["rows"] == r["unique_uris"] == 243  # one row per input, none twice
