@@ -171,3 +171,33 @@ def test_pseudonymized_export_carries_no_identifier_and_keeps_studies_together(
             assert ident not in dumped, ident
     assert all(u.startswith("2.25.") for u in preds["study_instance_uid"].to_pylist())
     assert preds["study_instance_uid"].to_pylist() == preds_b["study_instance_uid"].to_pylist()  # stable
+
+
+def test_nightly_against_orthanc_scores_only_studies_since_the_last_committed_run(
+    ray_local, tiny_artifact, orthanc, tmp_path
+):
+    from datetime import UTC, datetime
+
+    from cxr_ray.scoring.nightly import run_nightly
+
+    orthanc.clear()
+    jpegs = dicom_factory.real_jpegs(3)
+    old_study = dicom_factory.new_uid()
+    old = [
+        dicom_factory.make_image(j, dicom_factory.Tags(study_instance_uid=old_study, study_date="20261128"))
+        for j in jpegs[:2]
+    ]
+    for data in old:
+        orthanc.upload(data)
+    root, settings = str(tmp_path / "nightly"), _settings(tmp_path)
+    first = run_nightly(orthanc.source, str(tiny_artifact), root, settings)
+    assert (first.new_images, first.added_rows) == (2, 2) and "study_date" not in first.extra
+
+    today = datetime.now(UTC).strftime("%Y%m%d")
+    orthanc.upload(dicom_factory.make_image(jpegs[2], dicom_factory.Tags(study_date=today)))
+    second = run_nightly(orthanc.source, str(tiny_artifact), root, settings)
+    assert second.extra["study_date"] == f"{today}-"  # the window since the last committed run
+    assert (second.new_images, second.added_rows) == (1, 1)
+    assert second.already_scored == 0  # the old study was not even listed, let alone retrieved
+    third = run_nightly(orthanc.source, str(tiny_artifact), root, settings)
+    assert (third.added_rows, third.already_scored) == (0, 1)

@@ -42,6 +42,7 @@ def test_logical_gpus_score_like_the_cpu_path_and_explain_finishes(tmp_path):
         assert r[name]["same_rows"] and r[name]["same_status"], (name, r[name])
         assert r[name]["max_dp"] <= 1e-4, (name, r[name])
     # auto inside actors that have a (logical) GPU but no CUDA: onnxruntime, not torch on CPU.
+    # "explain": one logical GPU, held by the one predictor (gpus_per_actor=1): it finishes.
     assert r["gpu_auto"]["engines"] == ["onnxruntime"]
     assert r["explain"]["heatmaps"] == 10 and r["explain"]["heatmap_files_exist"]
     assert r["ok_rows_scored_as_black"] == 0

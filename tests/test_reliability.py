@@ -6,7 +6,6 @@ can only hold one Ray connection, and killing a driver must not take the test se
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import signal
@@ -15,7 +14,6 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
 
 from cxr_ray.config import load_settings
@@ -47,41 +45,34 @@ def test_worker_node_killed_while_scoring_loses_and_doubles_nothing(tiny_artifac
 
 
 def test_killed_nightly_driver_is_finished_by_the_next_run(ray_local, tiny_artifact, tmp_path):
-    from jobs import nightly_score
+    from cxr_ray.scoring import ledger
+    from cxr_ray.scoring.nightly import NightlyOptions, run_nightly
 
     source, root = _images(tmp_path / "archive", 30, broken=1), tmp_path / "nightly"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tests.scenarios.interrupted_nightly",
-            str(source),
-            str(tiny_artifact),
-            str(root),
-        ],
-        cwd=REPO,
-        env=ENV,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        start_new_session=True,
-    )
+    proc = scenarios.run("interrupted_nightly", source, tiny_artifact, root, 5, start_new_session=True)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert "killing the driver mid-run" in proc.stdout
     killed_run = next((root / "runs").iterdir())
     # Readers never see a partial table: the killed run committed nothing.
-    assert not (killed_run / "predictions.parquet").exists()
     assert not (killed_run / "summary.json").exists()
-    assert not (root / "ledger.parquet").exists()
+    table = ledger.table(str(root), ledger.PREDICTIONS)
+    assert _rows(table) == 0
 
+    # The next run waits out the dead run's lease (5 s TTL), then scores everything once.
     settings = load_settings(None, {"score": {"cache_dir": str(tmp_path / "cache")}})
-    args = argparse.Namespace(source=str(source), model=str(tiny_artifact), root=str(root))
-    nightly_score.main(args, settings)
-    ledger = pq.read_table(root / "ledger.parquet")
-    assert ledger.num_rows == 31  # 30 images + 1 broken file, each exactly once
-    assert len(set(ledger["image_id"].to_pylist())) == 31
-    nightly_score.main(args, settings)
-    assert pq.read_table(root / "ledger.parquet").num_rows == 31
+    opts = NightlyOptions(lease_ttl_s=5)
+    first = run_nightly(str(source), str(tiny_artifact), str(root), settings, options=opts)
+    assert first.skipped_reason is None and first.added_rows == 31  # 30 images + 1 broken file
+    again = run_nightly(str(source), str(tiny_artifact), str(root), settings, options=opts)
+    assert again.added_rows == 0 and again.already_scored == 31  # the broken file by its uri
+    assert _rows(table) == 31
+
+
+def _rows(table: str) -> int:
+    from cxr_ray.io import tables
+
+    t = tables.query("SELECT count(*) AS n FROM t", {"t": tables.open_table(table)})
+    return int(t["n"][0].as_py())
 
 
 def _registered(storage: Path) -> int:

@@ -176,9 +176,10 @@ def screen(
 ) -> None:
     """Screen a whole archive retrospectively: score everything, rank the flagged studies.
 
-    Writes what `score` writes plus OUT/flagged.parquet (flagged studies, most suspicious
-    first) and OUT/report.html, and prints counts per predicted class and the TOP flagged
-    studies by image id (never file names: they may carry patient identifiers).
+    Writes what `score` writes plus OUT/flagged.parquet (the flagged rows of studies.parquet,
+    one per study, most suspicious first) and OUT/report.html, and prints the images ok /
+    skipped / errors, studies per predicted class and the TOP flagged studies, each named by
+    its driving image's id (never study UIDs, patient ids or file names).
     """
     s = settings_from(ctx, _score_overrides(flags))
     require_source(source)
@@ -203,24 +204,59 @@ def screen(
 @click.option("--model", "artifact", required=True, help="Model artifact directory (path or s3://).")
 @click.option("--root", required=True, help="Folder of the nightly tables and runs (path or s3://).")
 @_engine_flags
+@click.option(
+    "--on-busy",
+    type=click.Choice(["wait", "exit"]),
+    default="wait",
+    show_default=True,
+    help="When another run holds this root's lease: wait for it, or exit 0 at once.",
+)
+@click.option("--max-wait", type=float, default=6 * 3600.0, show_default=True, help="Seconds to wait.")
+@click.option(
+    "--lease-ttl",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Seconds a lease outlives its holder's last heartbeat (a killed run's lease expires).",
+)
+@click.option("--no-lease", is_flag=True, help="Run without the lease (exactly-once still holds).")
 @click.pass_context
 @handle_errors
-def nightly(ctx: click.Context, source: str, artifact: str, root: str, **flags: Any) -> None:
+def nightly(
+    ctx: click.Context,
+    source: str,
+    artifact: str,
+    root: str,
+    on_busy: str,
+    max_wait: float,
+    lease_ttl: float,
+    no_lease: bool,
+    **flags: Any,
+) -> None:
     """Incremental scoring: only the images of SOURCE this model version has not scored yet.
 
-    Everything goes under ROOT (predictions, metrics, metrics history and the record of
-    which images each model version has scored); a rerun over the same SOURCE scores
-    nothing new, and a run killed mid-way is finished by the next one.
+    Everything goes under ROOT as Delta Lake tables (predictions, studies, metrics history)
+    plus each run's summary: each (image, model version) is recorded exactly once, also when
+    runs overlap; a rerun over the same SOURCE adds nothing, and a run killed mid-way leaves
+    no rows and is finished by the next one. A run that finds another one active on ROOT
+    waits for it (or, with --on-busy exit, exits 0 at once). For a DICOMweb SOURCE without
+    --study-date, only studies dated since the last committed run are listed.
     """
     s = settings_from(ctx, _score_overrides(flags))
     require_source(source)
     from cxr_ray.cli.progress import Progress
     from cxr_ray.cli.runtime import ray_session
-    from cxr_ray.scoring.nightly import format_nightly, run_nightly
+    from cxr_ray.scoring.nightly import NightlyOptions, format_nightly, run_nightly
 
     art = load_model(artifact)
+    options = NightlyOptions(
+        on_busy="exit" if on_busy == "exit" else "wait",
+        max_wait_s=max_wait,
+        lease_ttl_s=lease_ttl,
+        lease=not no_lease,
+    )
     with ray_session(s.ray, verbose=verbosity(ctx)), Progress("nightly") as progress:
-        result = run_nightly(source, art, root, s, on_block=progress)
+        result = run_nightly(source, art, root, s, on_block=progress, options=options)
     click.echo(format_nightly(result))
 
 

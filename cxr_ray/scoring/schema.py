@@ -35,14 +35,3 @@ PREDICTIONS_SCHEMA = pa.schema(
         *INTENDED_USE_FIELDS,
     ]
 )
-
-LEDGER_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string(), nullable=False),
-        pa.field("model_version", pa.string(), nullable=False),
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("status", pa.string(), nullable=False),
-    ]
-)

@@ -1,8 +1,10 @@
-"""A nightly scoring driver that SIGKILLs itself after its first committed block.
+"""A nightly scoring driver that SIGKILLs itself after its first scored block.
 
     python -m tests.scenarios.interrupted_nightly SOURCE ARTIFACT ROOT
 
-Runs jobs.nightly_score's work in-process; a hard kill is the worst case: no cleanup runs.
+Runs ``cxr_ray.scoring.nightly.run_nightly`` in-process; a hard kill is the worst case: no
+cleanup runs, the lease is not handed back. Afterwards ROOT/predictions holds no row of this
+run (it commits only at the end) and ROOT/leases still names it until ``--ttl`` seconds pass.
 """
 
 from __future__ import annotations
@@ -18,33 +20,21 @@ def main() -> None:
     import ray
 
     from cxr_ray.config import load_settings
-    from cxr_ray.io import storage
-    from cxr_ray.models.artifact import read_card
-    from cxr_ray.scoring import ledger
-    from cxr_ray.scoring.pipeline import new_run_id, score
+    from cxr_ray.scoring.nightly import NightlyOptions, run_nightly
 
     source, artifact, root = sys.argv[1:4]
+    ttl = float(sys.argv[4]) if len(sys.argv) > 4 else 5.0
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     settings = load_settings(
         None,
         {"data": {"rows_per_block": 4}, "score": {"batch_size": 4, "cache_dir": os.path.join(root, "cache")}},
     )
-    seen = ledger.seen_ids(storage.join(root, "ledger.parquet"), read_card(artifact).version)
-    run_id = new_run_id()
 
     def die(_block) -> None:
         print("killing the driver mid-run", flush=True)
         os.killpg(os.getpgid(0), signal.SIGKILL)  # the driver and the Ray it started
 
-    score(
-        source,
-        artifact,
-        storage.join(root, "runs", run_id),
-        settings,
-        run_id=run_id,
-        seen_ids=seen,
-        on_block=die,
-    )
+    run_nightly(source, artifact, root, settings, on_block=die, options=NightlyOptions(lease_ttl_s=ttl))
 
 
 if __name__ == "__main__":

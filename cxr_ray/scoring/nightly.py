@@ -1,0 +1,274 @@
+"""Nightly incremental scoring into a root of Delta Lake tables (layout: ``ledger``).
+
+    result = run_nightly(source, artifact, root, settings)
+    print(format_nightly(result))
+
+One run: take the lease of (root, model version) -> score only the images the model version
+has not scored (``ledger.PredictionsSeen``, checked block by block inside the decode tasks)
+into ROOT/runs/<run_id>/ -> commit the new rows to ROOT/predictions in one atomic commit
+(``ledger.commit_new``) -> add the run's metrics to ROOT/metrics_history -> hand the lease
+back. What overlapping runs do:
+
+- A run that finds another live run on the same root and model version waits for it
+  (``on_busy="wait"``, up to ``max_wait_s``) and then scores what is still new (usually
+  nothing), or returns at once (``on_busy="exit"``); either way it exits cleanly, its result
+  saying why (``skipped_reason``).
+- A run killed at any moment leaves no visible rows (its staged files in ROOT/runs/<run_id>/
+  are never read); its lease expires ``lease_ttl_s`` seconds later and the next run scores
+  what it had not committed.
+- Without the lease (``lease=False``), or when a lease lapses under a stalled holder, runs
+  overlap, and the predictions table still records each (image_id, model_version) once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import pyarrow as pa
+
+from cxr_ray.config import Settings
+from cxr_ray.io import storage, tables, uris
+from cxr_ray.io.lease import Lease, LeaseInfo
+from cxr_ray.models.artifact import Artifact, load_artifact
+from cxr_ray.scoring import ledger
+from cxr_ray.scoring.pipeline import ScoreResult, format_summary, new_run_id, score
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NightlyOptions:
+    """How a nightly run shares its root with others."""
+
+    #: Another run holds the lease: ``wait`` for it (up to ``max_wait_s``) or ``exit`` now.
+    on_busy: Literal["wait", "exit"] = "wait"
+    max_wait_s: float = 6 * 3600.0
+    #: A killed run's lease expires this long after its last renewal (renewed every third).
+    lease_ttl_s: float = 300.0
+    #: Take a lease at all (correctness never depends on it; it avoids scoring twice).
+    lease: bool = True
+    #: delta-rs storage options for ``s3://`` roots (``AWS_ENDPOINT_URL``...); ``None``: the
+    #: ``AWS_*`` environment of the process.
+    storage_options: Mapping[str, str] | None = None
+
+
+@dataclass
+class NightlyResult:
+    root: str
+    run_id: str
+    model_version: str
+    #: Images scored by this run (error rows included).
+    new_images: int = 0
+    #: Images of the source skipped because the model version had already scored them.
+    already_scored: int = 0
+    #: Rows this run committed to ROOT/predictions.
+    added_rows: int = 0
+    #: Scored rows not committed: a concurrent run committed the same images first.
+    duplicates: int = 0
+    #: The predictions table version after this run (``cxr-ray history --version``).
+    table_version: int | None = None
+    score: ScoreResult | None = None
+    #: Seconds spent waiting for another run's lease.
+    waited_s: float = 0.0
+    #: The other run's lease when this one did not score (``on_busy``).
+    busy: LeaseInfo | None = None
+    #: Why nothing was scored, when nothing was.
+    skipped_reason: str | None = None
+    commit_attempts: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class _SeenCounter:
+    """A Ray actor counting the images the decode tasks skipped as already scored."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+    def add(self, n: int) -> None:
+        self.n += n
+
+    def total(self) -> int:
+        return self.n
+
+
+@dataclass(frozen=True)
+class _CountingSeen:
+    inner: ledger.PredictionsSeen
+    counter: Any
+
+    def unseen(self, ids: list[str]) -> list[str]:
+        new = self.inner.unseen(ids)
+        if len(ids) > len(new):
+            import ray
+
+            ray.get(self.counter.add.remote(len(ids) - len(new)))  # waited: counted before the run ends
+        return new
+
+
+def run_nightly(
+    source: str,
+    artifact: Artifact | str,
+    root: str,
+    settings: Settings,
+    *,
+    on_block: Callable[[pa.Table], None] | None = None,
+    options: NightlyOptions | None = None,
+) -> NightlyResult:
+    """Score the images of ``source`` that the model has not scored yet into ``root``."""
+    import ray
+
+    opts = options or NightlyOptions()
+    art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
+    version = art.card.version
+    run_id = new_run_id()
+    result = NightlyResult(root, run_id, version)
+    so = opts.storage_options
+    ledger.ensure_predictions(root, so)
+
+    lease = Lease(
+        ledger.table(root, ledger.LEASES),
+        f"nightly/{version}",
+        ttl_s=opts.lease_ttl_s,
+        run_id=run_id,
+        storage_options=so,
+    )
+    if opts.lease:
+        t0 = time.monotonic()
+        got = lease.acquire(wait_s=opts.max_wait_s if opts.on_busy == "wait" else 0.0)
+        result.waited_s = time.monotonic() - t0
+        if not got:
+            result.busy = lease.current()
+            who = f"run {result.busy.run_id}" if result.busy else "another run"
+            result.skipped_reason = (
+                f"{who} holds the nightly lease for model {version} on this root"
+                + (f" (waited {result.waited_s:.0f} s)" if opts.on_busy == "wait" else "")
+                + "; nothing scored"
+            )
+            logger.info(result.skipped_reason)
+            return result
+    settings = _study_date_window(source, root, version, settings, result, so)
+    counter: Any = ray.remote(_SeenCounter).options(num_cpus=0).remote()
+    try:
+        if opts.lease:
+            with lease.keep_alive():
+                _score_and_commit(source, art, root, settings, run_id, result, counter, on_block, so)
+        else:
+            _score_and_commit(source, art, root, settings, run_id, result, counter, on_block, so)
+        result.already_scored = int(ray.get(counter.total.remote()))
+    finally:
+        ray.kill(counter)
+        if opts.lease:
+            lease.release()
+    return result
+
+
+def last_committed_day(
+    root: str, model_version: str, storage_options: Mapping[str, str] | None = None
+) -> Any:
+    """The UTC date of the latest row this model version committed under ``root`` (or None)."""
+    dt = tables.open_table(ledger.table(root, ledger.PREDICTIONS), storage_options=storage_options)
+    t = tables.query(
+        f"SELECT max(scored_at) AS last FROM t WHERE model_version = {tables.sql_literal(model_version)}",
+        {"t": dt},
+    )
+    last = t["last"][0].as_py() if t.num_rows else None
+    return last.date() if last is not None else None
+
+
+def _study_date_window(
+    source: str,
+    root: str,
+    version: str,
+    settings: Settings,
+    result: NightlyResult,
+    so: Mapping[str, str] | None,
+) -> Settings:
+    """For a PACS source without an explicit ``dicomweb.study_date``: only studies dated from
+    the day of the last committed run on (that day included: studies arriving late that day
+    are listed again and the seen-check drops what was scored), so a nightly run lists and
+    retrieves the new studies, not the whole archive. The window is recorded in the result."""
+    if not source.startswith(("dicomweb://", "dicomwebs://")) or settings.dicomweb.study_date is not None:
+        return settings
+    day = last_committed_day(root, version, so)
+    if day is None:
+        return settings
+    window = f"{day:%Y%m%d}-"
+    result.extra["study_date"] = window
+    logger.info("nightly %s: studies dated %s (since the last committed run)", result.run_id, window)
+    dicomweb = settings.dicomweb.model_copy(update={"study_date": window})
+    return settings.model_copy(update={"dicomweb": dicomweb})
+
+
+def _score_and_commit(
+    source: str,
+    art: Artifact,
+    root: str,
+    settings: Settings,
+    run_id: str,
+    result: NightlyResult,
+    counter: Any,
+    on_block: Callable[[pa.Table], None] | None,
+    so: Mapping[str, str] | None,
+) -> None:
+    version = art.card.version
+    predictions = ledger.table(root, ledger.PREDICTIONS)
+    out = storage.join(root, ledger.RUNS, run_id)
+    seen = _CountingSeen(ledger.PredictionsSeen(predictions, version, so), counter)
+    sr = result.score = score(source, art, out, settings, run_id=run_id, seen=seen, on_block=on_block)
+    result.new_images = sr.images
+    staged = storage.join(out, "predictions.parquet")
+    commit = ledger.commit_new(
+        predictions,
+        ledger.staged_blocks(staged),
+        model_version=version,
+        metadata={"cxr_ray.run_id": run_id, "cxr_ray.operation": "nightly", "cxr_ray.images": sr.images},
+        storage_options=so,
+    )
+    result.added_rows, result.duplicates = commit.added, commit.duplicates
+    result.table_version, result.commit_attempts = commit.version, commit.attempts
+    metrics_uri = storage.join(out, "metrics.parquet")
+    if storage.exists(metrics_uri):
+        ledger.append_metrics(root, storage.read_table(metrics_uri), storage_options=so)
+    studies_uri = storage.join(out, "studies.parquet")
+    if commit.added and storage.exists(studies_uri):  # the studies of the images this run added
+        ledger.append_studies(root, storage.read_table(studies_uri), storage_options=so)
+    # The table is the record now; the staged copy would only be a second truth.
+    fs, path = uris.resolve(staged)
+    fs.delete_file(path)
+    logger.info(
+        "nightly %s: %d scored, %d committed (table version %s, %d attempt(s))",
+        run_id,
+        sr.images,
+        commit.added,
+        commit.version,
+        commit.attempts,
+    )
+
+
+def format_nightly(r: NightlyResult) -> str:
+    """A short summary (counts only: no patient identifiers or file names)."""
+    head = f"nightly {r.run_id} (model {r.model_version}): "
+    if r.skipped_reason:
+        return head + r.skipped_reason
+    lines = [
+        head + f"{r.new_images} new images scored, {r.already_scored} already scored, "
+        f"{r.added_rows} rows added to {storage.join(r.root, ledger.PREDICTIONS)}"
+        + (f" (table version {r.table_version})" if r.table_version is not None else "")
+    ]
+    if r.duplicates:
+        lines.append(
+            f"{r.duplicates} rows left out: their images were already recorded "
+            "(the same file bytes twice in the source, or committed first by a concurrent run)"
+        )
+    if "study_date" in r.extra:
+        lines.append(f"PACS studies dated {r.extra['study_date']} (since the last committed run)")
+    if r.waited_s >= 1:
+        lines.append(f"waited {r.waited_s:.0f} s for another run on this root")
+    if r.score is not None:
+        lines.extend(format_summary(r.score).splitlines()[1:2])
+        lines.extend(ln for ln in format_summary(r.score).splitlines() if ln.startswith("  error:"))
+    return "\n".join(lines)
