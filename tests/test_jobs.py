@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -52,32 +53,50 @@ def test_nightly_job_scores_new_images_once(ray_local, tiny_artifact, tmp_path, 
     assert "person" not in first + again  # no patient identifiers in job logs
 
 
-def test_screen_job_ranks_flagged_without_patient_ids(
+def test_screen_job_ranks_flagged_studies_without_patient_ids(
     ray_local, tiny_artifact, tmp_path, monkeypatch, capsys
 ):
+    from cxr_ray.scoring.studies import STUDIES_SCHEMA
+    from tests.conftest import make_artifact
+
+    # Kermany names carry patient ids: person5000 and person5001 have 4 images each, the 4
+    # normals one each; threshold 0 flags all 12 readable images, i.e. 6 studies.
     archive = imaging.kermany_folder(tmp_path / "archive", per_class=4)
     (archive / "empty.jpeg").write_bytes(b"")
+    model = make_artifact(tmp_path / "model", threshold=0.0)
     out = tmp_path / "s"
     code, stdout, _ = _job(
         "screen_archive",
-        [str(archive), "--model", str(tiny_artifact), "--out", str(out), "--top", "3"],
+        [str(archive), "--model", str(model), "--out", str(out), "--top", "3"],
         tmp_path,
         monkeypatch,
         capsys,
     )
     assert code == 0
     preds = pq.read_table(out / "predictions.parquet")
-    assert preds.num_rows == 13
+    assert preds.num_rows == 13 and sum(bool(f) for f in preds["flagged"].to_pylist()) == 12
+    studies = pq.read_table(out / "studies.parquet")
     flagged = pq.read_table(out / "flagged.parquet")
+    assert flagged.schema.equals(STUDIES_SCHEMA, check_metadata=False)
+    # One row per flagged study (not per flagged image), most suspicious first.
+    keys = flagged["study_key"].to_pylist()
+    assert flagged.num_rows == 6 == len(set(keys)) == sum(bool(f) for f in studies["flagged"].to_pylist())
+    assert {"person5000", "person5001"} <= set(keys)
+    assert flagged.filter(pc.equal(flagged["study_key"], "person5000"))["images"].to_pylist() == [4]
     probs = flagged["prob_pneumonia"].to_pylist()
-    assert flagged.num_rows == sum(bool(f) for f in preds["flagged"].to_pylist())
     assert probs == sorted(probs, reverse=True) and all(flagged["flagged"].to_pylist())
-    assert flagged.schema.equals(preds.schema, check_metadata=False)
-    assert "flagged studies:" in stdout and (out / "report.html").exists()
-    top = [line.split()[0] for line in stdout.splitlines() if "P(pneumonia)=" in line]
-    assert top == [i[:12] for i in flagged["image_id"].to_pylist()[:3]]
-    # Kermany names carry patient ids (person123_...): none may reach the job log.
-    assert "person" not in stdout and "IM-" not in stdout
+    assert "flagged studies: 6" in stdout and (out / "report.html").exists()
+    assert "images: 13 = 12 ok + 0 skipped + 1 errors" in stdout
+    assert "studies: 7, by predicted class" in stdout
+    by_class = stdout.split("by predicted class (of the driving image): ", 1)[1].splitlines()[0]
+    counts = dict(part.split("=") for part in by_class.split(", "))
+    assert counts.pop("not scored") == "1" and sum(map(int, counts.values())) == 6
+    top = [line.split() for line in stdout.splitlines() if "P(pneumonia)=" in line]
+    assert [t[0] for t in top] == [i[:12] for i in flagged["driving_image_id"].to_pylist()[:3]]
+    assert [f"{t[3]} {t[4]}" for t in top] == [f"{n} images" for n in flagged["images"].to_pylist()[:3]]
+    # Kermany names carry patient ids (person123_...): none may reach the job log or the report.
+    report = (out / "report.html").read_text()
+    assert "person" not in stdout and "IM-" not in stdout and "person5" not in report
 
 
 def test_retrain_takes_every_train_option():

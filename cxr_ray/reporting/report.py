@@ -1,19 +1,29 @@
 """A self-contained HTML report of a scoring run (one file, images embedded as base64 PNGs).
 
-Sections: run summary, per-class metrics table, confusion matrix, ROC curves (one-vs-rest
-and normal-vs-pneumonia), reliability diagram, pneumonia-score histogram by true class,
-error rows, and a gallery of the most suspicious flagged studies with their Grad-CAM
-overlays. Sections that need labels or heatmaps are left out, with a note, when a run has
-none.
+Sections: run summary (images, ok, skipped, errors, studies, flagged studies), per-class
+metrics, confusion matrix, ROC curves (one-vs-rest and normal-vs-pneumonia), reliability
+diagram and pneumonia-score histogram by true class (image level), the same metrics per
+study beside them, a gallery of the most suspicious flagged *studies* (one entry per study:
+its driving image's Grad-CAM overlay, else the image itself, with the study's counts), the
+skipped images counted per reason, and the error rows. Sections that need labels are left
+out, with a note, when a run has none. A run folder without ``studies.parquet`` (written
+before study-level results existed) gets the image-level gallery instead.
+
+No patient identifier reaches the page: studies are named by their driving image's
+``image_id`` prefix (a hash of the file bytes; ``driving_image_id`` in ``studies.parquet``),
+images by theirs, never by study key, UID, patient id, accession number or file name (Kermany
+names carry patient ids: ``person123_bacteria_4.jpeg``), and those are cut out of error text.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import html
 import io
 import itertools
 import json
+from collections import Counter
 from typing import Any
 
 import numpy as np
@@ -21,9 +31,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxr_ray import metrics
-from cxr_ray.io import storage
+from cxr_ray.errors import CxrRayError
+from cxr_ray.imaging.preprocess import PreprocessSpec, decode
+from cxr_ray.io import storage, uris
 from cxr_ray.labels import LABELS, NORMAL
 from cxr_ray.scoring.pipeline import labelled_arrays
+from cxr_ray.scoring.screen import REF_CHARS, flagged_studies
+from cxr_ray.scoring.studies import STUDIES_SCHEMA, study_metrics
 
 _CSS = """
 body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#1d2430;padding:0 1rem}
@@ -35,6 +49,17 @@ td,th{border:1px solid #dde3ea;padding:.3rem .6rem;text-align:right}td.l,th.l{te
 .gallery figure{margin:0;width:240px;font-size:.8rem}.gallery img{width:240px}
 .note{color:#6b7785}.err td{text-align:left;font-family:monospace;font-size:.8rem}
 """
+#: Side of the gallery's thumbnails of original images (when a study has no heatmap).
+THUMB_PX = 240
+#: Columns never shown (identifiers); also cut out of error text.
+_IDENTIFIER_COLUMNS = (
+    "uri",
+    "patient_id",
+    "accession_number",
+    "study_instance_uid",
+    "series_instance_uid",
+    "sop_instance_uid",
+)
 
 
 def _fig_png(fig: Any) -> str:
@@ -118,7 +143,7 @@ def _plots(y: np.ndarray, p: np.ndarray) -> dict[str, str]:
     return out
 
 
-def _metrics_html(m: metrics.Metrics) -> str:
+def _metrics_html(m: metrics.Metrics, prefix: str = "") -> str:
     rows = "".join(
         f"<tr><td class=l>{k}</td><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td>"
         f"<td>{v['f1']:.3f}</td><td>{v['auroc']:.3f}</td><td>{int(v['support'])}</td></tr>"
@@ -130,61 +155,256 @@ def _metrics_html(m: metrics.Metrics) -> str:
     )
     b = m.binary
     return (
-        '<table id="per-class"><tr><th class=l>class</th><th>precision</th><th>recall</th><th>F1</th>'
-        f"<th>AUROC</th><th>support</th></tr>{rows}</table>"
+        f'<table id="{prefix}per-class"><tr><th class=l>class</th><th>precision</th><th>recall</th>'
+        f"<th>F1</th><th>AUROC</th><th>support</th></tr>{rows}</table>"
         f"<p>accuracy {m.accuracy:.4f} · macro-F1 {m.macro_f1:.4f} · weighted-F1 {m.weighted_f1:.4f} · "
         f"macro-AUROC {m.macro_auroc:.4f} · ECE {m.ece:.4f} · normal vs pneumonia: sensitivity "
         f"{b['sensitivity_at_threshold']:.4f}, specificity {b['specificity_at_threshold']:.4f} at the "
         f"flag threshold {b['threshold']:.3f}, AUROC {b['auroc']:.4f}</p>"
-        '<table id="confusion"><tr><th class=l>true \\ predicted</th>'
+        f'<table id="{prefix}confusion"><tr><th class=l>true \\ predicted</th>'
         + "".join(f"<th>{x}</th>" for x in LABELS)
         + f"</tr>{cm}</table>"
     )
 
 
-def _gallery(t: pa.Table, top: int) -> str:
-    flagged = t.filter(pc.fill_null(t["flagged"], False)).sort_by([("prob_pneumonia", "descending")])
-    items = []
-    for row in flagged.slice(0, top).to_pylist():
-        img = ""
-        if row.get("heatmap_uri"):
-            try:
-                img = _img(base64.b64encode(storage.read_bytes(row["heatmap_uri"])).decode(), row["uri"])
-            except (OSError, FileNotFoundError):
-                img = '<p class="note">heatmap missing</p>'
-        items.append(
-            f"<figure>{img}<figcaption>{html.escape(row['uri'].rsplit('/', 1)[-1])}<br>"
-            f"P(pneumonia) {row['prob_pneumonia']:.3f}, predicted {row['pred_label']}"
-            f"{', true ' + row['label'] if row.get('label') else ''}</figcaption></figure>"
-        )
-    if not items:
+def _levels_html(image: metrics.Metrics, study: metrics.Metrics) -> str:
+    """Image-level and study-level headline metrics side by side."""
+    rows = [
+        ("labelled", f"{image.n}", f"{study.n}"),
+        *(
+            (name, f"{getattr(image, attr):.4f}", f"{getattr(study, attr):.4f}")
+            for name, attr in (
+                ("accuracy", "accuracy"),
+                ("macro-F1", "macro_f1"),
+                ("macro-AUROC", "macro_auroc"),
+            )
+        ),
+        *(
+            (name, f"{image.binary[key]:.4f}", f"{study.binary[key]:.4f}")
+            for name, key in (
+                ("sensitivity at the flag threshold", "sensitivity_at_threshold"),
+                ("specificity at the flag threshold", "specificity_at_threshold"),
+                ("normal vs pneumonia AUROC", "auroc"),
+            )
+        ),
+    ]
+    body = "".join(f"<tr><td class=l>{k}</td><td>{a}</td><td>{b}</td></tr>" for k, a, b in rows)
+    return f'<table id="levels"><tr><th class=l></th><th>images</th><th>studies</th></tr>{body}</table>'
+
+
+def _ref(image_id: str | None) -> str:
+    """How the page names an image (and the study it drives): its ``image_id`` prefix."""
+    return image_id[:REF_CHARS] if image_id else "(unreadable)"
+
+
+def _original_png(uri: str, image_id: str) -> str | None:
+    """A ``THUMB_PX`` PNG (base64) of the image at a plain file/object ``uri``, as the model saw
+    it (squashed to a square), if it is still the image that was scored; else ``None``."""
+    if uris.MEMBER_SEP in uri or uri.startswith(("dicomweb://", "dicomwebs://")):
+        return None  # archive members and PACS instances: not re-fetched for a report
+    try:
+        data = storage.read_bytes(uri)
+        if hashlib.sha256(data).hexdigest() != image_id:  # changed (or pseudonymised uri) since
+            return None
+        pixels = decode(data, PreprocessSpec(height=THUMB_PX, width=THUMB_PX)).pixels
+    except (OSError, CxrRayError, ValueError):
+        return None
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _picture(heatmap_uri: str | None, uri: str | None, image_id: str | None, alt: str) -> str:
+    """The Grad-CAM overlay of an image, else the image itself, else a note."""
+    if heatmap_uri:
+        try:
+            return _img(base64.b64encode(storage.read_bytes(heatmap_uri)).decode(), f"{alt} (Grad-CAM)")
+        except OSError:
+            pass
+    if uri and image_id:
+        png = _original_png(uri, image_id)
+        if png is not None:
+            return _img(png, alt)
+    return '<p class="note">image not available</p>'
+
+
+def _study_gallery(studies: pa.Table, t: pa.Table, top: int) -> str:
+    """One figure per flagged study (most suspicious first), shown by its driving image."""
+    rows = flagged_studies(studies).slice(0, max(top, 0)).to_pylist()
+    if not rows:
         return '<p class="note">No flagged studies.</p>'
+    ids = pa.array([r["driving_image_id"] for r in rows], pa.string())
+    images: dict[str, dict[str, Any]] = {}
+    for r in (
+        t.filter(pc.is_in(t["image_id"], value_set=ids))
+        .select(["image_id", "uri", "heatmap_uri"])
+        .to_pylist()
+    ):
+        images.setdefault(r["image_id"], r)
+    items = []
+    for row in rows:
+        ref = _ref(row["driving_image_id"])
+        image = images.get(row["driving_image_id"], {})
+        picture = _picture(
+            image.get("heatmap_uri"), image.get("uri"), row["driving_image_id"], f"study {ref}"
+        )
+        items.append(
+            f'<figure class="study">{picture}<figcaption>study {ref}<br>'
+            f"P(pneumonia) {row['prob_pneumonia']:.3f}, predicted {html.escape(row['pred_label'])}"
+            f"{', true ' + html.escape(row['label']) if row.get('label') else ''}<br>"
+            f"{row['images']} image{'s' if row['images'] != 1 else ''}: {row['scored']} scored, "
+            f"{row['skipped']} skipped, "
+            f"{row['errors']} errors</figcaption></figure>"
+        )
     return f'<div class="gallery" id="gallery">{"".join(items)}</div>'
 
 
+def _image_gallery(t: pa.Table, top: int) -> str:
+    """Older runs (no ``studies.parquet``): one figure per flagged image."""
+    flagged = t.filter(pc.fill_null(t["flagged"], False)).sort_by(
+        [("prob_pneumonia", "descending"), ("image_id", "ascending")]
+    )
+    items = []
+    for row in flagged.slice(0, max(top, 0)).to_pylist():
+        ref = _ref(row["image_id"])
+        picture = _picture(row.get("heatmap_uri"), row["uri"], row["image_id"], f"image {ref}")
+        items.append(
+            f'<figure class="image">{picture}<figcaption>image {ref}<br>'
+            f"P(pneumonia) {row['prob_pneumonia']:.3f}, predicted {html.escape(row['pred_label'])}"
+            f"{', true ' + html.escape(row['label']) if row.get('label') else ''}</figcaption></figure>"
+        )
+    if not items:
+        return '<p class="note">No flagged images.</p>'
+    return f'<div class="gallery" id="gallery">{"".join(items)}</div>'
+
+
+def _scrub(text: str, row: dict[str, Any]) -> str:
+    """``text`` without the row's identifiers (its uri, file name and stem, patient id, ...)."""
+    values: set[str] = set()
+    for name in _IDENTIFIER_COLUMNS:
+        value = row.get(name)
+        if value:
+            values.add(value)
+    uri = row.get("uri")
+    if uri:
+        base = uri.rsplit(uris.MEMBER_SEP, 1)[-1].rsplit("/", 1)[-1]
+        values |= {base, base.rsplit(".", 1)[0]}
+    for value in sorted((v for v in values if len(v) >= 3), key=len, reverse=True):
+        text = text.replace(value, "…")
+    return text
+
+
+def _column_or_nulls(t: pa.Table, name: str) -> pa.ChunkedArray | pa.Array:
+    return t[name] if name in t.column_names else pa.nulls(t.num_rows, pa.string())
+
+
+def _intended_use_html(t: pa.Table) -> str:
+    """Skipped images counted per reason, and scored images whose intended use has a note."""
+    status = t["status"]
+    reasons = Counter(t.filter(pc.equal(status, "skipped"))["error"].to_pylist())
+    parts = [f"<h2>Skipped images ({sum(reasons.values())})</h2>"]
+    if reasons:
+        parts.append(
+            '<table class="err" id="skipped"><tr><th class=l>reason</th><th>images</th></tr>'
+            + "".join(
+                f"<tr><td>{html.escape(reason or '(no reason recorded)')}</td><td>{n}</td></tr>"
+                for reason, n in reasons.most_common()
+            )
+            + "</table>"
+        )
+    else:
+        parts.append(
+            '<p class="note">None: every image was inside the model\'s intended use or unreadable.</p>'
+        )
+    ok = t.filter(pc.equal(status, "ok"))
+    use, note = _column_or_nulls(ok, "intended_use"), _column_or_nulls(ok, "intended_use_note")
+    noted = Counter(
+        (u, n)
+        for u, n in zip(use.to_pylist(), note.to_pylist(), strict=True)
+        if u in ("unchecked", "overridden")
+    )
+    if noted:
+        parts.append(
+            '<p>Scored with a note on the intended use:</p><table class="err" id="use-notes">'
+            "<tr><th class=l>intended use</th><th class=l>note</th><th>images</th></tr>"
+            + "".join(
+                f"<tr><td>{html.escape(u)}</td><td>{html.escape(n or '')}</td><td>{k}</td></tr>"
+                for (u, n), k in noted.most_common()
+            )
+            + "</table>"
+        )
+    return "\n".join(parts)
+
+
+def _errors_html(t: pa.Table, n_errors: int) -> str:
+    columns = [c for c in ("image_id", "error", *_IDENTIFIER_COLUMNS) if c in t.column_names]
+    errors = t.filter(pc.equal(t["status"], "error")).select(columns).slice(0, 200).to_pylist()
+    parts = [f"<h2>Error rows ({n_errors})</h2>"]
+    if not errors:
+        parts.append('<p class="note">None.</p>')
+        return "\n".join(parts)
+    parts.append(
+        '<table class="err" id="errors"><tr><th class=l>image</th><th class=l>error</th></tr>'
+        + "".join(
+            f"<tr><td>{_ref(r['image_id'])}</td><td>{html.escape(_scrub(r['error'] or '', r))}</td></tr>"
+            for r in errors
+        )
+        + "</table>"
+    )
+    if n_errors > len(errors):
+        parts.append(
+            f'<p class="note">First {len(errors)} of {n_errors}; all are in predictions.parquet.</p>'
+        )
+    return "\n".join(parts)
+
+
+def _read_studies(run_dir: str) -> pa.Table | None:
+    uri = storage.join(run_dir, "studies.parquet")
+    if not storage.exists(uri):
+        return None
+    return storage.read_table(uri).cast(STUDIES_SCHEMA)
+
+
 def render(run_dir: str, *, top: int = 24, title: str | None = None) -> str:
-    """The HTML report of the run in ``run_dir`` (its predictions and summary)."""
+    """The HTML report of the run in ``run_dir`` (its predictions, studies and summary)."""
     t = storage.read_table(storage.join(run_dir, "predictions.parquet"))
+    studies = _read_studies(run_dir)
     summary: dict[str, Any] = {}
     if storage.exists(storage.join(run_dir, "summary.json")):
         summary = json.loads(storage.read_bytes(storage.join(run_dir, "summary.json")))
+    threshold = float(summary.get("threshold", 0.5))
     n = t.num_rows
     ok = int(pc.sum(pc.equal(t["status"], "ok")).as_py() or 0)
+    skipped = int(pc.sum(pc.equal(t["status"], "skipped")).as_py() or 0)
     flagged = int(pc.sum(pc.fill_null(t["flagged"], False)).as_py() or 0)
     versions = sorted({v for v in t["model_version"].to_pylist() if v})
-    kpis = [("images", n), ("ok", ok), ("errors", n - ok), ("flagged", flagged)]
+    kpis: list[tuple[str, Any]] = [
+        ("images", n),
+        ("ok", ok),
+        ("skipped", skipped),
+        ("errors", n - ok - skipped),
+    ]
+    if studies is not None:
+        n_flagged_studies = int(pc.sum(pc.fill_null(studies["flagged"], False)).as_py() or 0)
+        kpis += [("studies", studies.num_rows), ("flagged studies", n_flagged_studies)]
+    kpis.append(("flagged images", flagged))
     if summary.get("images_per_s"):
         kpis.append(("img/s", f"{summary['images_per_s']:.1f}"))
     parts = [
         f"<h1>{html.escape(title or 'cxr-ray scoring report')}</h1>",
-        f"<p>run {html.escape(str(summary.get('run_id', '')))} · model {', '.join(versions)} · engine "
-        f"{', '.join(sorted(set(t['engine'].to_pylist())))}</p>",
+        f"<p>run {html.escape(str(summary.get('run_id', '')))} · model {html.escape(', '.join(versions))} · "
+        f"engine {html.escape(', '.join(sorted(set(t['engine'].to_pylist()))))}</p>",
         '<div id="summary">' + "".join(f'<span class="kpi"><b>{v}</b>{k}</span>' for k, v in kpis) + "</div>",
     ]
     y, p = labelled_arrays(t)
+    sm = study_metrics(studies, threshold=threshold) if studies is not None else None
     if len(y):
-        m = metrics.classification_metrics(y, p, threshold=float(summary.get("threshold", 0.5)))
+        m = metrics.classification_metrics(y, p, threshold=threshold)
         figs = _plots(y, p)
+        if sm is not None:
+            parts += ["<h2>Images and studies</h2>", _levels_html(m, sm)]
         parts += [
             f"<h2>Per-class metrics ({len(y)} labelled images)</h2>",
             _metrics_html(m),
@@ -192,22 +412,23 @@ def render(run_dir: str, *, top: int = 24, title: str | None = None) -> str:
             *(_img(figs[k], k) for k in ("confusion", "roc", "reliability", "histogram")),
             "</div>",
         ]
+        if sm is not None:
+            parts += [
+                f"<h2>Per-class metrics per study ({sm.n} labelled studies, each by its driving image)</h2>",
+                _metrics_html(sm, prefix="study-"),
+            ]
     else:
         parts.append('<h2>Per-class metrics</h2><p class="note">No labelled images in this run.</p>')
-    parts += [f"<h2>Most suspicious flagged studies (top {top})</h2>", _gallery(t, top)]
-    errors = t.filter(pc.not_equal(t["status"], "ok")).select(["uri", "error"]).slice(0, 200).to_pylist()
-    parts.append(f"<h2>Error rows ({n - ok})</h2>")
-    if errors:
-        parts.append(
-            '<table class="err" id="errors"><tr><th class=l>uri</th><th class=l>error</th></tr>'
-            + "".join(
-                f"<tr><td>{html.escape(r['uri'])}</td><td>{html.escape(r['error'] or '')}</td></tr>"
-                for r in errors
-            )
-            + "</table>"
-        )
+    if studies is not None:
+        parts += [f"<h2>Most suspicious flagged studies (top {top})</h2>", _study_gallery(studies, t, top)]
     else:
-        parts.append('<p class="note">None.</p>')
+        parts += [
+            f"<h2>Most suspicious flagged images (top {top})</h2>",
+            '<p class="note">This run has no studies.parquet (written before study-level results): '
+            "images are listed one by one.</p>",
+            _image_gallery(t, top),
+        ]
+    parts += [_intended_use_html(t), _errors_html(t, n - ok - skipped)]
     body = "\n".join(parts)
     head = f'<meta charset="utf-8"><title>{html.escape(title or "cxr-ray report")}</title>'
     return (

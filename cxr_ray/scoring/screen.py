@@ -2,16 +2,21 @@
 
     screen(source, artifact, out, settings, top=20) -> ScreenResult
 
-Writes what ``score`` writes into OUT plus ``OUT/flagged.parquet``: the flagged rows (same
-schema as ``predictions.parquet``), most suspicious (highest ``prob_pneumonia``) first.
-Summaries name studies by ``image_id`` prefix only: file names and URIs can carry patient
-identifiers (Kermany's ``person123_bacteria_4.jpeg``).
+Writes what ``score`` writes into OUT plus ``OUT/flagged.parquet``: the flagged *studies*, the
+rows of ``studies.parquet`` (same ``STUDIES_SCHEMA``) whose ``flagged`` is true, most
+suspicious (highest ``prob_pneumonia``, then smallest ``driving_image_id``) first. A study's
+result is its driving image's (``cxr_ray.scoring.studies``): a PA and a lateral of one visit
+are one entry, not two.
+
+Summaries name a study by its driving image's ``image_id`` prefix (the sha256 of the file
+bytes; ``driving_image_id`` in ``flagged.parquet``, ``image_id`` in ``predictions.parquet``),
+never by its study key: that is a StudyInstanceUID or a patient id, and file names and URIs
+can carry patient identifiers too (Kermany's ``person123_bacteria_4.jpeg``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,45 +29,52 @@ from cxr_ray.io import storage
 from cxr_ray.labels import LABELS
 from cxr_ray.models.artifact import Artifact
 from cxr_ray.scoring.pipeline import ScoreResult, format_summary, score
-from cxr_ray.scoring.schema import PREDICTIONS_SCHEMA
+from cxr_ray.scoring.studies import STUDIES_SCHEMA
 
 logger = logging.getLogger(__name__)
 
 FLAGGED_FILE = "flagged.parquet"
-#: Columns of the top-N list: no uri, no patient id.
-_TOP_COLUMNS = ("image_id", "prob_pneumonia", "pred_label", *(f"prob_{k}" for k in LABELS))
+#: How ``predicted`` counts studies with no scored image (all skipped or errors).
+NOT_SCORED = "not scored"
+#: Columns of the top-N list: no study key, uri, patient id, accession number or UID.
+TOP_COLUMNS = (
+    "driving_image_id",
+    "prob_pneumonia",
+    "pred_label",
+    *(f"prob_{k}" for k in LABELS),
+    "images",
+    "scored",
+    "skipped",
+    "errors",
+)
+#: Characters of ``driving_image_id`` that name a study in summaries.
+REF_CHARS = 12
 
 
 @dataclass
 class ScreenResult:
     scored: ScoreResult
     flagged_uri: str
+    #: Flagged studies (rows of ``flagged.parquet``).
     flagged: int = 0
-    #: Rows per predicted class (``error`` for rows with no prediction).
+    #: Studies per predicted class of their driving image (``NOT_SCORED``: no scored image).
     predicted: dict[str, int] = field(default_factory=dict)
-    #: The ``top`` most suspicious flagged studies: image_id, probabilities, predicted label.
+    #: The ``top`` most suspicious flagged studies (``TOP_COLUMNS``), most suspicious first.
     top: list[dict[str, Any]] = field(default_factory=list)
 
 
-class _Collector:
-    """``on_block`` that keeps the flagged rows and counts predicted classes as blocks commit."""
-
-    def __init__(self, then: Callable[[pa.Table], None] | None) -> None:
-        self.then = then
-        self.flagged: list[pa.Table] = []
-        self.predicted: Counter[str] = Counter()
-
-    def __call__(self, table: pa.Table) -> None:
-        for label, n in zip(*_value_counts(table["pred_label"]), strict=True):
-            self.predicted[label if label is not None else "error"] += n
-        self.flagged.append(table.filter(pc.fill_null(table["flagged"], False)))
-        if self.then is not None:
-            self.then(table)
+def flagged_studies(studies: pa.Table) -> pa.Table:
+    """The flagged rows of a ``studies.parquet`` table, most suspicious first (deterministic)."""
+    flagged = studies.filter(pc.fill_null(studies["flagged"], False))
+    return flagged.sort_by([("prob_pneumonia", "descending"), ("driving_image_id", "ascending")])
 
 
-def _value_counts(col: pa.ChunkedArray) -> tuple[list[str | None], list[int]]:
-    counts = pc.value_counts(col)
-    return counts.field("values").to_pylist(), counts.field("counts").to_pylist()
+def predicted_counts(studies: pa.Table) -> dict[str, int]:
+    """Studies per predicted class (``NOT_SCORED`` for studies without a scored image)."""
+    counts = pc.value_counts(studies["pred_label"])
+    labels, ns = counts.field("values").to_pylist(), counts.field("counts").to_pylist()
+    out = {label if label is not None else NOT_SCORED: n for label, n in zip(labels, ns, strict=True)}
+    return dict(sorted(out.items()))
 
 
 def screen(
@@ -76,43 +88,43 @@ def screen(
     overwrite: bool = False,
     on_block: Callable[[pa.Table], None] | None = None,
 ) -> ScreenResult:
-    """Score every image of ``source`` into ``out`` and write the ranked flagged table.
+    """Score every image of ``source`` into ``out`` and write the ranked flagged studies.
 
     ``history`` (default: ``metrics_history.parquet`` beside ``out``), ``overwrite`` and
     ``on_block`` are passed to ``score``.
     """
-    collect = _Collector(on_block)
     history = history or storage.join(storage.parent(out), "metrics_history.parquet")
-    scored = score(source, artifact, out, settings, history=history, overwrite=overwrite, on_block=collect)
-    flagged = (
-        pa.concat_tables(collect.flagged).cast(PREDICTIONS_SCHEMA)
-        if collect.flagged
-        else PREDICTIONS_SCHEMA.empty_table()
-    )
-    flagged = flagged.sort_by([("prob_pneumonia", "descending"), ("image_id", "ascending")])
+    scored = score(source, artifact, out, settings, history=history, overwrite=overwrite, on_block=on_block)
+    studies = storage.read_table(storage.join(out, "studies.parquet")).cast(STUDIES_SCHEMA)
+    flagged = flagged_studies(studies)
     flagged_uri = storage.join(out, FLAGGED_FILE)
-    storage.write_table(flagged, flagged_uri, PREDICTIONS_SCHEMA)
-    logger.info("%d flagged studies written to %s", flagged.num_rows, flagged_uri)
+    storage.write_table(flagged, flagged_uri, STUDIES_SCHEMA)
+    logger.info("%d flagged studies (of %d) written to %s", flagged.num_rows, studies.num_rows, flagged_uri)
     return ScreenResult(
         scored,
         flagged_uri,
         flagged=flagged.num_rows,
-        predicted=dict(sorted(collect.predicted.items())),
-        top=flagged.slice(0, max(top, 0)).select(list(_TOP_COLUMNS)).to_pylist(),
+        predicted=predicted_counts(studies),
+        top=flagged.slice(0, max(top, 0)).select(list(TOP_COLUMNS)).to_pylist(),
     )
 
 
 def format_screen(r: ScreenResult) -> str:
-    """The scoring summary, counts per predicted class and the top flagged studies."""
+    """The scoring summary, studies per predicted class and the top flagged studies."""
+    s = r.scored
     lines = [
-        format_summary(r.scored),
-        "predicted: " + ", ".join(f"{k}={v}" for k, v in r.predicted.items()),
-        f"flagged studies: {r.flagged} in {r.flagged_uri} (top {len(r.top)} below, by image id)",
+        format_summary(s),
+        f"images: {s.images} = {s.ok} ok + {s.skipped} skipped + {s.errors} errors",
+        f"studies: {s.studies}, by predicted class (of the driving image): "
+        + (", ".join(f"{k}={v}" for k, v in r.predicted.items()) or "none"),
+        f"flagged studies: {r.flagged} in {r.flagged_uri} (top {len(r.top)} below, each named by "
+        "its driving image's id)",
     ]
     for row in r.top:
         probs = " ".join(f"{k}={row[f'prob_{k}']:.3f}" for k in LABELS)
         lines.append(
-            f"  {row['image_id'][:12]}  P(pneumonia)={row['prob_pneumonia']:.3f}  "
-            f"{row['pred_label']:<9}  {probs}"
+            f"  {row['driving_image_id'][:REF_CHARS]}  P(pneumonia)={row['prob_pneumonia']:.3f}  "
+            f"{row['pred_label']:<9}  {row['images']} images ({row['scored']} scored, "
+            f"{row['skipped']} skipped, {row['errors']} errors)  {probs}"
         )
     return "\n".join(lines)
