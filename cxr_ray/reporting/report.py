@@ -21,12 +21,10 @@ import base64
 import hashlib
 import html
 import io
-import itertools
 import json
 from collections import Counter
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -34,7 +32,7 @@ from cxr_ray import metrics
 from cxr_ray.errors import CxrRayError
 from cxr_ray.imaging.preprocess import PreprocessSpec, decode
 from cxr_ray.io import storage, uris
-from cxr_ray.labels import LABELS, NORMAL
+from cxr_ray.reporting.figures import img, levels_html, metrics_html, plots
 from cxr_ray.scoring.pipeline import labelled_arrays
 from cxr_ray.scoring.screen import REF_CHARS, flagged_studies
 from cxr_ray.scoring.studies import STUDIES_SCHEMA, study_metrics
@@ -60,136 +58,6 @@ _IDENTIFIER_COLUMNS = (
     "series_instance_uid",
     "sop_instance_uid",
 )
-
-
-def _fig_png(fig: Any) -> str:
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
-
-
-def _img(b64: str, alt: str) -> str:
-    return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
-
-
-def _plots(y: np.ndarray, p: np.ndarray) -> dict[str, str]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from sklearn.metrics import roc_curve
-
-    out = {}
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for i, label in enumerate(LABELS):
-        if 0 < (y == i).sum() < len(y):
-            fpr, tpr, _ = roc_curve(y == i, p[:, i])
-            ax.plot(fpr, tpr, label=f"{label} vs rest")
-    normal = LABELS.index(NORMAL)
-    if 0 < (y != normal).sum() < len(y):
-        fpr, tpr, _ = roc_curve(y != normal, 1 - p[:, normal])
-        ax.plot(fpr, tpr, "k--", label="pneumonia vs normal")
-    ax.plot([0, 1], [0, 1], color="#bbb", lw=0.8)
-    ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(loc="lower right", fontsize=8)
-    else:  # every labelled image is of one class: no curve has both positives and negatives
-        ax.text(0.5, 0.5, "one class only:\nno ROC curve", ha="center", va="center", color="#6b7785")
-    out["roc"] = _fig_png(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    conf, correct = p.max(1), p.argmax(1) == y
-    edges = np.linspace(0, 1, 11)
-    mids, accs, counts = [], [], []
-    for lo, hi in itertools.pairwise(edges):
-        sel = (conf >= lo) & (conf < hi if hi < 1 else conf <= hi)
-        if sel.any():
-            mids.append(conf[sel].mean())
-            accs.append(correct[sel].mean())
-            counts.append(int(sel.sum()))
-    ax.plot([0, 1], [0, 1], color="#bbb", lw=0.8)
-    ax.plot(mids, accs, "o-")
-    ax.set(
-        xlabel="confidence (top-1 probability)",
-        ylabel="accuracy",
-        title="reliability",
-        xlim=(0, 1),
-        ylim=(0, 1),
-    )
-    out["reliability"] = _fig_png(fig)
-
-    fig, ax = plt.subplots(figsize=(5, 4))
-    for i, label in enumerate(LABELS):
-        if (y == i).any():
-            ax.hist(1 - p[y == i, normal], bins=20, range=(0, 1), alpha=0.5, label=f"true {label}")
-    ax.set(xlabel="P(pneumonia)", ylabel="images", title="pneumonia score by true class")
-    ax.legend(fontsize=8)
-    out["histogram"] = _fig_png(fig)
-
-    m = metrics.classification_metrics(y, p)
-    fig, ax = plt.subplots(figsize=(4.2, 3.6))
-    cm = np.array(m.confusion)
-    ax.imshow(cm, cmap="Blues")
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    ax.set_xticks(range(len(LABELS)), LABELS)
-    ax.set_yticks(range(len(LABELS)), LABELS)
-    ax.set(xlabel="predicted", ylabel="true", title="confusion matrix")
-    out["confusion"] = _fig_png(fig)
-    return out
-
-
-def _metrics_html(m: metrics.Metrics, prefix: str = "") -> str:
-    rows = "".join(
-        f"<tr><td class=l>{k}</td><td>{v['precision']:.3f}</td><td>{v['recall']:.3f}</td>"
-        f"<td>{v['f1']:.3f}</td><td>{v['auroc']:.3f}</td><td>{int(v['support'])}</td></tr>"
-        for k, v in m.per_class.items()
-    )
-    cm = "".join(
-        f"<tr><th class=l>{t}</th>" + "".join(f"<td>{c}</td>" for c in row) + "</tr>"
-        for t, row in zip(LABELS, m.confusion, strict=True)
-    )
-    b = m.binary
-    return (
-        f'<table id="{prefix}per-class"><tr><th class=l>class</th><th>precision</th><th>recall</th>'
-        f"<th>F1</th><th>AUROC</th><th>support</th></tr>{rows}</table>"
-        f"<p>accuracy {m.accuracy:.4f} · macro-F1 {m.macro_f1:.4f} · weighted-F1 {m.weighted_f1:.4f} · "
-        f"macro-AUROC {m.macro_auroc:.4f} · ECE {m.ece:.4f} · normal vs pneumonia: sensitivity "
-        f"{b['sensitivity_at_threshold']:.4f}, specificity {b['specificity_at_threshold']:.4f} at the "
-        f"flag threshold {b['threshold']:.3f}, AUROC {b['auroc']:.4f}</p>"
-        f'<table id="{prefix}confusion"><tr><th class=l>true \\ predicted</th>'
-        + "".join(f"<th>{x}</th>" for x in LABELS)
-        + f"</tr>{cm}</table>"
-    )
-
-
-def _levels_html(image: metrics.Metrics, study: metrics.Metrics) -> str:
-    """Image-level and study-level headline metrics side by side."""
-    rows = [
-        ("labelled", f"{image.n}", f"{study.n}"),
-        *(
-            (name, f"{getattr(image, attr):.4f}", f"{getattr(study, attr):.4f}")
-            for name, attr in (
-                ("accuracy", "accuracy"),
-                ("macro-F1", "macro_f1"),
-                ("macro-AUROC", "macro_auroc"),
-            )
-        ),
-        *(
-            (name, f"{image.binary[key]:.4f}", f"{study.binary[key]:.4f}")
-            for name, key in (
-                ("sensitivity at the flag threshold", "sensitivity_at_threshold"),
-                ("specificity at the flag threshold", "specificity_at_threshold"),
-                ("normal vs pneumonia AUROC", "auroc"),
-            )
-        ),
-    ]
-    body = "".join(f"<tr><td class=l>{k}</td><td>{a}</td><td>{b}</td></tr>" for k, a, b in rows)
-    return f'<table id="levels"><tr><th class=l></th><th>images</th><th>studies</th></tr>{body}</table>'
 
 
 def _ref(image_id: str | None) -> str:
@@ -220,13 +88,13 @@ def _picture(heatmap_uri: str | None, uri: str | None, image_id: str | None, alt
     """The Grad-CAM overlay of an image, else the image itself, else a note."""
     if heatmap_uri:
         try:
-            return _img(base64.b64encode(storage.read_bytes(heatmap_uri)).decode(), f"{alt} (Grad-CAM)")
+            return img(base64.b64encode(storage.read_bytes(heatmap_uri)).decode(), f"{alt} (Grad-CAM)")
         except OSError:
             pass
     if uri and image_id:
         png = _original_png(uri, image_id)
         if png is not None:
-            return _img(png, alt)
+            return img(png, alt)
     return '<p class="note">image not available</p>'
 
 
@@ -402,20 +270,20 @@ def render(run_dir: str, *, top: int = 24, title: str | None = None) -> str:
     sm = study_metrics(studies, threshold=threshold) if studies is not None else None
     if len(y):
         m = metrics.classification_metrics(y, p, threshold=threshold)
-        figs = _plots(y, p)
+        figs = plots(y, p)
         if sm is not None:
-            parts += ["<h2>Images and studies</h2>", _levels_html(m, sm)]
+            parts += ["<h2>Images and studies</h2>", levels_html(m, sm)]
         parts += [
             f"<h2>Per-class metrics ({len(y)} labelled images)</h2>",
-            _metrics_html(m),
+            metrics_html(m),
             '<h2>Curves</h2><div class="figs">',
-            *(_img(figs[k], k) for k in ("confusion", "roc", "reliability", "histogram")),
+            *(img(figs[k], k) for k in ("confusion", "roc", "reliability", "histogram")),
             "</div>",
         ]
         if sm is not None:
             parts += [
                 f"<h2>Per-class metrics per study ({sm.n} labelled studies, each by its driving image)</h2>",
-                _metrics_html(sm, prefix="study-"),
+                metrics_html(sm, prefix="study-"),
             ]
     else:
         parts.append('<h2>Per-class metrics</h2><p class="note">No labelled images in this run.</p>')
