@@ -131,7 +131,12 @@ def test_score_folder_with_broken_files_yields_one_row_per_file(ray_local, tiny_
     t = pq.read_table(tmp_path / "out" / "predictions.parquet")
     assert t.schema.equals(PREDICTIONS_SCHEMA)
     assert t.num_rows == n == r.images
-    assert Counter(t["status"].to_pylist()) == {"ok": n - n_bad, "error": n_bad}
+    # The structured report among the bad inputs (Modality SR) is outside the model's intended
+    # use: a skipped row with the reason, not an error.
+    assert Counter(t["status"].to_pylist()) == {"ok": n - n_bad, "error": n_bad - 1, "skipped": 1}
+    (sr,) = t.filter(pa.compute.equal(t["status"], "skipped")).to_pylist()
+    assert sr["uri"].endswith("noimage.dcm") and sr["modality"] == "SR"
+    assert sr["error"] == "modality SR is outside the model's intended use (CR, DX)"
     assert len(set(t["uri"].to_pylist())) == n
     assert r.engine == "onnxruntime" and set(t["engine"].to_pylist()) == {"onnxruntime"}
     labelled = t.filter(
@@ -148,8 +153,8 @@ def test_score_folder_with_broken_files_yields_one_row_per_file(ray_local, tiny_
     conf = pq.read_table(tmp_path / "out" / "confusion.parquet")
     assert sum(conf["count"].to_pylist()) == 12
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
-    assert summary["images"] == n and summary["errors"] == n_bad
-    errors = t.filter(pa.compute.equal(t["status"], "error"))
+    assert summary["images"] == n and summary["errors"] == n_bad - 1 and summary["skipped"] == 1
+    errors = t.filter(pa.compute.not_equal(t["status"], "ok"))
     for col in ("pred_label", "prob_normal", "prob_pneumonia", "flagged"):
         assert errors[col].null_count == n_bad, col
     # A second run appends to the history table.
@@ -205,7 +210,7 @@ def test_cli_score_prints_summary_and_metrics(ray_local, tiny_artifact, tmp_path
         env={"CXR_SCORE__CACHE_DIR": str(tmp_path / "cache")},
     )
     assert result.exit_code == 0, result.output
-    assert f"{n} images, {n - n_bad} ok, {n_bad} errors" in result.output
+    assert f"{n} images, {n - n_bad} ok, {n_bad - 1} errors, 1 skipped" in result.output
     assert "img/s" in result.output and "macro-F1" in result.output
     assert (tmp_path / "runs" / "metrics_history.parquet").exists()
 
@@ -446,3 +451,27 @@ def test_the_predictor_takes_batches_as_ray_hands_them(tiny_artifact, tmp_path):
     assert sorted(out["status"]) == ["error", "ok", "ok", "ok"]
     (msg,) = [e for e in out["error"] if e is not None]
     assert "truncated" in msg
+
+
+def test_weights_that_do_not_fit_the_card_are_refused_before_any_row(ray_local, tiny_artifact, tmp_path):
+    """Scoring loads an artifact without building the network (no torch on the driver); the
+    first build (here the ONNX export of a cold cache) refuses the mismatch with the message
+    a full load gives, and no output is written."""
+    import shutil
+
+    from cxr_ray.errors import ModelError
+
+    art = tmp_path / "model"
+    shutil.copytree(tiny_artifact, art)
+    card = json.loads((art / "model_card.json").read_text())
+    (art / "model_card.json").write_text(json.dumps(card | {"arch": "resnet18"}))  # same weights hash
+    root = imaging.kermany_folder(tmp_path / "in", per_class=1)
+    with pytest.raises(ModelError, match="do not match the card's architecture 'resnet18'"):
+        score(str(root), str(art), str(tmp_path / "out"), _settings(tmp_path))
+    assert not (tmp_path / "out" / "predictions.parquet").exists()
+    result = CliRunner().invoke(
+        main,
+        ["score", str(root), "--model", str(art), "--out", str(tmp_path / "cli")],
+        env={"CXR_SCORE__CACHE_DIR": str(tmp_path / "cache2")},
+    )
+    assert result.exit_code == 2 and "do not match the card's architecture" in result.output

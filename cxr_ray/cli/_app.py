@@ -72,12 +72,17 @@ def require_source(uri: str, what: str = "source") -> None:
         raise DataError(f"{what} {uri!r} does not exist")
 
 
-def load_model(uri: str) -> Artifact:
-    """Read and verify a model artifact once, on the driver, before Ray starts."""
+def load_model(uri: str, *, verify_shapes: bool = False) -> Artifact:
+    """Read and verify a model artifact once, on the driver, before Ray starts.
+
+    Card and weights hash always; tensor shapes only with ``verify_shapes`` (that imports
+    torch, ~600 MB of driver memory): scoring commands leave it to whatever builds the
+    network (the ONNX export, the torch engine), which refuses a mismatch the same way.
+    """
     from cxr_ray.models.artifact import load_artifact
 
     require_source(uri, "model artifact")
-    return load_artifact(uri)
+    return load_artifact(uri, verify_shapes=verify_shapes)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

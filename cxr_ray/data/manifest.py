@@ -109,7 +109,7 @@ def image_dataset(units: list[ReadUnit], options: ReadOptions, *, read_cpus: flo
     return ray.data.read_datasource(
         ImageDatasource(units, options),
         override_num_blocks=max(1, len(units)),
-        ray_remote_args={"num_cpus": read_cpus},
+        num_cpus=read_cpus,
     )
 
 

@@ -92,6 +92,11 @@ class PrepareReport:
 
 
 def _cuda_available() -> bool:
+    # Without a loaded NVIDIA driver (nor its device nodes: WSL2 has /dev/dxg and no /proc
+    # entry) there is no CUDA: say so without importing torch, whose CUDA libraries are
+    # ~600 MB of a CPU-only scoring driver's memory.
+    if nvidia_driver_version() is None and not _gpu_device_nodes():
+        return False
     try:
         import torch
 
@@ -104,6 +109,13 @@ def _cuda_available() -> bool:
 #: driver or newer on Linux (CUDA 13.0 release notes, "CUDA Toolkit and Minimum Driver").
 MIN_DRIVER_CUDA13 = "580.65.06"
 _DRIVER_FILE = "/proc/driver/nvidia/version"
+
+
+def _gpu_device_nodes() -> bool:
+    import glob
+    import os
+
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/dxg")
 
 
 def nvidia_driver_version() -> str | None:

@@ -9,24 +9,31 @@
       training_curve.png     loss / macro-F1 per epoch (written by training)
 
 Loading checks that the card is valid, that the weights' SHA-256 is the one the card
-records (a swapped or tampered file is refused) and that every tensor fits the architecture.
+records (a swapped or tampered file is refused) and, unless ``verify_shapes=False``, that
+every tensor fits the architecture. torch is imported only to build the network: a scoring
+driver whose engine model is already cached (onnxruntime, the usual nightly case) loads and
+verifies the artifact without it (torch with its CUDA libraries is ~600 MB of driver memory).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from cxr_ray.errors import ModelError
 from cxr_ray.io import storage
 from cxr_ray.models.card import CARD_FILE, ModelCard
-from cxr_ray.models.factory import CxrNet, create_model, load_state_file
+
+if TYPE_CHECKING:
+    import torch
+
+    from cxr_ray.models.factory import CxrNet
 
 
 def weights_bytes(net: torch.nn.Module) -> bytes:
+    """The safetensors bytes of ``net``'s state (what artifacts store)."""
     from safetensors.torch import save
 
     state = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
@@ -59,6 +66,8 @@ def read_card(artifact: str) -> ModelCard:
 
 
 def _state_from_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
+    from cxr_ray.models.factory import load_state_file
+
     if name.endswith(".safetensors"):
         from safetensors.torch import load
 
@@ -75,10 +84,18 @@ def _state_from_bytes(data: bytes, name: str) -> dict[str, torch.Tensor]:
 class Artifact:
     uri: str
     card: ModelCard
-    state: dict[str, torch.Tensor]
+    #: The weights file's bytes, their SHA-256 checked against the card.
+    weights: bytes
+
+    @functools.cached_property
+    def state(self) -> dict[str, torch.Tensor]:
+        """The weights as tensors (imports torch)."""
+        return _state_from_bytes(self.weights, self.card.weights_file)
 
     def build(self) -> CxrNet:
-        """The network with the artifact's weights, in eval mode."""
+        """The network with the artifact's weights, in eval mode (imports torch)."""
+        from cxr_ray.models.factory import create_model
+
         net = create_model(self.card.arch, num_classes=len(self.card.labels), pretrained=False)
         try:
             net.load_state_dict(self.state, strict=True)
@@ -95,8 +112,14 @@ class Artifact:
         return self.card.weights_sha256
 
 
-def load_artifact(artifact: str) -> Artifact:
-    """Read and verify an artifact (card, weights hash, tensor shapes)."""
+def load_artifact(artifact: str, *, verify_shapes: bool = True) -> Artifact:
+    """Read and verify an artifact (card, weights hash and, with ``verify_shapes``, that every
+    tensor fits the architecture: that builds the network, so it imports torch).
+
+    Without ``verify_shapes`` a mismatch is still refused, with the same message, the first
+    time anything builds the network (exporting ONNX, the torch engine, Grad-CAM); a cached
+    engine model was built from these very bytes (its key is the weights hash).
+    """
     card = read_card(artifact)
     wuri = storage.join(artifact, card.weights_file)
     try:
@@ -109,8 +132,9 @@ def load_artifact(artifact: str) -> Artifact:
             f"weights {wuri} do not match the model card (sha256 {digest[:12]}... but the card "
             f"records {card.weights_sha256[:12]}...): the files were modified or mixed up"
         )
-    art = Artifact(artifact, card, _state_from_bytes(data, card.weights_file))
-    art.build()  # fail now, with a clear message, if shapes or labels disagree
+    art = Artifact(artifact, card, data)
+    if verify_shapes:
+        art.build()  # fail now, with a clear message, if shapes or labels disagree
     return art
 
 
