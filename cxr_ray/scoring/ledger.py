@@ -74,35 +74,28 @@ def _in_list(values: list[str]) -> str:
     return ",".join(tables.sql_literal(v) for v in values)
 
 
-def present_ids(dt: DeltaTable, model_version: str, ids: list[str]) -> set[str]:
-    """The ids of ``ids`` that ``dt`` (at its loaded version) holds for ``model_version``."""
+def _present(dt: DeltaTable, model_version: str, column: str, values: list[str], where: str = "") -> set[str]:
+    """The ``values`` of ``column`` that ``dt`` (at its loaded version) holds for
+    ``model_version`` (and ``where``), asked in ``IN`` lists of at most QUERY_CHUNK."""
     found: set[str] = set()
-    uniq = sorted(set(ids))
+    uniq = sorted(set(values))
     for k in range(0, len(uniq), QUERY_CHUNK):
         chunk = uniq[k : k + QUERY_CHUNK]
-        t = tables.read(
-            dt,
-            columns=["image_id"],
-            where=f"model_version = {tables.sql_literal(model_version)} AND image_id IN ({_in_list(chunk)})",
+        condition = (
+            f"model_version = {tables.sql_literal(model_version)} {where} AND {column} IN ({_in_list(chunk)})"
         )
-        found.update(t["image_id"].to_pylist())
+        found.update(tables.read(dt, columns=[column], where=condition)[column].to_pylist())
     return found
+
+
+def present_ids(dt: DeltaTable, model_version: str, ids: list[str]) -> set[str]:
+    """The ids of ``ids`` that ``dt`` (at its loaded version) holds for ``model_version``."""
+    return _present(dt, model_version, "image_id", ids)
 
 
 def present_unreadable(dt: DeltaTable, model_version: str, uris: list[str]) -> set[str]:
     """The uris of ``uris`` recorded for ``model_version`` as unreadable (no image id)."""
-    found: set[str] = set()
-    uniq = sorted(set(uris))
-    for k in range(0, len(uniq), QUERY_CHUNK):
-        chunk = uniq[k : k + QUERY_CHUNK]
-        t = tables.read(
-            dt,
-            columns=["uri"],
-            where=f"model_version = {tables.sql_literal(model_version)} AND image_id IS NULL "
-            f"AND uri IN ({_in_list(chunk)})",
-        )
-        found.update(t["uri"].to_pylist())
-    return found
+    return _present(dt, model_version, "uri", uris, "AND image_id IS NULL")
 
 
 _CACHE: dict[tuple[str, tuple[tuple[str, str], ...]], DeltaTable] = {}
