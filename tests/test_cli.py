@@ -206,6 +206,7 @@ def test_score_cli_end_to_end_one_class_report_has_no_legend_warning(ray_local, 
     assert CliRunner().invoke(main, [*args, "--overwrite"], env=env).exit_code == 0
 
 
+@pytest.mark.slow  # a real Ray Train run (~30 s)
 def test_train_with_clahe_trains_and_records_it(ray_local, tmp_path):
     from cxr_ray.data.synthetic import write_kermany_folder
     from cxr_ray.models.artifact import read_card

@@ -30,6 +30,7 @@ def _payload(artifact: Path, cache: Path, engine: str = "auto") -> EnginePayload
     return prepare(art, engine, engine_options(ScoreSettings(cache_dir=str(cache))), spec_for(art.card))[0]
 
 
+@pytest.mark.slow  # four scoring runs on their own Ray with logical GPUs (~80 s)
 def test_logical_gpus_score_like_the_cpu_path_and_explain_finishes(tmp_path):
     images = imaging.kermany_folder(tmp_path / "in", per_class=3, size=(160, 128))
     (images / "scan.png").write_bytes(imaging.png_bytes(120, 100, seed=5))

@@ -223,7 +223,8 @@ def _results(procs) -> list[dict]:
     return out
 
 
-@pytest.mark.parametrize(("processes", "lease"), [(2, True), pytest.param(4, False, marks=pytest.mark.slow)])
+@pytest.mark.slow  # 2-4 nightly driver processes, each with its own Ray (~45 s and more)
+@pytest.mark.parametrize(("processes", "lease"), [(2, True), (4, False)])
 def test_overlapping_nightly_processes(tiny_artifact, tmp_path, processes, lease):
     """2 (with the lease) and 4 (lease off: a real race) nightly drivers on one root, then a third run."""
     src, root = _add_images(tmp_path / "archive", 0, 16), tmp_path / "nightly"

@@ -44,6 +44,7 @@ def test_worker_node_killed_while_scoring_loses_and_doubles_nothing(tiny_artifac
     assert r["ok"] == 240
 
 
+@pytest.mark.slow  # a SIGKILLed driver subprocess and a lease expiry (~45 s)
 def test_killed_nightly_driver_is_finished_by_the_next_run(ray_local, tiny_artifact, tmp_path):
     from cxr_ray.scoring import ledger
     from cxr_ray.scoring.nightly import NightlyOptions, run_nightly
