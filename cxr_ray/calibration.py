@@ -27,6 +27,28 @@ def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
+def calibrated_probs(
+    logits: np.ndarray,
+    temperature: float = 1.0,
+    scale: tuple[float, ...] | np.ndarray | None = None,
+    bias: tuple[float, ...] | np.ndarray | None = None,
+) -> np.ndarray:
+    """The model card's calibration applied to raw logits: ``softmax(scale * logits / T + bias)``.
+
+    ``temperature`` is the validation-fitted one (every card has it); ``scale`` and ``bias``
+    are per-class vectors fitted at a site (``cxr-ray calibrate``; vector scaling when
+    ``scale`` is fitted, bias scaling when only ``bias`` is). Defaults leave plain
+    temperature scaling. float64, row-wise: every engine's logits go through this one
+    function, so a threshold means the same whatever computed the logits.
+    """
+    z = np.asarray(logits, dtype=np.float64) / temperature
+    if scale is not None:
+        z = z * np.asarray(scale, dtype=np.float64)
+    if bias is not None:
+        z = z + np.asarray(bias, dtype=np.float64)
+    return softmax(z)
+
+
 def nll(probs: np.ndarray, y_true: np.ndarray) -> float:
     """Mean negative log-likelihood of the true classes (what temperature scaling minimises)."""
     p = np.asarray(probs, dtype=np.float64)[np.arange(len(y_true)), np.asarray(y_true)]

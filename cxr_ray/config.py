@@ -253,6 +253,17 @@ class ScoreSettings(_Section):
         return self
 
 
+class DriftSettings(_Section):
+    """Drift checks of every scoring run against the artifact's reference (validation split)."""
+
+    #: Compare each run with the artifact's drift reference (when it has one).
+    enabled: bool = True
+    #: Fewer scored images than this: the figures are written, no alert is raised.
+    min_images: int = Field(default=50, ge=1)
+    #: Population stability index of P(pneumonia) at or above which the run alerts.
+    psi_alert: float = Field(default=0.25, gt=0)
+
+
 _DICOM_DATE_RANGE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
 _QIDO_RESERVED = {"limit", "offset", "includefield", "fuzzymatching"}
 
@@ -348,6 +359,7 @@ class Settings(BaseSettings):
     train: TrainSettings = TrainSettings()
     score: ScoreSettings = ScoreSettings()
     dicomweb: DicomwebSettings = DicomwebSettings()
+    drift: DriftSettings = DriftSettings()
 
     toml_path_: ClassVar[Path | None] = None
 

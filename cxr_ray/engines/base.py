@@ -54,12 +54,16 @@ assert set(ENGINE_NAMES) == {"auto", *ENGINES}, "vocabulary.ENGINES and the regi
 
 @runtime_checkable
 class Engine(Protocol):
-    """Scores a batch: ``float32 [N, 1, H, W]`` in 0..1 -> probabilities ``float32 [N, 3]``."""
+    """Runs the network on a batch: ``float32 [N, 1, H, W]`` in 0..1 -> ``(logits float32
+    [N, 3], features float32 [N, F])``: raw (uncalibrated) logits and penultimate-layer
+    features (``models.factory.LogitsAndFeatures``). The predictor turns logits into
+    probabilities with the card's calibration (``ModelCard.probabilities``), in float64, the
+    same for every engine; features feed the run's drift summary."""
 
     name: str
     device: str
 
-    def __call__(self, x: np.ndarray) -> np.ndarray: ...
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
 
 
 @dataclass(frozen=True)

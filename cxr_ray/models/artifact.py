@@ -5,6 +5,8 @@
     ARTIFACT/
       model_card.json        the ModelCard (architecture, labels, preprocessing, thresholds...)
       model.safetensors      weights of the CxrNet (tensors only: no code can hide in it)
+      drift_reference.safetensors  the drift reference (validation split), named and hashed by
+                             the card (``drift_reference_file`` / ``_sha256``), when present
       val_metrics.parquet    validation metrics (written by training)
       training_curve.png     loss / macro-F1 per epoch (written by training)
 
@@ -40,12 +42,27 @@ def weights_bytes(net: torch.nn.Module) -> bytes:
     return save(state, metadata={"format": "pt"})
 
 
-def save_artifact(net: CxrNet, card: ModelCard, out: str) -> ModelCard:
-    """Write weights and card to ``out``; the card's ``weights_sha256`` is filled in here."""
-    data = weights_bytes(net)
-    card = card.model_copy(update={"weights_sha256": hashlib.sha256(data).hexdigest()})
+DRIFT_REFERENCE_FILE = "drift_reference.safetensors"
+
+
+def save_artifact(
+    net: CxrNet | bytes, card: ModelCard, out: str, *, reference: bytes | None = None
+) -> ModelCard:
+    """Write weights (a network, or its safetensors bytes), the drift ``reference`` when
+    given, and the card to ``out``; the card's hashes are filled in here."""
+    data = net if isinstance(net, bytes) else weights_bytes(net)
+    update: dict[str, Any] = {"weights_sha256": hashlib.sha256(data).hexdigest()}
+    if reference is not None:
+        update |= {
+            "drift_reference_file": card.drift_reference_file or DRIFT_REFERENCE_FILE,
+            "drift_reference_sha256": hashlib.sha256(reference).hexdigest(),
+        }
+    card = card.model_copy(update=update)
     storage.ensure_dir(out)
     storage.write_bytes(data, storage.join(out, card.weights_file))
+    if reference is not None:
+        assert card.drift_reference_file is not None
+        storage.write_bytes(reference, storage.join(out, card.drift_reference_file))
     # The card goes last: an artifact without a card is incomplete and refused on load.
     storage.write_bytes(card.to_json().encode(), storage.join(out, CARD_FILE))
     return card
@@ -86,6 +103,9 @@ class Artifact:
     card: ModelCard
     #: The weights file's bytes, their SHA-256 checked against the card.
     weights: bytes
+    #: The drift reference's bytes (hash checked against the card), ``None`` when the card
+    #: names none (artifacts trained before drift references existed).
+    reference: bytes | None = None
 
     @functools.cached_property
     def state(self) -> dict[str, torch.Tensor]:
@@ -132,7 +152,20 @@ def load_artifact(artifact: str, *, verify_shapes: bool = True) -> Artifact:
             f"weights {wuri} do not match the model card (sha256 {digest[:12]}... but the card "
             f"records {card.weights_sha256[:12]}...): the files were modified or mixed up"
         )
-    art = Artifact(artifact, card, data)
+    reference = None
+    if card.drift_reference_file is not None:
+        ruri = storage.join(artifact, card.drift_reference_file)
+        try:
+            reference = storage.read_bytes(ruri)
+        except FileNotFoundError:
+            raise ModelError(f"drift reference {ruri} named by the model card is missing") from None
+        rdigest = hashlib.sha256(reference).hexdigest()
+        if rdigest != card.drift_reference_sha256:
+            raise ModelError(
+                f"drift reference {ruri} does not match the model card (sha256 {rdigest[:12]}... but "
+                f"the card records {str(card.drift_reference_sha256)[:12]}...)"
+            )
+    art = Artifact(artifact, card, data, reference)
     if verify_shapes:
         art.build()  # fail now, with a clear message, if shapes or labels disagree
     return art

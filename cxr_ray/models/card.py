@@ -49,6 +49,18 @@ class ModelCard(BaseModel):
     interpolation: Literal["bilinear"] = "bilinear"
     #: Softmax temperature fitted on validation (1.0 = uncalibrated).
     temperature: float = Field(default=1.0, gt=0)
+    #: Per-class logit scale and offset applied after the temperature (site calibration,
+    #: ``cxr-ray calibrate``): ``p = softmax(logit_scale * logits / temperature + logit_bias)``
+    #: (``cxr_ray.calibration.calibrated_probs``). Identity for a freshly trained model.
+    logit_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    logit_bias: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    #: A derived artifact's origin (``cxr-ray calibrate``): parent version and weights hash,
+    #: sample fingerprint and size, fitted values, date. ``None`` for a trained artifact.
+    lineage: dict[str, Any] | None = None
+    #: The drift reference stored beside the weights (written at training from the
+    #: validation split, ``cxr_ray.models.reference``), and its SHA-256 (checked on load).
+    drift_reference_file: str | None = None
+    drift_reference_sha256: str | None = None
     #: Decision thresholds; ``pneumonia`` applies to P(bacterial) + P(viral).
     thresholds: dict[str, float] = Field(default_factory=lambda: {"pneumonia": 0.5})
     #: Grad-CAM target layer (dotted module name inside ``CxrNet``).
@@ -83,8 +95,39 @@ class ModelCard(BaseModel):
 
     @property
     def version(self) -> str:
-        """Model version used in predictions and ledgers: arch + weights hash prefix."""
+        """Model version used in predictions and ledgers: arch + weights hash prefix, and for a
+        site-calibrated artifact (``lineage``) a suffix hashing its calibration, so that a
+        derived model with the parent's weights is a different version in every ledger."""
+        base = f"{self.arch}-{self.weights_sha256[:12]}"
+        if self.lineage is None:
+            return base
+        return f"{base}-cal{self.calibration_fingerprint[:8]}"
+
+    @property
+    def calibration_fingerprint(self) -> str:
+        """SHA-256 of what turns logits into probabilities and flags (temperature, per-class
+        scale and bias, thresholds)."""
+        import hashlib
+
+        fitted = {
+            "temperature": self.temperature,
+            "logit_scale": list(self.logit_scale),
+            "logit_bias": list(self.logit_bias),
+            "thresholds": dict(sorted(self.thresholds.items())),
+        }
+        return hashlib.sha256(json.dumps(fitted, sort_keys=True).encode()).hexdigest()
+
+    @property
+    def engine_key(self) -> str:
+        """What an exported engine model depends on (arch + weights hash, not calibration):
+        engines output raw logits, so calibrated versions of one network share engines."""
         return f"{self.arch}-{self.weights_sha256[:12]}"
+
+    def probabilities(self, logits: Any) -> Any:
+        """Calibrated class probabilities (float64 ``[N, 3]``) from raw logits ``[N, 3]``."""
+        from cxr_ray.calibration import calibrated_probs
+
+        return calibrated_probs(logits, self.temperature, self.logit_scale, self.logit_bias)
 
     @property
     def pneumonia_threshold(self) -> float:

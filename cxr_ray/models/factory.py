@@ -64,6 +64,41 @@ class Probabilities(nn.Module):
         return torch.softmax(self.net(x) * self.inv_temperature, dim=1)
 
 
+class LogitsAndFeatures(nn.Module):
+    """``x -> (logits [N, classes], features [N, F])``: raw logits and the penultimate-layer
+    features (the input of the final linear layer). What scoring engines export and run;
+    calibration (``ModelCard.probabilities``) is applied to the logits outside the graph, and
+    the features feed drift summaries. Shares the wrapped network's parameters."""
+
+    def __init__(self, net: CxrNet) -> None:
+        super().__init__()
+        self.net = net
+        holder, attr = _final_linear(net.backbone)
+        self._holder, self._attr = holder, attr
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        linear = self._holder.get_submodule(self._attr)
+        feats: list[torch.Tensor] = []
+        handle = linear.register_forward_hook(lambda _m, inp, _out: feats.append(inp[0]))
+        try:
+            logits = self.net(x)
+        finally:
+            handle.remove()
+        return logits, feats[0].flatten(1)
+
+
+def _final_linear(backbone: nn.Module) -> tuple[nn.Module, str]:
+    """(module holding the last ``nn.Linear``, its attribute name or index)."""
+    last: tuple[nn.Module, str] | None = None
+    for name, module in backbone.named_modules():
+        if isinstance(module, nn.Linear):
+            parent_name, _, attr = name.rpartition(".")
+            last = (backbone.get_submodule(parent_name) if parent_name else backbone, attr)
+    if last is None:
+        raise ValueError("the backbone has no linear classifier layer")
+    return last
+
+
 @dataclass(frozen=True)
 class Backbone:
     build: Callable[[], nn.Module]
