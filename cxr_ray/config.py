@@ -223,6 +223,9 @@ class ScoreSettings(_Section):
     #: checked once against fp32 on the validation images (``summary.json`` reports it).
     onnx_precision: Literal["fp32", "int8"] = "fp32"
     onnx_calibration_images: int = Field(default=256, ge=8)
+    #: OpenVINO CPU inference precision (engine ``openvino``). ``auto``: bf16 where the CPU
+    #: has native bf16 (AMX or AVX512-BF16), fp32 elsewhere.
+    openvino_precision: Literal["auto", "bf16", "fp32"] = "auto"
     #: TensorRT build settings.
     trt_precision: Literal["fp16", "fp32", "int8"] = "fp16"
     trt_min_batch: int = Field(default=1, ge=1)

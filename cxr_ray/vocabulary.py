@@ -19,7 +19,7 @@ ARCHITECTURES: tuple[str, ...] = (
 )
 
 #: Scoring engines; ``auto`` picks the best available one (``cxr_ray.engines.select_engine``).
-ENGINES: tuple[str, ...] = ("auto", "onnxruntime", "torch", "tensorrt")
+ENGINES: tuple[str, ...] = ("auto", "onnxruntime", "torch", "tensorrt", "openvino")
 
 #: Step 3 of the preprocessing contract (``cxr_ray.imaging.preprocess``): ``none``;
 #: ``equalize``, global histogram equalisation; ``clahe``, contrast-limited adaptive

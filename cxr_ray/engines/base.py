@@ -46,6 +46,7 @@ ENGINES: dict[str, str] = {
     "tensorrt": "cxr_ray.engines.tensorrt_engine",
     "torch": "cxr_ray.engines.torch_engine",
     "onnxruntime": "cxr_ray.engines.onnx_engine",
+    "openvino": "cxr_ray.engines.openvino_engine",
 }
 #: What ``auto`` tries, fastest first, where the actor runs.
 ENGINE_ORDER = ("tensorrt", "torch", "onnxruntime")
@@ -174,6 +175,10 @@ def availability() -> dict[str, str | None]:
         out["onnxruntime"] = "the 'onnxruntime' package is not installed"
     else:
         out["onnxruntime"] = None
+    if importlib.util.find_spec("openvino") is None:
+        out["openvino"] = "the 'openvino' package is not installed (pip install 'cxr-ray[openvino]')"
+    else:
+        out["openvino"] = None
     return out
 
 

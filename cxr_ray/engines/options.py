@@ -29,6 +29,7 @@ class EngineOptions:
     trt_opt_batch: int
     trt_max_batch: int
     trt_calibration_images: int
+    openvino_precision: str = "auto"
 
     def __post_init__(self) -> None:
         if not 1 <= self.trt_min_batch <= self.trt_opt_batch <= self.trt_max_batch:
@@ -67,4 +68,5 @@ def engine_options(score: ScoreSettings) -> EngineOptions:
         trt_opt_batch=score.trt_opt_batch,
         trt_max_batch=score.trt_max_batch,
         trt_calibration_images=score.trt_calibration_images,
+        openvino_precision=score.openvino_precision,
     )
