@@ -95,6 +95,33 @@ def test_recipe_pieces():
     assert all(g["weight_decay"] == 0 for g in groups if all(p.ndim == 1 for p in g["params"]))
 
 
+def test_precision_resolution_and_cpu_bf16_autocast(monkeypatch):
+    cpu = torch.device("cpu")
+    native = loop.cpu_bf16_native()
+    assert loop.resolve_precision(cpu, "auto") == ("bf16" if native else "fp32")
+    assert loop.resolve_precision(cpu, "fp32") == "fp32"
+    assert loop.resolve_precision(cpu, "bf16") == "bf16"
+    assert loop.resolve_precision(cpu, "fp16") == "fp32"  # no fp16 autocast on CPUs
+    # Without native bf16 (emulated: slower than fp32), auto trains in fp32.
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert loop.resolve_precision(cpu, "auto") == "fp32"
+    monkeypatch.undo()
+    conv = torch.nn.Conv2d(1, 4, 3)
+    x = torch.rand(2, 1, 8, 8)
+    with loop.autocast(cpu, "bf16"):
+        assert conv(x).dtype == torch.bfloat16  # the convolutions really run in bf16
+    with loop.autocast(cpu, "fp32"):
+        assert conv(x).dtype == torch.float32
+    # A bf16 step updates the fp32 master weights (autocast never changes parameter dtypes).
+    net = create_model("mobilenet_v2", pretrained=False)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1)
+    before = net.backbone.classifier[1].weight.detach().clone()
+    loss = loop.train_step(net, torch.rand(4, 1, 64, 64), torch.tensor([0, 1, 2, 0]), opt, precision="bf16")
+    assert np.isfinite(loss) and net.backbone.classifier[1].weight.dtype == torch.float32
+    assert not torch.equal(before, net.backbone.classifier[1].weight)
+
+
 def test_rng_state_roundtrip_through_weights_only_checkpoint(tmp_path):
     loop.seed_everything(3)
     state = loop.rng_state()
@@ -175,6 +202,9 @@ def test_train_writes_a_complete_artifact(ray_local, synthetic_data, tmp_path):
     assert art.card == card
     assert card.input_size == (64, 64)
     assert len(_check_history(card, tmp_path / "runs")) == 2
+    # Each epoch records the precision it trained in: bf16 autocast where this CPU has it.
+    resolved = loop.resolve_precision(torch.device("cpu"), "auto")
+    assert {h["precision"] for h in card.training["history"]} == {resolved}
     assert card.training["data_fingerprint"] and card.training["split_counts"]["val"]
     assert 0 < card.thresholds["pneumonia"] < 1 and card.temperature > 0
     vm = pq.read_table(tmp_path / "model" / "val_metrics.parquet").to_pylist()

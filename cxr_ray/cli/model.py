@@ -30,6 +30,12 @@ from cxr_ray.vocabulary import ARCHITECTURES, INTENSITY_MODES
 @click.option("--max-failures", type=int, default=None, help="Worker-group restarts allowed.")
 @click.option("--max-steps-per-epoch", type=int, default=None, help="Cap steps per epoch (smoke tests).")
 @click.option("--seed", type=int, default=None, help="Training seed.")
+@click.option(
+    "--precision",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default=None,
+    help="Training precision; auto: bf16 autocast on GPUs and on CPUs with native bf16, else fp32.",
+)
 @click.pass_context
 @handle_errors
 def train(ctx: click.Context, data: str, out: str, **flags: Any) -> None:

@@ -53,14 +53,43 @@ def to_input(pixels: torch.Tensor, device: torch.device) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last)
 
 
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    """Mixed precision on GPU (``auto``: bf16 where supported, else fp16); fp32 on CPU."""
-    if device.type != "cuda" or precision == "fp32":
-        return contextlib.nullcontext()
+def cpu_bf16_native() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): where bf16 autocast pays.
+
+    Elsewhere oneDNN emulates bf16 and training gets slower, not faster.
+    """
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in probes)
+
+
+def resolve_precision(device: torch.device, precision: str) -> str:
+    """The precision a run really trains in: ``fp32``, ``bf16`` or ``fp16``.
+
+    ``auto``: on CUDA bf16 where supported, else fp16; on a CPU bf16 where it is native
+    (``cpu_bf16_native``), else fp32. An explicit ``bf16`` is honoured on any device; ``fp16``
+    on a CPU trains in fp32 (CPU fp16 autocast is slower than fp32 and loses range).
+    """
+    if precision == "fp32":
+        return "fp32"
+    if device.type == "cuda":
+        if precision == "auto":
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return precision
     if precision == "auto":
-        precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_bf16_native() else "fp32"
+    return "bf16" if precision == "bf16" else "fp32"
+
+
+def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    """Mixed precision for a resolved ``precision`` (``resolve_precision``): bf16 autocast on
+    CPU or CUDA, fp16 on CUDA; nothing for fp32. Weights, optimizer state and the loss stay
+    fp32 (autocast only lowers the matmuls/convolutions)."""
+    if precision == "auto":
+        precision = resolve_precision(device, precision)
+    if precision == "fp32" or (device.type != "cuda" and precision != "bf16"):
+        return contextlib.nullcontext()
     dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device_type="cuda", dtype=dtype)
+    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def train_step(

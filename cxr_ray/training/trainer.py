@@ -58,10 +58,13 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     steps = recipe.steps_per_epoch(config["n_train_rows"], cfg, world)
     optimizer, scheduler = recipe.optimization(net, model_cfg.arch, cfg, steps)
     weights = recipe.class_weights(config["class_counts"]) if cfg.imbalance == "class_weights" else None
-    amp_fp16 = (
-        device.type == "cuda" and cfg.precision in ("auto", "fp16") and not torch.cuda.is_bf16_supported()
-    )
-    scaler = torch.amp.GradScaler("cuda") if amp_fp16 else None
+    # bf16 autocast where the device computes it natively (CUDA, or a CPU with AVX512-BF16 /
+    # AMX), fp16 + loss scaling on older GPUs, fp32 elsewhere (loop.resolve_precision).
+    precision = loop.resolve_precision(device, cfg.precision)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    # Validation on a CPU stays fp32: the reported figures, the temperature and the threshold
+    # are then those of the fp32 engines that score (bf16 only speeds up the training steps).
+    val_precision = precision if device.type == "cuda" else "fp32"
 
     start_epoch, history = 0, []
     resumed = ray.train.get_checkpoint()
@@ -101,11 +104,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             label_smoothing=cfg.label_smoothing,
             grad_clip=cfg.grad_clip,
             scaler=scaler,
-            precision=cfg.precision,
+            precision=precision,
         )
         val_batches = val_shard.iter_torch_batches(batch_size=128, dtypes=_DTYPES)
         y, logits = loop.validate(
-            model, val_batches, device=device, precision=cfg.precision, rank=rank, world=world
+            model, val_batches, device=device, precision=val_precision, rank=rank, world=world
         )
         m = metrics.classification_metrics(y, softmax(logits))
         report = {
@@ -113,6 +116,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             "attempt_start_epoch": start_epoch,
             "train_loss": float(gather_arrays(np.array([stats.loss]))[0].mean()),
             "train_images_per_s": stats.images_per_s * world,
+            "precision": precision,
             **{f"val_{k}": v for k, v in m.summary().items()},
         }
         history.append(report)
