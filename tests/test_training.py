@@ -268,6 +268,7 @@ def _kill_a_worker_after_first_checkpoint(storage: Path, done: threading.Event) 
     return []
 
 
+@pytest.mark.slow  # ~65 s each: the slow tier (CI runs it) keeps the default tier near 15 min
 def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, synthetic_data, tmp_path):
     from cxr_ray.training.trainer import train
 
@@ -293,6 +294,7 @@ def test_worker_killed_mid_run_resumes_from_checkpoint(ray_local, synthetic_data
     assert load_artifact(str(tmp_path / "model")).card.version == card.version
 
 
+@pytest.mark.slow  # ~65 s each: the slow tier (CI runs it) keeps the default tier near 15 min
 def test_driver_restart_with_same_run_name_resumes(ray_local, synthetic_data, tmp_path):
     from cxr_ray.training.trainer import train
 
