@@ -22,6 +22,7 @@ import pytest
 from cxr_ray.config import load_settings
 from cxr_ray.data.synthetic import jpeg_bytes
 from cxr_ray.reporting.report import render, write_report
+from cxr_ray.reporting.review import CSV_HEADER
 from cxr_ray.scoring.schema import PREDICTIONS_SCHEMA
 from tests import dicom_factory
 from tests.conftest import make_artifact
@@ -162,3 +163,116 @@ def test_error_text_loses_the_file_name(run, tmp_path):
     row = page.split('id="errors"', 1)[1].split("</table>", 1)[0]
     assert "cannot read file: Failed to open local file" in row
     assert BROKEN not in page and "person7003" not in page and str(run.parent) not in page
+
+
+def _review(page: str) -> str:
+    return page.split('<section id="review"', 1)[1].split("</section>", 1)[0]
+
+
+def _review_items(page: str) -> list[tuple[str, str]]:
+    """(full image id, selection) of the worklist's items, in page order."""
+    return re.findall(r'<li class="rv" tabindex="0" data-id="([0-9a-f]{64})" data-sel="(\w+)"', _review(page))
+
+
+def _review_html(run_dir: Path, **kwargs) -> str:
+    """Only the worklist section (no figures to draw): ``review_html(worklist(...))``."""
+    from cxr_ray.reporting.review import review_html, worklist
+
+    studies, preds = (
+        pq.read_table(run_dir / "studies.parquet"),
+        pq.read_table(run_dir / "predictions.parquet"),
+    )
+    run_id = preds["run_id"][0].as_py()
+    return review_html(worklist(studies, preds, **kwargs), run_dir=str(run_dir), run_id=run_id)
+
+
+@pytest.fixture()
+def half_flagged(run, tmp_path) -> tuple[Path, list[str], list[str]]:
+    """The run re-flagged at the median P(pneumonia) of its scored studies (3 flagged, 3 not),
+    with Grad-CAM overlays (``explain.overlay_png``) of the flagged studies' driving images in
+    ``heatmaps/`` (as ``--explain`` names them); returns (folder, flagged ids, unflagged ids)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from cxr_ray.scoring.explain import overlay_png
+
+    out = tmp_path / "half"
+    out.mkdir()
+    shutil.copy(run / "summary.json", out / "summary.json")
+    studies = pq.read_table(run / "studies.parquet")
+    threshold = float(np.median([p for p in studies["prob_pneumonia"].to_pylist() if p is not None]))
+    for name, table in (
+        ("studies.parquet", studies),
+        ("predictions.parquet", pq.read_table(run / "predictions.parquet")),
+    ):
+        flagged = pc.greater_equal(table["prob_pneumonia"], pa.scalar(threshold, pa.float32()))
+        pq.write_table(
+            table.set_column(table.schema.get_field_index("flagged"), "flagged", flagged), out / name
+        )
+    scored = studies.filter(pc.is_valid(studies["prob_pneumonia"])).sort_by(
+        [("prob_pneumonia", "descending"), ("driving_image_id", "ascending")]
+    )
+    ids = scored["driving_image_id"].to_pylist()
+    (out / "heatmaps").mkdir()
+    rng = np.random.default_rng(0)
+    for image_id in ids[:3]:
+        pixels = rng.integers(0, 255, (64, 64), dtype=np.uint8)
+        (out / "heatmaps" / f"{image_id}.png").write_bytes(overlay_png(pixels, rng.random((64, 64))))
+    return out, ids[:3], ids[3:]
+
+
+def test_worklist_has_flagged_and_random_studies(half_flagged):
+    out, flagged, unflagged = half_flagged
+    page = render(str(out), review_sample=2)
+    items = _review_items(page)
+    assert items[:3] == [(i, "flagged") for i in flagged]  # every flagged study, most suspicious first
+    assert len(items) == 5 and {s for _, s in items[3:]} == {"random"}
+    assert {i for i, _ in items[3:]} < set(unflagged)
+    assert _review(_review_html(out, sample=2)) == _review(page)  # the sample is seeded
+    review = _review(page)
+    assert review.count("(Grad-CAM)") == 3 and review.count("data:image/jpeg;base64,") == 5 + 3
+    assert "useless for fitting a threshold" in review and 'id="rv-left-out"' not in review
+    assert 'id="rv-no-random"' not in review
+    # Controls and the export, inline.
+    for needle in ('id="rv-export"', 'id="rv-sort"', 'id="rv-filter"', 'id="rv-progress"', "localStorage"):
+        assert needle in page
+    assert f'data-header="{CSV_HEADER}"' in review
+    # At most --review-limit studies: the random sample stays, the least suspicious flagged go.
+    capped = _review_html(out, sample=2, limit=3)
+    assert [s for _, s in _review_items(capped)] == ["flagged", "random", "random"]
+    assert "2 of 3 flagged studies are not in the worklist (--review-limit 3)" in capped
+    assert 'id="rv-no-random"' in _review_html(out, sample=0)
+
+
+def test_worklist_is_self_contained_and_names_no_patient(run, half_flagged):
+    out, _, _ = half_flagged
+    preds = pq.read_table(run / "predictions.parquet")
+    identifiers = {"TEST^PEDIATRIC", "person70", "IM-0", ".dcm", ".jpeg", str(run.parent), "heatmaps/"}
+    for column in ("patient_id", "accession_number", "study_instance_uid", "sop_instance_uid", "uri"):
+        identifiers |= {v for v in preds[column].to_pylist() if v}
+    for page in (render(str(out), review_sample=3), render(str(run))):
+        text = _without_images(page)
+        assert not sorted(i for i in identifiers if i in text or html.escape(i) in text)
+        # One file: nothing fetched from elsewhere (only inline data: images, inline script/style).
+        assert not re.findall(r"""(?:src|href)\s*=\s*["']?\s*(?:https?:)?//""", page, re.I)
+        assert "<link" not in page and "<script src" not in page and "@import" not in page
+        assert all(s.startswith("data:image/") for s in re.findall(r'src="([^"]*)"', page))
+    # Every scored study of the threshold-0 run is flagged: no random sample, and the page says why
+    # that cannot fit a threshold.
+    page = render(str(run))
+    assert [s for _, s in _review_items(page)] == ["flagged"] * 6 and 'id="rv-no-random"' in page
+
+
+def test_cli_report_review_options(half_flagged, tmp_path):
+    from click.testing import CliRunner
+
+    from cxr_ray.cli import main
+
+    out, flagged, _ = half_flagged
+    target = tmp_path / "r.html"
+    args = ["report", str(out), "--out", str(target), "--review-sample", "1", "--review-limit", "2"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    items = _review_items(target.read_text())
+    assert [s for _, s in items] == ["flagged", "random"] and items[0][0] == flagged[0]
+    assert CliRunner().invoke(main, [*args[:3], "--review-sample", "-1"]).exit_code == 2

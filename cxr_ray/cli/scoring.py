@@ -308,18 +308,37 @@ def evaluate(predictions: str, out: str | None, threshold: float | None) -> None
 @click.argument("run_dir")
 @click.option("--out", default=None, help="Where to write the HTML (default: RUN_DIR/report.html).")
 @click.option("--top", type=int, default=24, show_default=True, help="Flagged studies in the gallery.")
+@click.option(
+    "--review-sample",
+    type=click.IntRange(min=0),
+    default=40,
+    show_default=True,
+    help="Unflagged scored studies drawn at random (seeded) into the review worklist, beside the "
+    "flagged ones: a threshold cannot be fitted on flagged studies alone.",
+)
+@click.option(
+    "--review-limit",
+    type=click.IntRange(min=0),
+    default=300,
+    show_default=True,
+    help="Most studies in the review worklist (the random sample is kept; the least suspicious "
+    "flagged studies are left out first, with a note).",
+)
 @handle_errors
-def report(run_dir: str, out: str | None, top: int) -> None:
+def report(run_dir: str, out: str | None, top: int, review_sample: int, review_limit: int) -> None:
     """Write a self-contained HTML report of a scoring run.
 
-    Run summary, per-class metrics, confusion matrix, ROC and reliability curves, the
-    pneumonia-score histogram, error rows and a gallery of the most suspicious flagged
-    studies (with Grad-CAM overlays when the run was scored with --explain). One file,
-    images embedded: it can be mailed or attached to a ticket.
+    Run summary, drift against the model's reference, per-class metrics, confusion matrix,
+    ROC and reliability curves, the pneumonia-score histogram, error rows, a gallery of the
+    most suspicious flagged studies (with Grad-CAM overlays when the run was scored with
+    --explain) and a review worklist: mark studies in the browser (keys n/b/v/x) and export
+    the labels as a CSV for `cxr-ray calibrate --labelled RUN_DIR --labels CSV`. One file,
+    images embedded, no server: it can be mailed or attached to a ticket and works offline.
     """
     from cxr_ray.io import storage
     from cxr_ray.reporting.report import write_report
 
     if not storage.exists(storage.join(run_dir, "predictions.parquet")):
         raise DataError(f"{run_dir!r} has no predictions.parquet: pass a folder written by `cxr-ray score`")
-    click.echo(f"wrote {write_report(run_dir, out, top=top)}")
+    target = write_report(run_dir, out, top=top, review_sample=review_sample, review_limit=review_limit)
+    click.echo(f"wrote {target}")

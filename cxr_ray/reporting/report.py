@@ -1,11 +1,14 @@
 """A self-contained HTML report of a scoring run (one file, images embedded as base64 PNGs).
 
-Sections: run summary (images, ok, skipped, errors, studies, flagged studies), per-class
+Sections: run summary (images, ok, skipped, errors, studies, flagged studies), drift against
+the model's reference (``cxr_ray.reporting.drift_section``, when the run has it), per-class
 metrics, confusion matrix, ROC curves (one-vs-rest and normal-vs-pneumonia), reliability
 diagram and pneumonia-score histogram by true class (image level), the same metrics per
 study beside them, a gallery of the most suspicious flagged *studies* (one entry per study:
 its driving image's Grad-CAM overlay, else the image itself, with the study's counts), the
-skipped images counted per reason, and the error rows. Sections that need labels are left
+review worklist (``cxr_ray.reporting.review``: the flagged studies and a random sample of the
+unflagged ones, marked in the browser and exported as a labels CSV for ``cxr-ray calibrate``),
+the skipped images counted per reason, and the error rows. Sections that need labels are left
 out, with a note, when a run has none. A run folder without ``studies.parquet`` (written
 before study-level results existed) gets the image-level gallery instead.
 
@@ -32,7 +35,9 @@ from cxr_ray import metrics
 from cxr_ray.errors import CxrRayError
 from cxr_ray.imaging.preprocess import PreprocessSpec, decode
 from cxr_ray.io import storage, uris
+from cxr_ray.reporting.drift_section import drift_section
 from cxr_ray.reporting.figures import img, levels_html, metrics_html, plots
+from cxr_ray.reporting.review import review_html, worklist
 from cxr_ray.scoring.pipeline import labelled_arrays
 from cxr_ray.scoring.screen import REF_CHARS, flagged_studies
 from cxr_ray.scoring.studies import STUDIES_SCHEMA, study_metrics
@@ -235,8 +240,20 @@ def _read_studies(run_dir: str) -> pa.Table | None:
     return storage.read_table(uri).cast(STUDIES_SCHEMA)
 
 
-def render(run_dir: str, *, top: int = 24, title: str | None = None) -> str:
-    """The HTML report of the run in ``run_dir`` (its predictions, studies and summary)."""
+def render(
+    run_dir: str,
+    *,
+    top: int = 24,
+    title: str | None = None,
+    review_sample: int = 40,
+    review_limit: int = 300,
+    review_seed: int = 0,
+) -> str:
+    """The HTML report of the run in ``run_dir`` (its predictions, studies and summary).
+
+    The review worklist holds the flagged studies and a random sample (seeded with
+    ``review_seed``) of ``review_sample`` unflagged scored ones, ``review_limit`` at most.
+    """
     t = storage.read_table(storage.join(run_dir, "predictions.parquet"))
     studies = _read_studies(run_dir)
     summary: dict[str, Any] = {}
@@ -265,6 +282,7 @@ def render(run_dir: str, *, top: int = 24, title: str | None = None) -> str:
         f"<p>run {html.escape(str(summary.get('run_id', '')))} · model {html.escape(', '.join(versions))} · "
         f"engine {html.escape(', '.join(sorted(set(t['engine'].to_pylist()))))}</p>",
         '<div id="summary">' + "".join(f'<span class="kpi"><b>{v}</b>{k}</span>' for k, v in kpis) + "</div>",
+        drift_section(run_dir),
     ]
     y, p = labelled_arrays(t)
     sm = study_metrics(studies, threshold=threshold) if studies is not None else None
@@ -296,7 +314,13 @@ def render(run_dir: str, *, top: int = 24, title: str | None = None) -> str:
             "images are listed one by one.</p>",
             _image_gallery(t, top),
         ]
-    parts += [_intended_use_html(t), _errors_html(t, n - ok - skipped)]
+    run_id = str(summary.get("run_id") or next((r for r in t["run_id"].to_pylist() if r), ""))
+    work = worklist(studies, t, sample=review_sample, limit=review_limit, seed=review_seed)
+    parts += [
+        review_html(work, run_dir=run_dir, run_id=run_id),
+        _intended_use_html(t),
+        _errors_html(t, n - ok - skipped),
+    ]
     body = "\n".join(parts)
     head = f'<meta charset="utf-8"><title>{html.escape(title or "cxr-ray report")}</title>'
     return (
