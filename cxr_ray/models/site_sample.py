@@ -1,0 +1,330 @@
+"""The labelled sample of ``cxr-ray calibrate``: read, labelled, deduplicated and decoded.
+
+A folder or archive with labels in the names or folders (Kermany layout), a manifest
+(``uri``, ``label``, optionally ``patient_id``), or a scoring run (its ``predictions.parquet``)
+joined with the review worklist's labels CSV (``image_id,label,selection,flagged,run_id,
+model_version,reviewed_at``; ``not_assessable`` rows are excluded and counted). Images are read
+with the same readers as scoring (local, s3://, archives, DICOMweb instances) on the driver,
+without Ray: a site sample is 50-200 images. Patient ids stay in memory (grouped folds and
+bootstrap); nothing here logs a name, a URI or a patient.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow.compute as pc
+
+from cxr_ray.config import Settings
+from cxr_ray.data import manifest as manifest_mod
+from cxr_ray.data.readers import read_unit
+from cxr_ray.errors import DataError, DecodeError
+from cxr_ray.imaging.preprocess import decode
+from cxr_ray.io import storage
+from cxr_ray.labels import LABELS
+from cxr_ray.models.artifact import Artifact
+from cxr_ray.models.card import ModelCard, spec_for
+
+logger = logging.getLogger(__name__)
+
+#: Labels a reviewer may give besides the classes; such rows are excluded and counted.
+NOT_ASSESSABLE = "not_assessable"
+CSV_COLUMNS = ("image_id", "label", "selection", "flagged", "run_id", "model_version", "reviewed_at")
+
+
+@dataclass
+class Sample:
+    """The usable labelled images of a site sample (patient ids stay in memory only)."""
+
+    image_ids: list[str]
+    labels: np.ndarray  # int64 class indices
+    pixels: np.ndarray  # uint8 [n, H, W]
+    #: Patient of each image (for grouped folds and bootstrap), ``None`` when unknown.
+    groups: np.ndarray | None
+    kind: str
+    excluded: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def per_class(self) -> dict[str, int]:
+        counts = np.bincount(self.labels, minlength=len(LABELS))
+        return {name: int(c) for name, c in zip(LABELS, counts, strict=True)}
+
+    @property
+    def fingerprint(self) -> str:
+        """SHA-256 over the sorted ``image_id:label`` lines (no names, no patients)."""
+        lines = sorted(f"{i}:{LABELS[y]}" for i, y in zip(self.image_ids, self.labels, strict=True))
+        return hashlib.sha256("\n".join(lines).encode()).hexdigest()
+
+
+def read_labels_csv(uri: str) -> tuple[dict[str, str], int]:
+    """``image_id -> label`` from a review worklist export, and how many not-assessable rows."""
+    try:
+        text = storage.read_bytes(uri).decode("utf-8-sig")
+    except FileNotFoundError:
+        raise DataError(f"labels CSV {uri!r} does not exist") from None
+    except UnicodeDecodeError:
+        raise DataError(f"labels CSV {uri!r} is not UTF-8 text") from None
+    reader = csv.DictReader(io.StringIO(text))
+    missing = {"image_id", "label"} - set(reader.fieldnames or ())
+    if missing:
+        raise DataError(
+            f"labels CSV {uri!r} lacks the columns {sorted(missing)} (expected a header "
+            f"{','.join(CSV_COLUMNS)}, as the HTML report's review worklist exports)"
+        )
+    labels: dict[str, str] = {}
+    skipped = 0
+    for line, row in enumerate(reader, start=2):
+        image_id, label = (row.get("image_id") or "").strip(), (row.get("label") or "").strip().lower()
+        if not image_id and not label:
+            continue
+        if label == NOT_ASSESSABLE:
+            skipped += 1
+            continue
+        if label not in LABELS:
+            raise DataError(
+                f"labels CSV {uri!r} line {line}: label {label!r} is not one of "
+                f"{', '.join(LABELS)} or {NOT_ASSESSABLE}"
+            )
+        if labels.get(image_id, label) != label:
+            raise DataError(f"labels CSV {uri!r} gives image {image_id[:12]}... two different labels")
+        labels[image_id] = label
+    return labels, skipped
+
+
+@dataclass
+class _Record:
+    uri: str
+    name: str | None
+    label: str | None
+    patient: str | None
+    image_id: str | None = None
+
+
+def _predictions_path(source: str) -> str | None:
+    """The predictions table of a scoring run folder or file, else ``None``."""
+    if not source.endswith((".parquet", ".pq")):
+        candidate = storage.join(source, "predictions.parquet")
+        return candidate if storage.exists(candidate) else None
+    return source if _columns(source) >= {"uri", "image_id", "prob_normal", "model_version"} else None
+
+
+def _columns(uri: str) -> set[str]:
+    import pyarrow.parquet as pq
+
+    from cxr_ray.io import uris
+
+    try:
+        fs, path = uris.resolve(uri)
+        with fs.open_input_file(path) as f:
+            return set(pq.ParquetFile(f).schema_arrow.names)
+    except Exception:
+        return set()
+
+
+def _table_records(uri: str, kind: str) -> list[_Record]:
+    table = storage.read_table(uri)
+    if "status" in table.column_names and kind == "manifest":
+        table = table.filter(pc.fill_null(pc.equal(table["status"], "ok"), False))
+    cols = table.column_names
+    none = [None] * table.num_rows
+
+    def col(name: str) -> list[Any]:
+        return table.column(name).to_pylist() if name in cols else none
+
+    return [
+        _Record(u, n, lab, p, i)
+        for u, n, lab, p, i in zip(
+            col("uri"), col("name"), col("label"), col("patient_id"), col("image_id"), strict=True
+        )
+    ]
+
+
+def _count_check(labels: list[int], min_size: int, min_per_class: int, when: str) -> None:
+    counts = np.bincount(np.asarray(labels, np.int64), minlength=len(LABELS))
+    shown = ", ".join(f"{name} {int(c)}" for name, c in zip(LABELS, counts, strict=True))
+    if len(labels) < min_size:
+        raise DataError(
+            f"the site sample has {len(labels)} usable labelled images{when} ({shown}); calibrating "
+            f"needs at least {min_size} (--min-size): label more images"
+        )
+    short = [name for name, c in zip(LABELS, counts, strict=True) if c < min_per_class]
+    if short:
+        raise DataError(
+            f"the site sample has too few images of {', '.join(short)}{when} ({shown}); every "
+            f"class needs at least {min_per_class} (--min-per-class)"
+        )
+
+
+def load_sample(
+    labelled: str,
+    card: ModelCard,
+    settings: Settings,
+    *,
+    labels_csv: str | None = None,
+    min_size: int = 40,
+    min_per_class: int = 5,
+) -> Sample:
+    """Read, label and decode the site sample; refuse one too small or lacking a class.
+
+    Counts are checked before any image is read where the labels are known up front (names,
+    manifests, a labels CSV joined with predictions), and again after dropping unreadable,
+    undecodable and duplicate images.
+    """
+    options = manifest_mod.read_options(settings.data, settings.dicomweb)
+    csv_labels, not_assessable = read_labels_csv(labels_csv) if labels_csv else ({}, 0)
+    excluded: dict[str, int] = {"not_assessable": not_assessable} if labels_csv else {}
+    predictions = _predictions_path(labelled)
+    records: list[_Record] | None = None
+    if predictions is not None:
+        kind = "predictions"
+        records = _table_records(predictions, kind)
+    elif (
+        labelled.endswith((".parquet", ".pq"))
+        and {"uri", "label"} <= _columns(labelled)
+        and (settings.data.bytes_column not in _columns(labelled))
+    ):
+        kind = "manifest"
+        records = _table_records(labelled, kind)
+    else:
+        kind = "folder"  # a folder or an archive, listed below
+    if kind != "folder" and not storage.exists(labelled):
+        raise DataError(f"site sample {labelled!r} does not exist")
+
+    if records is not None:
+        seen: set[str] = set()
+        if labels_csv:
+            by_id = {r.image_id: r for r in records if r.image_id}
+            unknown = [i for i in csv_labels if i not in by_id]
+            if unknown:
+                raise DataError(
+                    f"{len(unknown)} image_id(s) of the labels CSV are not in {kind} {labelled!r} "
+                    f"(e.g. {unknown[0][:12]}...): export the labels from this run's report"
+                )
+            records = [by_id[i] for i in csv_labels]
+            for r in records:
+                r.label = csv_labels[r.image_id or ""]
+        unique = []
+        for r in records:
+            key = r.image_id or r.uri
+            if key in seen:
+                excluded["duplicate"] = excluded.get("duplicate", 0) + 1
+                continue
+            seen.add(key)
+            unique.append(r)
+        unlabelled = sum(r.label not in LABELS for r in unique)
+        if unlabelled:
+            excluded["unlabelled"] = unlabelled
+        records = [r for r in unique if r.label in LABELS]
+        _count_check([LABELS.index(r.label or "") for r in records], min_size, min_per_class, "")
+        items = [(r.uri, r.name, r.label) for r in records]
+        units = manifest_mod.uri_units(items, options.rows_per_block)
+        by_uri = {r.uri: r for r in records}
+    else:
+        try:
+            units = manifest_mod.source_units(labelled, options)
+        except FileNotFoundError:
+            raise DataError(f"site sample {labelled!r} does not exist") from None
+        by_uri = {}
+        if not labels_csv:
+            names = [
+                manifest_mod.identify(ref.name, ref.uri).label
+                for u in units
+                for ref in u.refs
+                if not ref.error
+            ]
+            _count_check(
+                [LABELS.index(v) for v in names if v in LABELS], min_size, min_per_class, " (from the names)"
+            )
+
+    spec = spec_for(card, settings.data)
+    ids: list[str] = []
+    ys: list[int] = []
+    patients: list[str | None] = []
+    pixels: list[np.ndarray] = []
+    seen_ids: set[str] = set()
+
+    def drop(reason: str) -> None:
+        excluded[reason] = excluded.get(reason, 0) + 1
+
+    for unit in units:
+        for block in read_unit(unit, options):
+            for row in block.to_pylist():
+                data = row["data"]
+                if data is None:
+                    drop("unreadable")
+                    continue
+                image_id = hashlib.sha256(data).hexdigest()
+                if records is not None:
+                    rec = by_uri[row["uri"]]
+                    if rec.image_id and rec.image_id != image_id:
+                        drop("changed_since_scoring")
+                        continue
+                    label, patient = rec.label, rec.patient
+                else:
+                    info = manifest_mod.identify(row["name"], row["uri"])
+                    label = csv_labels.get(image_id) if labels_csv else info.label
+                    patient = info.patient_id
+                if label not in LABELS:
+                    drop("unlabelled")
+                    continue
+                if image_id in seen_ids:
+                    drop("duplicate")
+                    continue
+                try:
+                    pixels.append(decode(data, spec, row["name"]).pixels)
+                except DecodeError:
+                    drop("undecodable")
+                    continue
+                seen_ids.add(image_id)
+                ids.append(image_id)
+                ys.append(LABELS.index(label or ""))
+                patients.append(patient)
+    if labels_csv and records is None:
+        unknown = [i for i in csv_labels if i not in seen_ids]
+        if unknown:
+            raise DataError(
+                f"{len(unknown)} image_id(s) of the labels CSV are not images of {labelled!r} "
+                f"(e.g. {unknown[0][:12]}...)"
+            )
+    bad = excluded.get("unreadable", 0) + excluded.get("undecodable", 0)
+    when = f" after dropping {bad} unreadable or undecodable image(s)" if bad else ""
+    _count_check(ys, min_size, min_per_class, when)
+    if bad:
+        logger.warning("site sample: %d unreadable or undecodable image(s) left out", bad)
+    groups = None
+    if any(p is not None for p in patients):
+        groups = np.array([p if p is not None else f"image:{i}" for p, i in zip(patients, ids, strict=True)])
+    h, w = card.input_size
+    return Sample(
+        ids,
+        np.asarray(ys, np.int64),
+        np.stack(pixels) if pixels else np.zeros((0, h, w), np.uint8),
+        groups,
+        kind,
+        excluded,
+    )
+
+
+def network_outputs(art: Artifact, pixels: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Raw logits (float64 ``[n, 3]``) and penultimate features (float64 ``[n, F]``), torch on CPU."""
+    import torch
+
+    from cxr_ray.imaging.preprocess import to_model_input
+    from cxr_ray.models.factory import LogitsAndFeatures
+
+    model = LogitsAndFeatures(art.build()).eval()
+    logits, feats = [], []
+    with torch.inference_mode():
+        for i in range(0, len(pixels), batch):
+            lg, ft = model(torch.from_numpy(to_model_input(pixels[i : i + batch])))
+            logits.append(lg.double().numpy())
+            feats.append(ft.double().numpy())
+    if not logits:
+        return np.zeros((0, len(LABELS))), np.zeros((0, 0))
+    return np.concatenate(logits), np.concatenate(feats)
