@@ -38,6 +38,12 @@ def _engine_flags(fn: F) -> F:
             help="onnxruntime precision; int8 is quantized from the artifact's training images (opt-in).",
         ),
         click.option(
+            "--openvino-precision",
+            type=click.Choice(["auto", "bf16", "fp32"]),
+            default=None,
+            help="openvino engine precision; auto: bf16 where the CPU has it natively, else fp32.",
+        ),
+        click.option(
             "--study-date",
             default=None,
             help="DICOMweb sources: StudyDate YYYYMMDD or YYYYMMDD-YYYYMMDD (one end may be open).",
@@ -99,6 +105,7 @@ def _score_overrides(flags: dict[str, Any]) -> dict[str, Any]:
             "gpus_per_actor": flags.pop("gpus_per_actor", None),
             "cpus_per_actor": flags.pop("cpus_per_actor", None),
             "onnx_precision": flags.pop("onnx_precision", None),
+            "openvino_precision": flags.pop("openvino_precision", None),
             "explain": flags.pop("explain", None),
         },
     }
