@@ -87,8 +87,11 @@ def decode_ceilings(datas: list[bytes], spec, batch: int) -> tuple[float, float]
 
 
 def engine_ceilings(engine, datas: list[bytes], spec, batch: int) -> tuple[float, float]:
-    """(model-only img/s, in-actor decode+model img/s) for one engine."""
-    from cxr_ray.imaging.gpu_decode import decode_batch
+    """(model-only img/s, in-actor decode+model+input-statistics img/s) for one engine."""
+    import numpy as np
+
+    from cxr_ray.imaging.gpu_decode import decode_pixels, to_input
+    from cxr_ray.scoring.stages import pixel_stats
 
     x = torch.rand(batch, 1, spec.height, spec.width, device="cuda")
     for _ in range(3):
@@ -96,10 +99,14 @@ def engine_ceilings(engine, datas: list[bytes], spec, batch: int) -> tuple[float
     reps = 20
     model = _rate(batch * reps, lambda: [engine.run_tensor(x) for _ in range(reps)])
 
-    def in_actor() -> None:
+    def in_actor() -> None:  # what CxrPredictor does per batch on the GPU-decode path
         for i in range(0, len(datas), batch):
-            images, errors = decode_batch(datas[i : i + batch], spec, device="cuda")
-            engine.run_tensor(images[[k for k, e in enumerate(errors) if e is None]])
+            decoded = decode_pixels(datas[i : i + batch], spec, device="cuda")
+            good = [k for k, e in enumerate(decoded.errors) if e is None]
+            pixels = decoded.pixels[good]
+            logits, features = engine.run_tensor(to_input(pixels))
+            logits.cpu(), features.cpu()
+            pixel_stats(pixels[:, 0].cpu().numpy(), np.array([decoded.sizes[k] for k in good]))
 
     return model, _rate(len(datas), in_actor)
 

@@ -134,9 +134,7 @@ def main() -> None:
         m_torch = model_ceiling(artifact, size, cache, "torch")
         m_ort = model_ceiling(artifact, size, cache, "onnxruntime")  # also warms the ONNX cache
 
-        from cxr_ray.models.factory import Probabilities
-
-        eager = Probabilities(art.build(), art.card.temperature).eval()
+        eager = art.build().eval()  # naive() applies the softmax
         base = naive(files, eager, size)
 
         int8 = None

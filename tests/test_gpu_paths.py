@@ -60,7 +60,8 @@ def test_auto_falls_back_with_one_warning_when_an_engine_cannot_be_built(tiny_ar
     assert len(warnings) == 1, warnings
     assert "using onnxruntime" in warnings[0] and "tensorrt:" in warnings[0]
     x = np.random.default_rng(0).random((2, 1, 64, 64), dtype=np.float32)
-    assert np.allclose(engine(x).sum(axis=1), 1.0, atol=1e-5)
+    logits, features = engine(x)
+    assert logits.shape == (2, 3) and features.shape[0] == 2 and np.isfinite(logits).all()
 
 
 def test_auto_with_nothing_buildable_and_an_explicit_engine_fail_clearly(tiny_artifact, tmp_path):

@@ -10,7 +10,7 @@ from cxr_ray.errors import ModelError, WeightsUnavailableError
 from cxr_ray.models import weights as weights_mod
 from cxr_ray.models.artifact import card_for, load_artifact, read_card, save_artifact
 from cxr_ray.models.card import ModelCard
-from cxr_ray.models.factory import BACKBONES, Probabilities, create_model, feature_blocks
+from cxr_ray.models.factory import BACKBONES, LogitsAndFeatures, create_model, feature_blocks
 
 
 @pytest.mark.parametrize("arch", sorted(BACKBONES))
@@ -66,8 +66,8 @@ def test_normalisation_is_inside_the_network():
     manual = (x.expand(-1, 3, -1, -1) - net.mean) / net.std
     with torch.inference_mode():
         assert torch.allclose(net(x), net.backbone(manual))
-        probs = Probabilities(net, temperature=2.0)(x)
-    assert torch.allclose(probs.sum(1), torch.ones(1))
+        logits, features = LogitsAndFeatures(net)(x)
+    assert torch.equal(logits, net(x)) and features.shape == (1, 1280)
 
 
 def _artifact(tmp_path, arch="mobilenet_v2"):

@@ -70,12 +70,18 @@ def test_int8_model_is_quantized_checked_and_cached(int8_artifact, tmp_path):
     spec = spec_for(art.card)
     val = [u for u, s in zip(*_split_columns(int8_artifact), strict=True) if s == "val"]
     x = to_model_input(np.stack([decode(Path(u).read_bytes(), spec).pixels for u in val]))
-    p32, p8 = build(fp32)(x), build(payload)(x)
-    assert p8.shape == (8, 3) and np.allclose(p8.sum(axis=1), 1.0, atol=1e-4)
+    (l32, f32), (l8, f8) = build(fp32)(x), build(payload)(x)
+    assert l8.shape == (8, 3) and f8.shape == f32.shape == (8, 1280)
+    # The check is on the card's calibrated probabilities, as scoring reports them.
+    p32, p8 = art.card.probabilities(l32), art.card.probabilities(l8)
     assert np.abs(p32 - p8).mean() == pytest.approx(check["mean_abs_prob_change"], abs=1e-5)
     assert np.abs(p32 - p8).max() == pytest.approx(check["max_abs_prob_change"], abs=1e-5)
     assert (p32.argmax(1) == p8.argmax(1)).mean() == pytest.approx(check["argmax_agreement"])
     assert np.abs(p32 - p8).max() < 0.1  # quantization noise, not a different model
+    # Features keep their direction (0.86 for this 64 px model calibrated on 8 images).
+    cosine = (f32 * f8).sum(1) / (np.linalg.norm(f32, axis=1) * np.linalg.norm(f8, axis=1))
+    assert cosine.min() == pytest.approx(check["min_feature_cosine"], abs=1e-5)
+    assert 0.5 < check["min_feature_cosine"] <= 1.0 + 1e-6
 
     # Built once: a second run reuses the cached model and its check.
     path = int8_cache_path(art, cache, 8, 0)
@@ -84,6 +90,27 @@ def test_int8_model_is_quantized_checked_and_cached(int8_artifact, tmp_path):
     assert again.onnx == payload.onnx and again_report.int8_check == check
     assert again_report.onnx_cache == "hit"
     assert path.stat().st_mtime_ns == before
+
+    # A site-calibrated card of the same network: the quantized model is shared (never
+    # re-quantized), the check is redone under the new calibration.
+    import dataclasses
+
+    from cxr_ray.models.card import ModelCard
+
+    site_card = ModelCard.model_validate(
+        art.card.model_dump() | {"logit_bias": (0.0, 0.0, 3.0), "lineage": {"parent": art.card.version}}
+    )
+    site = dataclasses.replace(art, card=site_card)
+    assert int8_cache_path(site, cache, 8, 0) == path
+    site_payload, site_report = prepare(
+        site, "onnxruntime", engine_options(ScoreSettings(cache_dir=cache, **INT8)), spec
+    )
+    assert site_payload.onnx == payload.onnx and site_report.onnx_cache == "hit"
+    assert path.stat().st_mtime_ns == before
+    site_check = site_report.int8_check
+    assert site_check is not None and site_check != check
+    q32, q8 = site_card.probabilities(l32), site_card.probabilities(l8)
+    assert np.abs(q32 - q8).mean() == pytest.approx(site_check["mean_abs_prob_change"], abs=1e-5)
 
 
 def _split_columns(artifact: Path) -> tuple[list[str], list[str]]:
@@ -137,8 +164,8 @@ def test_cli_scoring_with_int8_keeps_every_row_and_reports_the_check(ray_local, 
 def test_split_logits_are_the_untempered_scores_of_the_recorded_split(int8_artifact):
     from cxr_ray.calibration import softmax
     from cxr_ray.labels import LABELS
-    from cxr_ray.models.factory import Probabilities
-    from cxr_ray.models.splits import split_images, split_logits
+    from cxr_ray.models.factory import LogitsAndFeatures
+    from cxr_ray.models.splits import split_images, split_logits, split_logits_and_features
 
     art = load_artifact(str(int8_artifact))
     logits, y = split_logits(art, "val")
@@ -147,6 +174,12 @@ def test_split_logits_are_the_untempered_scores_of_the_recorded_split(int8_artif
     assert [LABELS[i] for i in y] == [r["label"] for r in split if r["split"] == "val"]
     x = torch.from_numpy(to_model_input(split_images(art, "val")[0]))
     with torch.inference_mode():
-        probs = Probabilities(art.build(), temperature=art.card.temperature)(x).double().numpy()
+        eager_logits, eager_features = LogitsAndFeatures(art.build())(x)
+    probs = softmax(eager_logits.double().numpy(), art.card.temperature)
     tempered = softmax(logits, art.card.temperature)
     np.testing.assert_allclose(tempered, probs, atol=1e-5)
+    same_logits, features, same_y = split_logits_and_features(art, "val")
+    np.testing.assert_array_equal(same_logits, logits)
+    np.testing.assert_array_equal(same_y, y)
+    assert features.dtype == np.float32 and features.shape == (8, 1280)
+    np.testing.assert_allclose(features, eager_features.numpy(), atol=1e-5)

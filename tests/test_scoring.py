@@ -22,11 +22,13 @@ from cxr_ray.data.sources import ReadOptions, list_source
 from cxr_ray.engines import auto_candidates, availability, build, engine_options, prepare, select_engine
 from cxr_ray.errors import DataError, EngineUnavailableError
 from cxr_ray.imaging.preprocess import decode, to_model_input
+from cxr_ray.imaging.stats import INPUT_STATS, input_stats
+from cxr_ray.labels import LABELS
 from cxr_ray.models.artifact import load_artifact, read_card
 from cxr_ray.models.card import spec_for
 from cxr_ray.scoring.pipeline import score
 from cxr_ray.scoring.schema import PREDICTIONS_SCHEMA
-from cxr_ray.scoring.stages import CxrPredictor, decode_stage
+from cxr_ray.scoring.stages import INTERNAL, CxrPredictor, decode_stage, pixel_stats, tensor_column
 from tests import imaging
 
 
@@ -77,6 +79,18 @@ def test_predictor_on_a_plain_batch_without_ray(tiny_artifact, tmp_path):
     assert np.isnan(probs[~ok]).all() and all(out["error"][~ok])
     assert np.allclose(out["prob_pneumonia"][ok], probs[ok][:, 1:].sum(1), atol=1e-6)
     assert list(out["flagged"][ok]) == list(out["prob_pneumonia"][ok] >= 0.5)
+    # Drift inputs: finite where scored, NaN rows elsewhere (these error rows never decoded).
+    features, stats = out["features"], out["input_stats"]
+    assert features.dtype == stats.dtype == np.float32
+    assert features.shape == (n, 1280) and stats.shape == (n, len(INPUT_STATS))
+    assert np.isfinite(features[ok]).all() and np.isnan(features[~ok]).all()
+    assert np.isfinite(stats[ok]).all() and np.isnan(stats[~ok]).all()
+    # ... the statistics of exactly the pixels the model saw, at the original size.
+    raw = {r["uri"]: r["data"] for r in _raw_batch(root).to_pylist()}
+    sizes = [decode(raw[u], spec) for u in batch["uri"][ok]]
+    expected = input_stats(batch["pixels"][ok], [d.width for d in sizes], [d.height for d in sizes])
+    np.testing.assert_array_equal(stats[ok], expected)
+    assert not (set(INTERNAL) - {"features", "input_stats"}) & set(out)
 
 
 @pytest.mark.parametrize("intensity", ["none", "equalize"])
@@ -92,10 +106,103 @@ def test_onnxruntime_and_torch_agree(tmp_path, intensity, request):
         datas = [imaging.jpeg_bytes(800, 700, seed=i) for i in range(16)]
     x = to_model_input(np.stack([decode(d, spec).pixels for d in datas]))
     engines = {name: build(_prepare(art, name, tmp_path / "c")[0]) for name in ("onnxruntime", "torch")}
-    probs = {name: e(x.copy()) for name, e in engines.items()}
+    outs = {name: e(x.copy()) for name, e in engines.items()}
+    card = load_artifact(str(art)).card
+    probs = {name: card.probabilities(logits) for name, (logits, _) in outs.items()}
     assert probs["onnxruntime"].shape == (len(datas), 3)
     assert np.abs(probs["onnxruntime"] - probs["torch"]).max() <= 1e-4
+    assert np.abs(outs["onnxruntime"][1] - outs["torch"][1]).max() <= 1e-3
     assert probs["torch"].std() > 1e-3  # a real, non-constant model
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
+def test_engines_output_the_networks_raw_logits_and_penultimate_features(tiny_artifact, tmp_path, engine):
+    import torch
+
+    from cxr_ray.models.factory import LogitsAndFeatures
+
+    art = load_artifact(str(tiny_artifact))
+    spec = spec_for(art.card)
+    x = to_model_input(
+        np.stack([decode(imaging.jpeg_bytes(300, 260, seed=s), spec).pixels for s in range(6)])
+    )
+    net = art.build()
+    with torch.inference_mode():
+        eager_logits, eager_features = (t.numpy() for t in LogitsAndFeatures(net)(torch.from_numpy(x)))
+        # The features are the input of the classifier: it maps them to the logits.
+        head = net.backbone.classifier[-1](torch.from_numpy(eager_features)).numpy()
+    np.testing.assert_allclose(head, eager_logits, atol=1e-5)
+    logits, features = build(_prepare(tiny_artifact, engine, tmp_path / "c")[0])(x.copy())
+    assert logits.dtype == features.dtype == np.float32
+    assert logits.shape == (6, 3) and features.shape == (6, 1280)
+    assert np.abs(logits - eager_logits).max() < 1e-3
+    assert np.abs(features - eager_features).max() < 1e-3
+    assert eager_features.std(axis=0).max() > 1e-3  # depends on the image
+
+
+def _site_card(card, bias=(0.0, 0.0, 5.0)):
+    from cxr_ray.models.card import ModelCard
+
+    fields = card.model_dump() | {"logit_bias": bias, "lineage": {"parent_version": card.version}}
+    return ModelCard.model_validate(fields)
+
+
+@pytest.mark.parametrize("engine", ["onnxruntime", "torch"])
+def test_the_predictor_applies_the_cards_site_calibration(tiny_artifact, tmp_path, engine):
+    import dataclasses
+
+    art = load_artifact(str(tiny_artifact))
+    spec = spec_for(art.card)
+    payload, _ = _prepare(tiny_artifact, engine, tmp_path / "c")
+    root, n, n_bad = _broken_folder(tmp_path / "in")
+    batch = decode_stage(_raw_batch(root), spec=spec)
+    site = _site_card(art.card)
+    plain = CxrPredictor(payload, spec=spec)(batch)
+    calibrated = CxrPredictor(dataclasses.replace(payload, card=site), spec=spec)(batch)
+    ok = calibrated["status"] == "ok"
+    assert list(calibrated["status"]) == list(plain["status"]) and ok.sum() == n - n_bad
+    logits, _ = build(payload)(to_model_input(batch["pixels"][ok]))
+    expected = site.probabilities(logits)
+    got = np.stack([calibrated[f"prob_{k}"] for k in ("normal", "bacterial", "viral")], 1)[ok]
+    np.testing.assert_allclose(got, expected, atol=1e-6)
+    np.testing.assert_allclose(calibrated["prob_pneumonia"][ok], 1 - expected[:, 0], atol=1e-6)
+    assert list(calibrated["pred_label"][ok]) == [LABELS[i] for i in expected.argmax(1)]
+    # The bias moves decisions: a site card is not the parent model under another name.
+    assert (calibrated["pred_label"][ok] != plain["pred_label"][ok]).any()
+    assert (calibrated["prob_viral"][ok] > plain["prob_viral"][ok]).all()
+    np.testing.assert_array_equal(calibrated["features"], plain["features"])
+
+
+def test_a_skipped_row_stays_skipped_with_no_drift_inputs(tiny_artifact, tmp_path):
+    art = load_artifact(str(tiny_artifact))
+    spec = spec_for(art.card)
+    payload, _ = _prepare(tiny_artifact, "onnxruntime", tmp_path / "c")
+    batch = decode_stage(_raw_batch(imaging.kermany_folder(tmp_path / "in", per_class=1)), spec=spec)
+    batch["status"][1], batch["error"][1] = "skipped", "outside the intended use"
+    out = CxrPredictor(payload, spec=spec)(batch)
+    assert list(out["status"]) == ["ok", "skipped", "ok"]
+    assert np.isnan(out["features"][1]).all() and np.isnan(out["input_stats"][1]).all()
+    assert np.isfinite(out["features"][[0, 2]]).all() and np.isfinite(out["input_stats"][[0, 2]]).all()
+
+
+def test_pixel_stats_equal_the_input_statistics_contract(kermany224):
+    from cxr_ray.imaging.preprocess import PreprocessSpec
+
+    rng = np.random.default_rng(0)
+    files = sorted(kermany224.rglob("*.jpeg"))[::400]
+    spec = PreprocessSpec(224, 224, intensity="equalize")
+    real = np.stack([decode(f.read_bytes(), spec).pixels for f in files])
+    cases = [
+        real,
+        rng.integers(0, 256, (5, 7, 9), dtype=np.uint8),
+        np.full((2, 3, 3), 200, np.uint8),
+        rng.integers(90, 110, (3, 1, 1), dtype=np.uint8),
+    ]
+    for pixels in cases:
+        sizes = rng.integers(1, 3000, (len(pixels), 2))
+        expected = input_stats(pixels, sizes[:, 0], sizes[:, 1])
+        np.testing.assert_array_equal(pixel_stats(pixels, sizes), expected)
+    assert pixel_stats(real[:0], np.zeros((0, 2))).shape == (0, len(INPUT_STATS))
 
 
 def test_engine_selection_follows_availability_and_explains_errors():
@@ -357,7 +464,12 @@ def test_undecoded_jpegs_on_a_cpu_engine_are_decoded_not_scored_as_black(tiny_ar
     for k in ("prob_normal", "prob_bacterial", "prob_viral"):
         ok = cpu["status"] == "ok"
         assert np.abs(gpu[k][ok] - cpu[k][ok]).max() <= 1e-6
-    black = predictor.engine(to_model_input(np.zeros((1, *spec_shape(spec)), np.uint8)))[0]
+    # Decoded on the actor: the same drift inputs, original sizes included.
+    np.testing.assert_array_equal(gpu["input_stats"], cpu["input_stats"])
+    np.testing.assert_array_equal(gpu["features"], cpu["features"])
+    black = art.card.probabilities(
+        predictor.engine(to_model_input(np.zeros((1, *spec_shape(spec)), np.uint8)))[0]
+    )
     assert not np.allclose(
         np.stack([gpu["prob_normal"], gpu["prob_bacterial"], gpu["prob_viral"]], 1)[ok], black
     )
@@ -475,3 +587,89 @@ def test_weights_that_do_not_fit_the_card_are_refused_before_any_row(ray_local, 
         env={"CXR_SCORE__CACHE_DIR": str(tmp_path / "cache2")},
     )
     assert result.exit_code == 2 and "do not match the card's architecture" in result.output
+
+
+def test_drift_columns_cross_ray_data_as_tensor_columns(ray_local, tiny_artifact, tmp_path):
+    """The predictor's 2-D internal columns go through Ray Data's map_batches and come back
+    from a pyarrow block as numpy arrays (what the driver's drift summary reads)."""
+    import ray.data
+
+    art = load_artifact(str(tiny_artifact))
+    spec = spec_for(art.card)
+    payload, _ = _prepare(tiny_artifact, "onnxruntime", tmp_path / "c")
+    root, n, n_bad = _broken_folder(tmp_path / "in")
+    raw = _raw_batch(root)
+    ds = ray.data.from_arrow(raw).map_batches(decode_stage, batch_format="pyarrow", fn_kwargs={"spec": spec})
+    ds = ds.map_batches(
+        CxrPredictor,
+        batch_size=8,
+        batch_format="numpy",
+        compute=ray.data.ActorPoolStrategy(size=1),
+        fn_constructor_kwargs={"payload": ray.put(payload), "spec": spec},
+    )
+    blocks = list(ds.iter_batches(batch_format="pyarrow", batch_size=None))
+    uris = [u for b in blocks for u in b["uri"].to_pylist()]
+    status = np.array([s for b in blocks for s in b["status"].to_pylist()])
+    features = np.concatenate([tensor_column(b, "features") for b in blocks])
+    stats = np.concatenate([tensor_column(b, "input_stats") for b in blocks])
+    assert len(uris) == n and features.shape == (n, 1280) and stats.shape == (n, len(INPUT_STATS))
+    assert features.dtype == stats.dtype == np.float32
+    ok = status == "ok"
+    assert ok.sum() == n - n_bad
+    assert np.isfinite(features[ok]).all() and np.isnan(features[~ok]).all()
+    assert np.isfinite(stats[ok]).all() and np.isnan(stats[~ok]).all()
+    # Row for row what the predictor computes without Ray.
+    direct = CxrPredictor(payload, spec=spec)(decode_stage(raw, spec=spec))
+    order = [list(direct["uri"]).index(u) for u in uris]
+    np.testing.assert_allclose(features, direct["features"][order], atol=1e-6)
+    np.testing.assert_array_equal(stats, direct["input_stats"][order])
+
+
+def test_tensor_column_reads_plain_arrow_layouts():
+    values = np.arange(12, dtype=np.float32).reshape(4, 3)
+    fixed = pa.FixedSizeListArray.from_arrays(pa.array(values.ravel()), 3)
+    table = pa.table({"f": pa.chunked_array([fixed[:1], fixed[1:]])})
+    np.testing.assert_array_equal(tensor_column(table, "f"), values)
+    tensor = pa.FixedShapeTensorArray.from_numpy_ndarray(values)
+    np.testing.assert_array_equal(tensor_column(pa.table({"f": tensor}), "f"), values)
+    assert tensor_column(table.slice(0, 0), "f").shape == (0, 3)
+
+
+def _probs_only_graph() -> bytes:
+    """An ONNX model shaped like the ones cxr-ray cached before engines output logits."""
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["pixels"], ["probs"])],
+        "old",
+        [helper.make_tensor_value_info("pixels", TensorProto.FLOAT, ["batch", 1, 64, 64])],
+        [helper.make_tensor_value_info("probs", TensorProto.FLOAT, ["batch", 4096])],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString()
+
+
+def test_the_onnx_cache_follows_the_network_not_its_calibration(tiny_artifact, tmp_path):
+    import dataclasses
+
+    import onnx
+
+    from cxr_ray.engines.onnx_engine import OnnxEngine
+    from cxr_ray.engines.onnx_export import GRAPH_TAG, OUTPUT_NAMES, cached_onnx, onnx_cache_path
+
+    art = load_artifact(str(tiny_artifact))
+    site = dataclasses.replace(art, card=_site_card(art.card))
+    cache = str(tmp_path / "cache")
+    assert site.card.version != art.card.version and site.card.engine_key == art.card.engine_key
+    path = onnx_cache_path(art, cache)
+    assert onnx_cache_path(site, cache) == path and path.name.endswith(f"-{GRAPH_TAG}.onnx")
+    # A probability-only model an older cxr-ray cached under its old name is never reused...
+    h, w = art.card.input_size
+    old = path.parent / f"{art.card.version}-{h}x{w}-opset18.onnx"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(_probs_only_graph())
+    data, hit = cached_onnx(site, cache)
+    assert not hit and tuple(o.name for o in onnx.load_from_string(data).graph.output) == OUTPUT_NAMES
+    # ... nor run if it reaches an engine; the site card shares the parent's export.
+    with pytest.raises(EngineUnavailableError, match=r"outputs are \('probs',\)"):
+        OnnxEngine(old.read_bytes())
+    assert cached_onnx(art, cache) == (data, True)

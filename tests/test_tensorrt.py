@@ -124,7 +124,6 @@ def test_key_covers_model_runtime_precision_and_profile():
     variants = [
         _key(card=_card(weights_sha256="cd" * 32)),
         _key(card=_card(input_size=(96, 96))),
-        _key(card=_card(temperature=1.7)),
         _key(onnx=b"other onnx"),
         _key(tensorrt="10.10.0"),
         _key(gpu_name="NVIDIA L4"),
@@ -135,6 +134,11 @@ def test_key_covers_model_runtime_precision_and_profile():
     ]
     digests = {k.digest for k in variants}
     assert base.digest not in digests and len(digests) == len(variants)
+    # Engines output raw logits: a site-calibrated card of the same network shares its engine.
+    site = _card(temperature=1.7, logit_bias=(0.0, 0.0, 2.0), lineage={"parent": "x"})
+    assert _card().version != site.version and _card().engine_key == site.engine_key
+    assert _key(card=site).digest == base.digest
+    assert base.stem(site.engine_key) == base.stem(_card().engine_key)
     # Calibration data only matters for int8 engines.
     calib = np.zeros((4, 64, 64), np.uint8)
     assert _key(calibration=calib).digest == base.digest
@@ -314,20 +318,24 @@ class TestTensorRTOnGpu:
         engine = TensorRTEngine.from_payload(self._payload(tiny_artifact, tmp_path))
         assert (engine.name, engine.device) == ("tensorrt", "cuda")
         x = np.random.default_rng(0).random((5, 1, 64, 64), dtype=np.float32)
-        p = engine(x)
-        assert p.shape == (5, 3) and p.dtype == np.float32
-        np.testing.assert_allclose(p.sum(axis=1), 1.0, atol=1e-3)
+        logits, features = engine(x)
+        assert logits.shape == (5, 3) and logits.dtype == features.dtype == np.float32
+        assert features.shape == (5, 1280) and np.isfinite(logits).all()
         # run_tensor: CUDA in, CUDA out, same numbers.
-        t = engine.run_tensor(torch.from_numpy(x).cuda())
-        assert t.is_cuda and np.allclose(t.cpu().numpy(), p, atol=1e-6)
+        t_logits, t_features = engine.run_tensor(torch.from_numpy(x).cuda())
+        assert t_logits.is_cuda and np.allclose(t_logits.cpu().numpy(), logits, atol=1e-6)
+        assert t_features.is_cuda and np.allclose(t_features.cpu().numpy(), features, atol=1e-6)
+        empty = engine.run_tensor(torch.zeros((0, 1, 64, 64), device="cuda"))
+        assert [tuple(t.shape) for t in empty] == [(0, 3), (0, 1280)]
 
     def test_batches_over_the_profile_max_are_split(self, tiny_artifact, tmp_path):
         engine = TensorRTEngine.from_payload(self._payload(tiny_artifact, tmp_path))
         x = np.random.default_rng(1).random((75, 1, 64, 64), dtype=np.float32)
-        whole = engine(x)  # 32 + 32 + 11
-        parts = np.concatenate([engine(x[i : i + 10]) for i in range(0, 75, 10)])
-        assert whole.shape == (75, 3)
-        np.testing.assert_allclose(whole, parts, atol=2e-3)
+        whole, whole_features = engine(x)  # 32 + 32 + 11
+        parts = [engine(x[i : i + 10]) for i in range(0, 75, 10)]
+        assert whole.shape == (75, 3) and whole_features.shape == (75, 1280)
+        np.testing.assert_allclose(whole, np.concatenate([p[0] for p in parts]), atol=2e-2)
+        np.testing.assert_allclose(whole_features, np.concatenate([p[1] for p in parts]), atol=2e-2)
 
     def test_second_engine_is_a_cache_hit(self, tiny_artifact, tmp_path):
         payload = self._payload(tiny_artifact, tmp_path)
@@ -350,7 +358,7 @@ class TestTensorRTOnGpu:
         before = te.builds_in_process()
         engine = TensorRTEngine.from_payload(payload)
         assert te.builds_in_process() == before + 1
-        assert engine(np.zeros((2, 1, 64, 64), np.float32)).shape == (2, 3)
+        assert engine(np.zeros((2, 1, 64, 64), np.float32))[0].shape == (2, 3)
 
     def test_unloadable_engine_is_rebuilt(self, tiny_artifact, tmp_path):
         payload = self._payload(tiny_artifact, tmp_path)
@@ -365,7 +373,7 @@ class TestTensorRTOnGpu:
         before = te.builds_in_process()
         engine = TensorRTEngine.from_payload(payload)
         assert te.builds_in_process() == before + 1
-        assert engine(np.zeros((1, 1, 64, 64), np.float32)).shape == (1, 3)
+        assert engine(np.zeros((1, 1, 64, 64), np.float32))[0].shape == (1, 3)
 
     @pytest.mark.data
     @pytest.mark.parametrize("precision", ["fp16", "fp32"])
@@ -379,9 +387,15 @@ class TestTensorRTOnGpu:
         spec = spec_for(payload.card)
         files = sorted(kermany_fullres.rglob("*.jpeg"))
         x = to_model_input(np.stack([decode(f.read_bytes(), spec).pixels for f in files]))
-        reference = OnnxEngine(payload.onnx)(x)
-        probs = TensorRTEngine.from_payload(payload)(x)
+        card = payload.card
+        ref_logits, ref_features = OnnxEngine(payload.onnx)(x)
+        logits, features = TensorRTEngine.from_payload(payload)(x)
+        reference, probs = card.probabilities(ref_logits), card.probabilities(logits)
         assert np.abs(probs - reference).max() <= 1e-2
+        cosine = (features * ref_features).sum(1) / (
+            np.linalg.norm(features, axis=1) * np.linalg.norm(ref_features, axis=1)
+        )
+        assert cosine.min() > 0.999, cosine.min()
         agreement = float((probs.argmax(1) == reference.argmax(1)).mean())
         assert agreement >= 0.99, agreement
 

@@ -1,7 +1,9 @@
 """The engine Protocol, the registry and the selection rules.
 
-Every engine maps the preprocessing contract's ``float32 [N, 1, H, W]`` (0..1) to
-calibrated class probabilities ``float32 [N, 3]`` in ``LABELS`` order. Each engine module
+Every engine maps the preprocessing contract's ``float32 [N, 1, H, W]`` (0..1) to raw logits
+``float32 [N, 3]`` in ``LABELS`` order and penultimate features ``float32 [N, F]``; the
+predictor applies the card's calibration (``ModelCard.probabilities``) outside the engine, so
+one exported model serves every calibrated version of a network. Each engine module
 (``ENGINES`` maps names to modules) owns two steps, so heavy work happens once per run and
 once per node:
 
@@ -75,7 +77,9 @@ class EnginePayload:
     card: ModelCard
     options: EngineOptions
     weights: bytes = b""  # safetensors of the CxrNet (torch engine)
-    onnx: bytes = b""  # single-file ONNX of Probabilities(CxrNet) (onnxruntime, tensorrt)
+    #: Single-file ONNX of ``LogitsAndFeatures(CxrNet)``, outputs (logits, features) in that
+    #: order (onnxruntime, tensorrt, openvino).
+    onnx: bytes = b""
     #: uint8 [N, H, W] preprocessed training images (TensorRT INT8 calibration only).
     calibration: np.ndarray | None = None
     #: ``auto`` payloads only: the engines to try where the actor runs, in order.

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from cxr_ray.engines.base import EnginePayload, PrepareReport
-from cxr_ray.engines.onnx_export import cached_onnx
+from cxr_ray.engines.onnx_export import OUTPUT_NAMES, cached_onnx
 from cxr_ray.engines.options import EngineOptions
 from cxr_ray.errors import EngineUnavailableError
 from cxr_ray.imaging.preprocess import PreprocessSpec
@@ -35,10 +35,18 @@ class OnnxEngine:
         self.session = ort.InferenceSession(model, sess_options=opts, providers=providers)
         self.device = "cuda" if providers[0].startswith("CUDA") else "cpu"
         self.input_name = self.session.get_inputs()[0].name
+        outputs = tuple(o.name for o in self.session.get_outputs())
+        if outputs != OUTPUT_NAMES:
+            raise EngineUnavailableError(
+                f"the ONNX model's outputs are {outputs}, expected {OUTPUT_NAMES} (an old export?)"
+            )
+        self._outputs = list(OUTPUT_NAMES)
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``float32 [N, 1, H, W]`` -> (raw logits ``[N, 3]``, features ``[N, F]``), float32."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        return self.session.run(None, {self.input_name: x})[0]
+        logits, features = self.session.run(self._outputs, {self.input_name: x})
+        return logits, features
 
 
 def prepare(

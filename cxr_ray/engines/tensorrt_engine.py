@@ -3,17 +3,19 @@
 ``tensorrt`` is imported inside functions only, so this module imports (and the rest of
 cxr-ray works) where TensorRT is not installed.
 
-Build: the payload's single-file ONNX (``pixels float32 [batch, 1, H, W]`` -> ``probs
-float32 [batch, 3]``) is parsed with ``trt.OnnxParser`` into ``builder.create_network()``
-(explicit batch is the only mode since TensorRT 10), with one optimisation profile over the
-batch axis (``trt_min_batch/opt/max``; H, W from the card) and FP16 by default.
+Build: the payload's single-file ONNX (``pixels float32 [batch, 1, H, W]`` -> ``logits
+float32 [batch, 3]``, ``features float32 [batch, F]``) is parsed with ``trt.OnnxParser`` into
+``builder.create_network()`` (explicit batch is the only mode since TensorRT 10), with one
+optimisation profile over the batch axis (``trt_min_batch/opt/max``; H, W from the card) and
+FP16 by default. Both outputs are bound by name.
 
 Cache: engines are specific to the TensorRT version and the GPU, so each node keeps its own
 under ``<cache_dir>/tensorrt/``, keyed by the model fingerprint (weights SHA-256, input size,
-temperature, ONNX bytes), TensorRT version, GPU name and compute capability, precision and
-profile. A JSON sidecar records the key; an engine whose sidecar does not match the current
-key is never deserialized (it is rebuilt, and the log says why). A ``FileLock`` makes the
-actors of one node build once.
+ONNX bytes; not the card's calibration, which is applied to the logits outside the engine),
+TensorRT version, GPU name and compute capability, precision and profile. A JSON sidecar
+records the key; an engine whose sidecar does not match the current key is never
+deserialized (it is rebuilt, and the log says why). A ``FileLock`` makes the actors of one
+node build once.
 
 Precision and TensorRT versions (see docs/GPU.md for the sources):
 
@@ -35,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from cxr_ray.engines.base import EnginePayload, PrepareReport
-from cxr_ray.engines.onnx_export import INPUT_NAME, cached_onnx
+from cxr_ray.engines.onnx_export import FEATURES_NAME, INPUT_NAME, LOGITS_NAME, cached_onnx
 from cxr_ray.engines.options import EngineOptions
 from cxr_ray.engines.trt_cache import (  # noqa: F401  (re-exported for callers and tests)
     CALIBRATION_BATCH,
@@ -276,11 +278,11 @@ def _engine_path(payload: EnginePayload, reject_sha256: str | None = None) -> Pa
         calibration=payload.calibration,
     )
     directory = Path(options.cache_dir) / "tensorrt"
-    calib_cache = directory / f"{key.stem(card.version)}.calib"
+    calib_cache = directory / f"{key.stem(card.engine_key)}.calib"
     return cached_engine(
         directory,
         key,
-        card.version,
+        card.engine_key,
         lambda: _build_plan(trt, payload.onnx, card, options, payload.calibration, precision, calib_cache),
         reject_sha256=reject_sha256,
     )
@@ -319,7 +321,8 @@ _TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "INT32": "int32", "BF16"
 
 
 class TensorRTEngine:
-    """Scores ``float32 [N, 1, H, W]`` batches with a TensorRT engine on this process's GPU."""
+    """Scores ``float32 [N, 1, H, W]`` batches with a TensorRT engine on this process's GPU:
+    (raw logits ``[N, 3]``, penultimate features ``[N, F]``), both bound by tensor name."""
 
     name = "tensorrt"
     device = "cuda"
@@ -336,12 +339,18 @@ class TensorRTEngine:
         names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
         inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
         outputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(inputs) != 1 or len(outputs) != 1:
-            raise EngineUnavailableError(f"expected one input and one output, got {names}")
-        self.input_name, self.output_name = inputs[0], outputs[0]
+        if len(inputs) != 1 or sorted(outputs) != sorted((LOGITS_NAME, FEATURES_NAME)):
+            raise EngineUnavailableError(
+                f"expected one input and the outputs {LOGITS_NAME!r}, {FEATURES_NAME!r}, got {names} "
+                "(an engine built from an old export?)"
+            )
+        self.input_name = inputs[0]
+        self.output_names = (LOGITS_NAME, FEATURES_NAME)
         self.min_batch, _, self.max_batch = profile
         self._in_dtype = self._dtype(self.input_name)
-        self._out_dtype = self._dtype(self.output_name)
+        self._out_dtypes = tuple(self._dtype(n) for n in self.output_names)
+        # Class and feature counts (the batch axis is -1 in a dynamic engine).
+        self._widths = tuple(int(engine.get_tensor_shape(n)[1]) for n in self.output_names)
         self._device = torch.device("cuda", torch.cuda.current_device())
         self.stream = torch.cuda.Stream(device=self._device)
 
@@ -366,29 +375,32 @@ class TensorRTEngine:
                 )
         return cls(engine, trt, profile=payload.options.profile, runtime=runtime)
 
-    def run_tensor(self, x: Any) -> Any:
-        """Score a CUDA tensor ``[N, 1, H, W]``; returns ``float32 [N, 3]`` on the same GPU.
+    def run_tensor(self, x: Any) -> tuple[Any, Any]:
+        """Score a CUDA tensor ``[N, 1, H, W]``; returns (logits ``float32 [N, 3]``, features
+        ``float32 [N, F]``) on the same GPU.
 
         Batches over the profile's maximum are split; ones under its minimum are padded.
         """
         torch = self._torch
         if x.shape[0] == 0:
-            return torch.empty((0, 3), dtype=torch.float32, device=self._device)
+            return tuple(torch.empty((0, w), dtype=torch.float32, device=self._device) for w in self._widths)
         producer = torch.cuda.current_stream(self._device)
         # The input may still be being written on the caller's stream (GPU decode).
         self.stream.wait_stream(producer)
-        outs = []
+        logits, features = [], []
         with torch.cuda.stream(self.stream):
             x = x.to(self._device, dtype=self._in_dtype, non_blocking=True)
             for chunk in x.split(self.max_batch):
-                outs.append(self._run_chunk(chunk))
-            out = torch.cat(outs).float()
+                lo, fe = self._run_chunk(chunk)
+                logits.append(lo)
+                features.append(fe)
+            out = torch.cat(logits).float(), torch.cat(features).float()
         # Synchronous on purpose: callers (Ray actors) use the result right away, and tensors
         # allocated on this stream are then safe to use and free on any other stream.
         self.stream.synchronize()
         return out
 
-    def _run_chunk(self, chunk: Any) -> Any:
+    def _run_chunk(self, chunk: Any) -> tuple[Any, Any]:
         torch = self._torch
         n = chunk.shape[0]
         if n < self.min_batch:
@@ -397,17 +409,21 @@ class TensorRTEngine:
         chunk = chunk.contiguous()
         if not self.context.set_input_shape(self.input_name, tuple(chunk.shape)):
             raise RuntimeError(f"TensorRT rejected input shape {tuple(chunk.shape)}")
-        out_shape = tuple(self.context.get_tensor_shape(self.output_name))
-        out = torch.empty(out_shape, dtype=self._out_dtype, device=self._device)
         self.context.set_tensor_address(self.input_name, chunk.data_ptr())
-        self.context.set_tensor_address(self.output_name, out.data_ptr())
+        outs = []
+        for name, dtype in zip(self.output_names, self._out_dtypes, strict=True):
+            shape = tuple(self.context.get_tensor_shape(name))
+            out = torch.empty(shape, dtype=dtype, device=self._device)
+            self.context.set_tensor_address(name, out.data_ptr())
+            outs.append(out)
         if not self.context.execute_async_v3(self.stream.cuda_stream):
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
-        return out[:n]
+        return outs[0][:n], outs[1][:n]
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = self._torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        return self.run_tensor(t.pin_memory()).cpu().numpy()
+        logits, features = self.run_tensor(t.pin_memory())
+        return logits.cpu().numpy(), features.cpu().numpy()
 
 
 def _deserialize(runtime: Any, path: Path) -> Any:

@@ -1,4 +1,7 @@
-"""torch engine: eager PyTorch, channels_last; on CUDA in half precision."""
+"""torch engine: eager PyTorch, channels_last; on CUDA in half precision.
+
+Runs ``LogitsAndFeatures(net)``: raw logits and penultimate features, returned in float32.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ class TorchEngine:
         import torch
         from safetensors.torch import load
 
-        from cxr_ray.models.factory import Probabilities, create_model
+        from cxr_ray.models.factory import LogitsAndFeatures, create_model
 
         card = payload.card
         if threads is not None:
@@ -37,24 +40,27 @@ class TorchEngine:
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         net = create_model(card.arch, num_classes=len(card.labels), pretrained=False)
         net.load_state_dict(load(payload.weights))
-        model = Probabilities(net, card.temperature).eval()
+        model = LogitsAndFeatures(net).eval()
         self.half = (self.device == "cuda") if half is None else half
         model = model.to(self.device).to(memory_format=torch.channels_last)
         self.model = model.half() if self.half else model
         self._torch = torch
 
-    def run_tensor(self, x: Any) -> Any:
-        """Score a torch tensor (already on the engine's device on the GPU-decode path)."""
+    def run_tensor(self, x: Any) -> tuple[Any, Any]:
+        """Score a torch tensor (already on the engine's device on the GPU-decode path):
+        (logits ``[N, 3]``, features ``[N, F]``), float32 tensors on the engine's device."""
         torch = self._torch
         with torch.inference_mode():
             x = x.to(self.device, non_blocking=True).contiguous(memory_format=torch.channels_last)
             if self.half:
                 x = x.half()
-            return self.model(x).float()
+            logits, features = self.model(x)
+            return logits.float(), features.float()
 
-    def __call__(self, x: np.ndarray) -> np.ndarray:
+    def __call__(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         t = self._torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
-        return self.run_tensor(t).cpu().numpy()
+        logits, features = self.run_tensor(t)
+        return logits.cpu().numpy(), features.cpu().numpy()
 
 
 def prepare(

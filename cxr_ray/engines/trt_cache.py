@@ -28,7 +28,8 @@ logger = logging.getLogger(__name__)
 
 PRECISIONS = ("fp16", "fp32", "int8")
 #: Bumped when the key's meaning changes, so old caches are rebuilt rather than trusted.
-KEY_SCHEMA = 1
+#: 2: engines output (logits, features); calibration (temperature) is no longer in the graph.
+KEY_SCHEMA = 2
 #: Builder scratch memory; MobileNet/EfficientNet-class models need far less.
 WORKSPACE_BYTES = 2 << 30
 #: Calibration batch (images per ``get_batch``): the calibration profile is fixed at it.
@@ -45,11 +46,13 @@ def builds_in_process() -> int:
 
 @dataclass(frozen=True)
 class EngineKey:
-    """Everything a serialized engine depends on. Equal keys: the cached engine is valid."""
+    """Everything a serialized engine depends on. Equal keys: the cached engine is valid.
+
+    Not the card's calibration (temperature, logit scale/bias, thresholds): the engine outputs
+    raw logits, so site-calibrated versions of one network share an engine."""
 
     weights_sha256: str
     input_size: tuple[int, int]
-    temperature: float
     onnx_sha256: str
     tensorrt: str
     gpu_name: str
@@ -70,10 +73,11 @@ class EngineKey:
         text = json.dumps(self.to_json(), sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
-    def stem(self, version: str) -> str:
+    def stem(self, engine_key: str) -> str:
+        """File name stem: ``engine_key`` (``ModelCard.engine_key``), shape, precision, profile."""
         h, w = self.input_size
         lo, opt, hi = self.profile
-        return f"{version}-{h}x{w}-{self.precision}-b{lo}-{opt}-{hi}-{self.digest[:16]}"
+        return f"{engine_key}-{h}x{w}-{self.precision}-b{lo}-{opt}-{hi}-{self.digest[:16]}"
 
     def differences(self, recorded: dict[str, Any]) -> list[str]:
         """Human-readable ``field: cached -> current`` for every field that differs."""
@@ -114,7 +118,6 @@ def make_key(
     return EngineKey(
         weights_sha256=card.weights_sha256,
         input_size=(int(h), int(w)),
-        temperature=float(card.temperature),
         onnx_sha256=sha256(onnx_bytes),
         tensorrt=tensorrt,
         gpu_name=gpu_name,
@@ -148,7 +151,7 @@ def cache_problem(plan: Path, sidecar: Path, key: EngineKey) -> str | None:
 def _log_stale_siblings(directory: Path, key: EngineKey) -> None:
     """Say why engines of the same model cached here cannot be reused (new TensorRT, GPU)."""
     mine = key.to_json()
-    model_fields = ("weights_sha256", "input_size", "temperature", "precision", "profile")
+    model_fields = ("weights_sha256", "input_size", "precision", "profile")
     for sidecar in sorted(directory.glob("*.json")):
         try:
             other = json.loads(sidecar.read_text())["key"]
@@ -176,7 +179,7 @@ def write_atomic(path: Path, data: bytes) -> None:
 def cached_engine(
     directory: Path,
     key: EngineKey,
-    version: str,
+    engine_key: str,
     build: Any,
     *,
     reject_sha256: str | None = None,
@@ -189,7 +192,7 @@ def cached_engine(
     """
     global _builds
     directory.mkdir(parents=True, exist_ok=True)
-    stem = key.stem(version)
+    stem = key.stem(engine_key)
     plan, sidecar = directory / f"{stem}.plan", directory / f"{stem}.json"
     with FileLock(str(directory / f"{stem}.lock"), timeout=_LOCK_TIMEOUT_S):
         reason = cache_problem(plan, sidecar, key)

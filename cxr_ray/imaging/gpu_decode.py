@@ -75,23 +75,23 @@ def _jpeg_header(data: bytes) -> _Header:
             return _Header(width, height, im.mode)
 
 
-def _route(data: bytes, spec: PreprocessSpec) -> str:
-    """``"gpu"`` for a JPEG nvJPEG can decode to the contract, else ``"cpu"``.
+def _route(data: bytes, spec: PreprocessSpec) -> tuple[str, _Header | None]:
+    """(``"gpu"`` for a JPEG nvJPEG can decode to the contract, else ``"cpu"``; its header).
 
     Raises ``DecodeError`` for a JPEG over the pixel limit (checked before decoding).
     """
     if spec.intensity not in GPU_INTENSITY_MODES:
-        return "cpu"
+        return "cpu", None
     if sniff_format(data) != "jpeg" or not data.rstrip(b"\x00").endswith(_EOI):
-        return "cpu"
+        return "cpu", None
     try:
         header = _jpeg_header(data)
     except Image.DecompressionBombError as exc:
         raise DecodeError(f"decompression bomb refused: {exc}") from None
     except (OSError, SyntaxError, ValueError, EOFError):
-        return "cpu"  # the CPU decoder produces the canonical error message for this row
+        return "cpu", None  # the CPU decoder produces the canonical error message for this row
     check_pixels(header.width, header.height, spec.max_pixels)
-    return "gpu" if header.mode in _GPU_MODES else "cpu"
+    return ("gpu" if header.mode in _GPU_MODES else "cpu"), header
 
 
 def _as_tensor(data: bytes) -> torch.Tensor:
@@ -153,17 +153,47 @@ def decode_batch(
     >>> errors
     [None, 'empty file (0 bytes)']
     """
+    decoded = decode_pixels(datas, spec, device)
+    return to_input(decoded.pixels), decoded.errors
+
+
+def to_input(pixels: torch.Tensor) -> torch.Tensor:
+    """``uint8 [N, 1, H, W]`` -> ``float32`` model input, bit-identical to
+    ``cxr_ray.imaging.preprocess.to_model_input``."""
+    return pixels.float() * (1.0 / 255.0)
+
+
+@dataclass(frozen=True)
+class DecodedBatch:
+    """What ``decode_pixels`` returns: the preprocessed pixels and, per row, its error message
+    (``None`` when it decoded) and original (width, height) (0, 0 when it did not)."""
+
+    pixels: torch.Tensor  # uint8 [N, 1, H, W] on the device; failed rows are zeros
+    errors: list[str | None]
+    sizes: list[tuple[int, int]]
+
+
+def decode_pixels(datas: list[bytes], spec: PreprocessSpec, device: str = "cuda") -> DecodedBatch:
+    """``decode_batch`` before the x 1/255: uint8 pixels, errors and original sizes (the
+    predictor's input statistics need all three)."""
     dev = torch.device(device)
     n = len(datas)
     pixels = torch.zeros((n, 1, spec.height, spec.width), dtype=torch.uint8, device=dev)
     errors: list[str | None] = [None] * n
+    sizes = [(0, 0)] * n
     gpu_rows: list[int] = []
     cpu_rows: list[int] = []
     for i, data in enumerate(datas):
         try:
-            (gpu_rows if _route(data, spec) == "gpu" else cpu_rows).append(i)
+            route, header = _route(data, spec)
         except DecodeError as exc:
             errors[i] = str(exc)
+            continue
+        if route == "gpu" and header is not None:
+            gpu_rows.append(i)
+            sizes[i] = (header.width, header.height)
+        else:
+            cpu_rows.append(i)
 
     decoded = _gpu_decode(datas, gpu_rows, dev)
     cpu_rows.extend(i for i in gpu_rows if i not in decoded)
@@ -178,15 +208,15 @@ def decode_batch(
 
     for i in sorted(cpu_rows):
         try:
-            arr = decode(datas[i], spec).pixels
+            d = decode(datas[i], spec)
         except DecodeError as exc:
-            errors[i] = str(exc)
+            errors[i], sizes[i] = str(exc), (0, 0)
             continue
         except Exception as exc:  # one unreadable file must not fail the whole batch
             logger.warning("row %d: unexpected decode failure", i, exc_info=True)
-            errors[i] = f"decode failed: {type(exc).__name__}: {exc}"
+            errors[i], sizes[i] = f"decode failed: {type(exc).__name__}: {exc}", (0, 0)
             continue
         # torch.tensor copies: PIL's arrays are read-only and from_numpy would warn.
-        pixels[i, 0] = torch.tensor(arr, device=dev)
-    # x (1/255) in float32, bit-identical to cxr_ray.imaging.preprocess.to_model_input.
-    return pixels.float() * (1.0 / 255.0), errors
+        pixels[i, 0] = torch.tensor(d.pixels, device=dev)
+        sizes[i] = (d.width, d.height)
+    return DecodedBatch(pixels, errors, sizes)

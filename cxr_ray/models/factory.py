@@ -53,7 +53,9 @@ class CxrNet(nn.Module):
 
 
 class Probabilities(nn.Module):
-    """``softmax(logits / temperature)``: what scoring engines run and export."""
+    """``softmax(logits / temperature)``. Scoring engines no longer run this (they output raw
+    logits; ``ModelCard.probabilities`` adds the site calibration too): kept only until
+    ``cxr-ray explain`` switches to ``card.probabilities``; do not use in new code."""
 
     def __init__(self, net: nn.Module, temperature: float = 1.0) -> None:
         super().__init__()

@@ -88,11 +88,31 @@ def split_logits(art: Artifact, split: str = "val") -> tuple[np.ndarray, np.ndar
     The images are the ones recorded in ``ARTIFACT/split.parquet``, preprocessed as scoring does;
     what the card's temperature and ECE figures were fitted and measured on.
     """
+    logits, _, labels = split_logits_and_features(art, split)
+    return logits, labels
+
+
+def split_logits_and_features(art: Artifact, split: str = "val") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(raw float64 logits ``[n, 3]``, float32 penultimate features ``[n, F]``, label indices
+    ``[n]``) of the artifact's network on one of its recorded splits.
+
+    The same network outputs scoring engines compute (``LogitsAndFeatures``), in eager torch
+    fp32 on the CPU: what a drift reference or a site calibration is fitted on.
+    """
     import torch
 
+    from cxr_ray.models.factory import LogitsAndFeatures
+
     pixels, labels = split_images(art, split)
-    net = art.build().eval()
+    model = LogitsAndFeatures(art.build()).eval()
     x = torch.from_numpy(to_model_input(pixels))
+    logits, features = [], []
     with torch.inference_mode():
-        logits = [net(x[i : i + 64]).double().numpy() for i in range(0, len(x), 64)]
-    return np.concatenate(logits), np.array([LABELS.index(v) for v in labels])
+        for i in range(0, len(x), 64):
+            lo, fe = model(x[i : i + 64])
+            logits.append(lo.double().numpy())
+            features.append(fe.float().numpy())
+    if not logits:
+        return np.zeros((0, len(LABELS))), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    y = np.array([LABELS.index(v) for v in labels])
+    return np.concatenate(logits), np.concatenate(features), y
