@@ -257,14 +257,48 @@ class ScoreSettings(_Section):
 
 
 class DriftSettings(_Section):
-    """Drift checks of every scoring run against the artifact's reference (validation split)."""
+    """Drift checks of every scoring run against the artifact's reference (validation split).
+
+    Thresholds are effect sizes, not p-values (a nightly run of thousands of images makes
+    every p-value tiny). They were set so that two random patient-grouped halves of real
+    validation images never alert and re-rendered images (``cxr_ray.data.site_shift``) do;
+    the measured margins are in ``cxr_ray.scoring.drift``'s docstring. A check alerts when
+    its figure is at or above its threshold and the run scored at least ``min_images``.
+    """
 
     #: Compare each run with the artifact's drift reference (when it has one).
     enabled: bool = True
     #: Fewer scored images than this: the figures are written, no alert is raised.
-    min_images: int = Field(default=50, ge=1)
-    #: Population stability index of P(pneumonia) at or above which the run alerts.
-    psi_alert: float = Field(default=0.25, gt=0)
+    min_images: int = Field(default=100, ge=1)
+    #: Population stability index of P(pneumonia) over the reference's deciles.
+    psi_alert: float = Field(default=0.5, gt=0)
+    #: Kolmogorov-Smirnov statistic (largest CDF gap, 0..1) of P(pneumonia).
+    ks_alert: float = Field(default=0.25, gt=0)
+    #: Population stability index of the predicted-class mix.
+    class_psi_alert: float = Field(default=0.25, gt=0)
+    #: Any input statistic (intensity percentiles, mean, spread, size, aspect): mean shift in
+    #: units of the reference's standard deviation.
+    input_shift_alert: float = Field(default=1.0, gt=0)
+    #: Any input statistic: Kolmogorov-Smirnov statistic.
+    input_ks_alert: float = Field(default=0.4, gt=0)
+    #: Any input statistic: Wasserstein-1 distance in units of the reference's std.
+    input_wasserstein_alert: float = Field(default=1.0, gt=0)
+    #: Penultimate-layer features: root-mean-square mean shift over the reference's PCA
+    #: components, each in units of the reference's std along it.
+    feature_shift_alert: float = Field(default=0.4, gt=0)
+    #: Penultimate-layer features: energy coefficient (energy distance / (2 E|X-Y|), 0..1)
+    #: between the run's sampled rows and the reference, in the standardized PCA space.
+    feature_energy_alert: float = Field(default=0.05, gt=0)
+    #: DICOM modality / manufacturer mix: total variation distance (0..1) from the
+    #: reference's mix (only where the reference has DICOM tags).
+    category_tv_alert: float = Field(default=0.3, gt=0)
+    #: Rows kept (a uniform reservoir) for the distribution checks of inputs and features;
+    #: bounds the driver's memory whatever the run's size.
+    reservoir_size: int = Field(default=2000, ge=100, le=100_000)
+    #: Reference (at training, ``cxr-ray drift-reference``): PCA components kept of the
+    #: penultimate-layer features, and the most validation images used (a seeded sample).
+    reference_components: int = Field(default=16, ge=1, le=256)
+    reference_max_images: int = Field(default=2000, ge=10)
 
 
 _DICOM_DATE_RANGE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")

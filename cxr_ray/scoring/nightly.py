@@ -6,8 +6,9 @@
 One run: take the lease of (root, model version) -> score only the images the model version
 has not scored (``ledger.PredictionsSeen``, checked block by block inside the decode tasks)
 into ROOT/runs/<run_id>/ -> commit the new rows to ROOT/predictions in one atomic commit
-(``ledger.commit_new``) -> add the run's metrics to ROOT/metrics_history -> hand the lease
-back. What overlapping runs do:
+(``ledger.commit_new``) -> add the run's metrics to ROOT/metrics_history and its drift
+figures (``drift.parquet``: one row per check) to ROOT/drift_history -> hand the lease back.
+What overlapping runs do:
 
 - A run that finds another live run on the same root and model version waits for it
   (``on_busy="wait"``, up to ``max_wait_s``) and then scores what is still new (usually
@@ -35,9 +36,13 @@ from cxr_ray.io import storage, tables, uris
 from cxr_ray.io.lease import Lease, LeaseInfo
 from cxr_ray.models.artifact import Artifact, load_artifact
 from cxr_ray.scoring import ledger
-from cxr_ray.scoring.pipeline import ScoreResult, format_summary, new_run_id, score
+from cxr_ray.scoring.drift import DRIFT_SCHEMA
+from cxr_ray.scoring.pipeline import ScoreResult, drift_line, format_summary, new_run_id, score
 
 logger = logging.getLogger(__name__)
+
+#: ROOT/drift_history: the drift figures of every nightly run that scored images.
+DRIFT_HISTORY = "drift_history"
 
 
 @dataclass(frozen=True)
@@ -233,6 +238,9 @@ def _score_and_commit(
     metrics_uri = storage.join(out, "metrics.parquet")
     if storage.exists(metrics_uri):
         ledger.append_metrics(root, storage.read_table(metrics_uri), storage_options=so)
+    drift_uri = storage.join(out, "drift.parquet")
+    if sr.ok and storage.exists(drift_uri):
+        append_drift(root, storage.read_table(drift_uri), storage_options=so)
     studies_uri = storage.join(out, "studies.parquet")
     if commit.added and storage.exists(studies_uri):  # the studies of the images this run added
         ledger.append_studies(root, storage.read_table(studies_uri), storage_options=so)
@@ -247,6 +255,15 @@ def _score_and_commit(
         commit.version,
         commit.attempts,
     )
+
+
+def append_drift(root: str, drift: pa.Table, *, storage_options: Mapping[str, str] | None = None) -> None:
+    """Add a run's drift rows to ROOT/drift_history (created on first use)."""
+    uri = storage.join(root, DRIFT_HISTORY)
+    tables.ensure_table(
+        uri, DRIFT_SCHEMA, description="cxr-ray drift checks per nightly run", storage_options=storage_options
+    )
+    tables.append(uri, drift.cast(DRIFT_SCHEMA), storage_options=storage_options)
 
 
 def format_nightly(r: NightlyResult) -> str:
@@ -270,5 +287,8 @@ def format_nightly(r: NightlyResult) -> str:
         lines.append(f"waited {r.waited_s:.0f} s for another run on this root")
     if r.score is not None:
         lines.extend(format_summary(r.score).splitlines()[1:2])
+        drift = drift_line(r.score.drift) if r.score.ok else None
+        if drift is not None:
+            lines.append(drift)
         lines.extend(ln for ln in format_summary(r.score).splitlines() if ln.startswith("  error:"))
     return "\n".join(lines)

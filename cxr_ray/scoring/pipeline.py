@@ -9,13 +9,14 @@ Everything streams: blocks hold at most ``data.rows_per_block`` images and Ray D
 backpressure bounds what is in flight, so memory does not grow with the archive. The driver
 writes one row per input image (errors included) to ``predictions.parquet`` as blocks
 arrive and commits it atomically at the end, then writes ``metrics.parquet``,
-``confusion.parquet``, ``studies.parquet`` (one row per study) and ``summary.json`` (the
-run's completion marker, written last).
+``confusion.parquet``, ``studies.parquet`` (one row per study), the drift check against the
+artifact's reference (``drift.parquet``, ``drift_plot.json``; ``cxr_ray.scoring.drift``) and
+``summary.json`` (the run's completion marker, written last).
 
 Output folder::
 
     OUT/predictions.parquet  OUT/studies.parquet  OUT/metrics.parquet  OUT/confusion.parquet
-    OUT/summary.json
+    OUT/drift.parquet  OUT/drift_plot.json  OUT/summary.json
 """
 
 from __future__ import annotations
@@ -34,15 +35,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxr_ray import metrics
-from cxr_ray.config import ScoreSettings, Settings
+from cxr_ray.config import DriftSettings, ScoreSettings, Settings
 from cxr_ray.data.manifest import source_dataset
 from cxr_ray.engines import EnginePayload, PrepareReport, engine_options, prepare, select_engine
-from cxr_ray.errors import DataError
+from cxr_ray.errors import DataError, ModelError
 from cxr_ray.imaging.preprocess import PreprocessSpec
 from cxr_ray.io import storage
 from cxr_ray.labels import LABELS
 from cxr_ray.models.artifact import Artifact, load_artifact
 from cxr_ray.models.card import ModelCard, spec_for
+from cxr_ray.models.reference import read_reference
+from cxr_ray.scoring.drift import DriftAccumulator
 from cxr_ray.scoring.pseudonymize import pseudonymize_table
 from cxr_ray.scoring.schema import PREDICTIONS_SCHEMA
 from cxr_ray.scoring.stages import CxrPredictor, SeenFilter, decode_stage
@@ -89,6 +92,10 @@ class ScoreResult:
     #: The same metrics per study (labelled studies only), when labels exist.
     study_metrics: dict[str, float] = field(default_factory=dict)
     error_examples: list[dict[str, str]] = field(default_factory=list)
+    #: The drift check against the artifact's reference: ``status`` (``checked``,
+    #: ``no_reference``, ``disabled``, ``error``), ``alert`` and the key figures
+    #: (``DriftFigures.summary``); every figure is in ``drift.parquet``.
+    drift: dict[str, Any] = field(default_factory=dict)
 
     @property
     def images_per_s(self) -> float:
@@ -374,6 +381,7 @@ def score(
     )
     ds = build_dataset(source, art, plan, settings, out_dir=out, seen=seen)
     acc = _Accumulator(result)
+    drift, result.drift = drift_accumulator(art, settings.drift)
     storage.ensure_dir(out)
     with storage.atomic_parquet_writer(storage.join(out, "predictions.parquet"), PREDICTIONS_SCHEMA) as w:
         for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -381,6 +389,8 @@ def score(
                 continue
             if not result.first_row_seconds:
                 result.first_row_seconds = time.perf_counter() - started
+            if drift is not None:  # before the internal columns (features, input_stats) go
+                drift.add(block)
             table = _with_run_columns(block, version=card.version, run_id=run_id)
             if key is not None:  # research export: identifiers never reach the table
                 table = pseudonymize_table(table, key)
@@ -404,8 +414,68 @@ def score(
         storage.write_table(ct, storage.join(out, "confusion.parquet"))
         if history:
             storage.append_table(mt, history)
+    if drift is not None:
+        result.drift = write_drift(out, drift, run_id=run_id, model_version=card.version)
     storage.write_bytes(result.to_json().encode(), summary_uri)
     return result
+
+
+def drift_accumulator(
+    art: Artifact, settings: DriftSettings
+) -> tuple[DriftAccumulator | None, dict[str, Any]]:
+    """The run's drift accumulator (``None`` when there is nothing to compare with) and the
+    ``drift`` entry of the summary until the check has run."""
+    if not settings.enabled:
+        return None, {"status": "disabled", "alert": False}
+    if art.reference is None:
+        logger.info("drift: no reference in this artifact (add one with `cxr-ray drift-reference`)")
+        return None, {"status": "no_reference", "alert": False}
+    try:
+        return DriftAccumulator(read_reference(art.reference), art.card, settings), {}
+    except ModelError as exc:  # the scoring run goes on; the check says why it did not run
+        logger.warning("drift: the artifact's reference cannot be used: %s", exc)
+        return None, {"status": "error", "alert": False, "note": str(exc)}
+
+
+def write_drift(out: str, drift: DriftAccumulator, *, run_id: str, model_version: str) -> dict[str, Any]:
+    """``OUT/drift.parquet`` (one row per figure), ``OUT/drift_plot.json`` (what the report's
+    plots need) and the summary's ``drift`` entry; one warning line when the run alerts."""
+    figures = drift.figures()
+    storage.write_table(
+        figures.table(run_id=run_id, model_version=model_version), storage.join(out, "drift.parquet")
+    )
+    plot = {"run_id": run_id, "model_version": model_version, **figures.plot}
+    storage.write_bytes(json.dumps(plot).encode(), storage.join(out, "drift_plot.json"))
+    summary = figures.summary()
+    if summary["alert"]:
+        logger.warning(drift_line(summary))
+    return summary
+
+
+def drift_line(d: dict[str, Any]) -> str | None:
+    """The one summary line about drift (``None`` when the check was turned off)."""
+    status = d.get("status")
+    if status == "no_reference":
+        return "drift: no reference in this artifact"
+    if status == "error":
+        return f"drift: not checked ({d.get('note')})"
+    if status != "checked":
+        return None
+    figures = f"P(pneumonia) PSI {_fig(d.get('p_pneumonia_psi'))}, KS {_fig(d.get('p_pneumonia_ks'))}"
+    if d.get("feature_pca_mean_shift") is not None:
+        figures += f", feature shift {_fig(d.get('feature_pca_mean_shift'))}"
+    if d.get("input_max_mean_shift") is not None:
+        figures += f", largest input shift {_fig(d.get('input_max_mean_shift'))}"
+    against = f"{d['n_images']} images vs {d['reference_n']} validation images"
+    if d.get("alert"):
+        alerts = d.get("alerts") or []
+        shown = ", ".join(alerts[:4]) + (f" (+{len(alerts) - 4} more)" if len(alerts) > 4 else "")
+        return f"DRIFT ALERT: {against} differ in {shown} ({figures}); see drift.parquet"
+    return f"drift: no alert ({against}; {figures})"
+
+
+def _fig(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):.3f}"
 
 
 def write_studies(out: str, card: ModelCard, run_id: str) -> pa.Table:
@@ -432,8 +502,12 @@ def format_summary(r: ScoreResult) -> str:
         f"{r.studies} studies, {r.flagged_studies} flagged",
         f"{r.images_per_s:.1f} img/s over {r.seconds:.1f} s (first rows after {r.first_row_seconds:.1f} s)",
         f"outputs: {storage.join(r.out, 'predictions.parquet')}, studies.parquet"
-        + (", metrics.parquet, confusion.parquet" if r.metrics else ""),
+        + (", metrics.parquet, confusion.parquet" if r.metrics else "")
+        + (", drift.parquet" if r.drift.get("status") == "checked" else ""),
     ]
+    drift = drift_line(r.drift)
+    if drift is not None:
+        lines.append(drift)
     if r.int8_check:
         c = r.int8_check
         lines.append(

@@ -2,11 +2,13 @@
 
 Writes the weights and card (``cxr_ray.models.artifact``), ``val_metrics.parquet`` (per-class
 precision/recall/F1/support/AUROC, confusion matrix cells, calibration) and
-``training_curve.png``. Temperature and the pneumonia threshold are fitted on validation.
+``training_curve.png``. Temperature and the pneumonia threshold are fitted on validation, and
+the drift reference (``cxr_ray.models.reference``) is built from the validation images.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -20,9 +22,10 @@ from cxr_ray.calibration import fit_temperature, nll, softmax, threshold_for_sen
 from cxr_ray.config import Settings
 from cxr_ray.io import storage
 from cxr_ray.labels import LABELS
-from cxr_ray.models.artifact import card_for, save_artifact
+from cxr_ray.models.artifact import Artifact, card_for, save_artifact, weights_bytes
 from cxr_ray.models.card import ModelCard
 from cxr_ray.models.factory import create_model
+from cxr_ray.models.reference import build_reference
 from cxr_ray.training.checkpoint import load_state
 
 if TYPE_CHECKING:
@@ -92,11 +95,15 @@ def write_artifact(
     out: str,
     training_info: dict[str, Any],
     history: list[dict[str, Any]],
+    *,
+    split: pa.Table | None = None,
 ) -> ModelCard:
     """Build the artifact at ``out`` from the best checkpoint the trainer wrote.
 
     ``history`` is the full per-epoch history (what the training function returned); the
-    best checkpoint's own history ends at its epoch.
+    best checkpoint's own history ends at its epoch. ``split`` (the table that becomes
+    ``split.parquet``) gives the validation images the drift reference is built from; without
+    it, or when it cannot be built, the artifact has none (``cxr-ray drift-reference`` adds it).
     """
     state = load_state(checkpoint_dir)
     arch = settings.model.arch
@@ -136,7 +143,13 @@ def write_artifact(
             "nll_after_temperature": nlls[1],
         },
     )
-    card = save_artifact(net, card, out)
+    data = weights_bytes(net)
+    reference = None
+    if split is not None:
+        reference = drift_reference(
+            Artifact(out, card.model_copy(update={"weights_sha256": _sha(data)}), data), split, settings
+        )
+    card = save_artifact(data, card, out, reference=reference)
     storage.write_table(
         val_metrics_table(before, after, temperature, nlls), storage.join(out, "val_metrics.parquet")
     )
@@ -146,6 +159,28 @@ def write_artifact(
     storage.write_bytes(card_md.render(card, y, probs).encode(), storage.join(out, "model_card.md"))
     logger.info("artifact %s written to %s", card.version, out)
     return card
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def drift_reference(art: Artifact, split: pa.Table, settings: Settings) -> bytes | None:
+    """The drift reference from the validation rows of ``split`` (``None``, with a warning, when
+    the images cannot be read: training is not lost for it)."""
+    from cxr_ray.errors import ModelError
+
+    try:
+        return build_reference(
+            art,
+            split=split,
+            data=settings.data,
+            components=settings.drift.reference_components,
+            max_images=settings.drift.reference_max_images,
+        )
+    except ModelError as exc:
+        logger.warning("no drift reference in the artifact: %s (add one with `cxr-ray drift-reference`)", exc)
+        return None
 
 
 def training_info(settings: Settings, data: Any, run_name: str, seconds: float) -> dict[str, Any]:

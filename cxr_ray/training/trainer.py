@@ -187,6 +187,6 @@ def train(settings: Settings, source: str, out: str) -> ModelCard:
         raise RuntimeError(f"training run {run_name} returned no history (is RAY_TRAIN_V2_ENABLED=0?)")
     info = finalize.training_info(settings, data, run_name, time.time() - started) | {"source": source}
     with best.as_directory() as d:
-        card = finalize.write_artifact(d, settings, out, info, history)
+        card = finalize.write_artifact(d, settings, out, info, history, split=data.table)
     storage.write_table(data.table, storage.join(out, "split.parquet"))  # which images trained/validated
     return card

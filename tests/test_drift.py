@@ -1,0 +1,332 @@
+"""Drift: the reference stored in the artifact, and the check every scoring run makes (real images).
+
+The artifact is a MobileNetV2 with its ImageNet backbone (when the weights are on this machine)
+and a random head, at 64 px to keep the default tier fast; its ``split.parquet`` names 150 real
+Kermany images of one set of patients as validation. "Other" images are of other patients;
+"shifted" ones are those re-rendered as another site would (``render_site``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from click.testing import CliRunner
+
+from cxr_ray.cli import main
+from cxr_ray.config import DriftSettings, load_settings
+from cxr_ray.data.site_shift import render_site
+from cxr_ray.errors import ModelError
+from cxr_ray.imaging.preprocess import decode
+from cxr_ray.imaging.stats import INPUT_STATS, input_stats
+from cxr_ray.io import storage
+from cxr_ray.labels import LABELS, NORMAL, parse_kermany_path
+from cxr_ray.models.artifact import load_artifact, save_artifact
+from cxr_ray.models.card import spec_for
+from cxr_ray.models.reference import build_reference, network_outputs, read_reference, reference_from_arrays
+from cxr_ray.reporting.drift_section import drift_section
+from cxr_ray.scoring.drift import DRIFT_SCHEMA, DriftAccumulator
+from cxr_ray.scoring.pipeline import format_summary, score
+from tests.conftest import make_artifact
+
+N_VAL, N_OTHER = 150, 120
+
+
+@pytest.fixture(scope="module")
+def images(kermany224) -> dict[str, list[Path]]:
+    """Real images of two disjoint sets of patients (``val``: 150, ``other``: 120)."""
+    by_patient: dict[str, list[Path]] = defaultdict(list)
+    for f in sorted((kermany224 / "train").glob("*/*.jpeg")):
+        by_patient[parse_kermany_path(str(f)).patient_id or f.name].append(f)
+    patients = sorted(by_patient)
+    np.random.default_rng(0).shuffle(patients)
+    out: dict[str, list[Path]] = {"val": [], "other": []}
+    for p in patients:
+        key = "val" if len(out["val"]) < N_VAL else "other"
+        if key == "other" and len(out["other"]) >= N_OTHER:
+            break
+        out[key] += by_patient[p]
+    out["val"], out["other"] = out["val"][:N_VAL], out["other"][:N_OTHER]
+    return out
+
+
+def _folder(root: Path, files: list[Path], *, shift: bool = False) -> Path:
+    """The files in the Kermany layout (labels in names); ``shift``: re-rendered copies."""
+    for i, f in enumerate(files):
+        dest = root / f.parent.name / f.name
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        if shift:
+            dest.write_bytes(render_site(f.read_bytes(), seed=i))
+        else:
+            shutil.copyfile(f, dest)
+    return root
+
+
+@pytest.fixture(scope="module")
+def folders(images, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("drift-images")
+    return {
+        "val": _folder(root / "val", images["val"]),
+        "other": _folder(root / "other", images["other"]),
+        "shifted": _folder(root / "shifted", images["other"], shift=True),
+    }
+
+
+def _split_table(files: list[Path]) -> pa.Table:
+    return pa.table(
+        {
+            "uri": [str(f) for f in files],
+            "label": [parse_kermany_path(str(f)).label for f in files],
+            "split": ["val"] * len(files),
+        }
+    )
+
+
+@pytest.fixture(scope="module")
+def artifact(images, tmp_path_factory) -> Path:
+    """A 64 px artifact whose split.parquet lists the ``val`` images, with its drift reference."""
+    path = make_artifact(tmp_path_factory.mktemp("drift-artifact") / "model", input_size=64)
+    storage.write_table(_split_table(images["val"]), str(path / "split.parquet"))
+    art = load_artifact(str(path))
+    save_artifact(art.weights, art.card, str(path), reference=build_reference(art))
+    return path
+
+
+def _predictor_block(art, folder: Path) -> pa.Table:
+    """What the scoring predictor outputs for ``folder`` (ok rows with probabilities, predicted
+    class, and the internal ``input_stats`` / ``features`` columns), built without Ray."""
+    spec = spec_for(art.card)
+    files = sorted(folder.glob("*/*.jpeg"))
+    decoded = [decode(f.read_bytes(), spec, f.name) for f in files]
+    px = np.stack([d.pixels for d in decoded])
+    stats = input_stats(px, np.array([d.width for d in decoded]), np.array([d.height for d in decoded]))
+    logits, feats = network_outputs(art, px)
+    probs = art.card.probabilities(logits)
+    return pa.table(
+        {
+            "status": ["ok"] * len(files),
+            "prob_pneumonia": (1 - probs[:, LABELS.index(NORMAL)]).astype(np.float32),
+            "pred_label": [LABELS[i] for i in probs.argmax(1)],
+            "input_stats": pa.FixedShapeTensorArray.from_numpy_ndarray(stats.astype(np.float32)),
+            "features": pa.FixedShapeTensorArray.from_numpy_ndarray(feats.astype(np.float32)),
+        }
+    )
+
+
+def _check(art, block: pa.Table, settings: DriftSettings | None = None):
+    acc = DriftAccumulator(read_reference(art.reference), art.card, settings or DriftSettings())
+    for i in range(0, block.num_rows, 40):  # block by block, as the driver sees them
+        acc.add(block.slice(i, 40))
+    return acc.figures()
+
+
+def _figure(figures, check: str, statistic: str) -> float:
+    return next(r["value"] for r in figures.rows if r["check"] == check and r["statistic"] == statistic)
+
+
+# -- the reference --------------------------------------------------------------------------
+
+
+def test_reference_round_trips_through_the_artifact_and_a_tampered_one_is_refused(artifact, tmp_path):
+    art = load_artifact(str(artifact))
+    assert art.card.drift_reference_file == "drift_reference.safetensors"
+    ref = read_reference(art.reference)
+    assert ref.n == N_VAL and ref.logits.shape == (N_VAL, 3)
+    assert ref.input_stats.shape == (N_VAL, len(INPUT_STATS))
+    assert ref.meta["modality_mix"] is None  # JPEG validation images carry no DICOM tags
+    k, f = ref.pca_components.shape
+    assert k == 16 and f == ref.feature_mean.shape[0] == 1280
+    assert np.allclose(ref.pca_components @ ref.pca_components.T, np.eye(k), atol=1e-4)
+    # The stored projections are the reference's own features in its basis.
+    assert np.allclose(ref.pca_scores.std(0), ref.pca_std, rtol=1e-3)
+    # Recomputed under the card's calibration, not frozen at build time.
+    hotter = art.card.model_copy(update={"temperature": 5.0})
+    assert not np.allclose(ref.p_pneumonia(hotter), ref.p_pneumonia(art.card))
+    assert (art.uri, art.reference) == (
+        str(artifact),
+        (artifact / "drift_reference.safetensors").read_bytes(),
+    )
+
+    bad = tmp_path / "tampered"
+    shutil.copytree(artifact, bad)
+    blob = bytearray((bad / "drift_reference.safetensors").read_bytes())
+    blob[-10] ^= 0xFF
+    (bad / "drift_reference.safetensors").write_bytes(bytes(blob))
+    with pytest.raises(ModelError, match=r"drift reference .* does not match the model card"):
+        load_artifact(str(bad))
+    with pytest.raises(ModelError, match="not a safetensors file"):
+        read_reference(b"junk")
+
+
+# -- the check, on what the predictor outputs -----------------------------------------------
+
+
+def test_check_on_real_images(artifact, folders):
+    """Own validation images: every figure ~0; other patients: no alert; re-rendered: inputs
+    and features alert."""
+    art = load_artifact(str(artifact))
+    own = _check(art, _predictor_block(art, folders["val"]))
+    assert not own.alert and own.n_images == N_VAL
+    assert _figure(own, "p_pneumonia", "ks") < 0.02
+    assert _figure(own, "features", "pca_mean_shift") < 0.01
+    assert _figure(own, "input:intensity_mean", "mean_shift") < 1e-4
+
+    other = _check(art, _predictor_block(art, folders["other"]))
+    assert not other.alert, other.alerts()
+    assert other.n_images == N_OTHER
+
+    shifted_block = _predictor_block(art, folders["shifted"])
+    shifted = _check(art, shifted_block)
+    assert shifted.alert
+    alerts = shifted.alerts()
+    assert any(a.startswith("input:") for a in alerts), alerts
+    assert any(a.startswith("features") for a in alerts), alerts
+    # Below min_images nothing alerts, the figures are still there.
+    few = _check(art, shifted_block, DriftSettings(min_images=N_OTHER + 1))
+    assert not few.alert and _figure(few, "features", "pca_mean_shift") == _figure(
+        shifted, "features", "pca_mean_shift"
+    )
+
+
+def test_accumulator_memory_is_bounded():
+    rng = np.random.default_rng(0)
+    n_ref, f = 300, 32
+    ref = read_reference(
+        reference_from_arrays(
+            _card(),
+            rng.normal(size=(n_ref, 3)),
+            rng.normal(100, 10, size=(n_ref, len(INPUT_STATS))),
+            rng.normal(size=(n_ref, f)),
+            components=8,
+        )
+    )
+    settings = DriftSettings(reservoir_size=200)
+    acc = DriftAccumulator(ref, _card(), settings)
+    before = acc.nbytes()
+    for b in range(60):  # 60 blocks of 500 rows
+        stats = rng.normal(100, 10, size=(500, len(INPUT_STATS)))
+        stats[:, 0] = b * 500 + np.arange(500)  # a row counter, to check the reservoir is uniform
+        acc.add(
+            pa.table(
+                {
+                    "status": ["ok"] * 499 + ["error"],
+                    "prob_pneumonia": rng.uniform(size=500).astype(np.float32),
+                    "pred_label": rng.choice(LABELS, size=500).tolist(),
+                    "input_stats": pa.FixedShapeTensorArray.from_numpy_ndarray(stats.astype(np.float32)),
+                    "features": pa.FixedShapeTensorArray.from_numpy_ndarray(
+                        rng.normal(size=(500, f)).astype(np.float32)
+                    ),
+                }
+            )
+        )
+    assert acc.n == 29_940
+    assert acc.nbytes() == before  # nothing grew with the rows
+    assert acc.reservoir.shape == (200, len(INPUT_STATS) + 8)
+    kept = acc.reservoir[:, 0]
+    assert 11_000 < np.median(kept) < 19_000  # drawn from the whole run, not its first rows
+    figures = acc.figures()
+    assert {r["n_images"] for r in figures.rows} == {29_940}
+    assert figures.table(run_id="r", model_version="m").schema == DRIFT_SCHEMA
+
+
+def _card():
+    from cxr_ray.models.card import ModelCard
+
+    return ModelCard(
+        arch="mobilenet_v2", mean=(0.5,) * 3, std=(0.2,) * 3, target_layer="x", weights_sha256="0" * 64
+    )
+
+
+# -- every scoring run ----------------------------------------------------------------------
+
+
+def _settings(tmp_path: Path):
+    return load_settings(None, {"score": {"cache_dir": str(tmp_path / "cache")}})
+
+
+def test_scoring_shifted_images_alerts(ray_local, artifact, folders, tmp_path, caplog):
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="cxr_ray.scoring.pipeline"):
+        r = score(str(folders["shifted"]), str(artifact), str(out), _settings(tmp_path))
+    assert r.images == r.ok == N_OTHER
+    assert r.drift["status"] == "checked" and r.drift["alert"] is True
+    drift = storage.read_table(str(out / "drift.parquet"))
+    assert drift.schema == DRIFT_SCHEMA
+    rows = drift.to_pylist()
+    assert {x["run_id"] for x in rows} == {r.run_id} and {x["n_images"] for x in rows} == {N_OTHER}
+    alerting = {x["check"] for x in rows if x["alert"]}
+    assert any(c.startswith("input:") for c in alerting) and "features" in alerting, alerting
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["drift"]["alert"] is True and summary["drift"]["alerts"]
+    text = format_summary(r)
+    assert sum("DRIFT ALERT" in line for line in text.splitlines()) == 1
+    warnings = [rec for rec in caplog.records if "DRIFT ALERT" in rec.getMessage()]
+    assert len(warnings) == 1
+    section = drift_section(str(out))
+    assert "DRIFT ALERT" in section and section.count("data:image/png;base64,") == 3
+    assert "http" not in section  # self-contained
+
+
+@pytest.mark.slow
+def test_scoring_own_validation_images_does_not_alert(ray_local, artifact, folders, tmp_path, caplog):
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING, logger="cxr_ray.scoring.pipeline"):
+        r = score(str(folders["val"]), str(artifact), str(out), _settings(tmp_path))
+    assert r.ok == N_VAL
+    assert r.drift["status"] == "checked" and r.drift["alert"] is False, r.drift
+    # The engine (onnxruntime) and the reference (torch) see the same inputs and features.
+    assert r.drift["feature_pca_mean_shift"] < 0.01 and r.drift["input_max_mean_shift"] < 1e-3
+    assert not any("DRIFT" in rec.getMessage() for rec in caplog.records)
+    assert "drift: no alert" in format_summary(r)
+    assert "No drift alert" in drift_section(str(out))
+
+
+@pytest.mark.slow
+def test_scoring_other_patients_does_not_alert(ray_local, artifact, folders, tmp_path):
+    r = score(str(folders["other"]), str(artifact), str(tmp_path / "out"), _settings(tmp_path))
+    assert r.ok == N_OTHER and r.drift["alert"] is False, r.drift
+
+
+def test_an_artifact_without_reference_scores_and_says_so(ray_local, tiny_artifact, images, tmp_path):
+    folder = _folder(tmp_path / "in", images["val"][:12])
+    out = tmp_path / "out"
+    r = score(str(folder), str(tiny_artifact), str(out), _settings(tmp_path))
+    assert r.ok == 12
+    assert r.drift == {"status": "no_reference", "alert": False}
+    assert not (out / "drift.parquet").exists()
+    assert "drift: no reference in this artifact" in format_summary(r).splitlines()
+    assert drift_section(str(out)) == ""
+
+
+def test_drift_reference_command_adds_a_reference_to_a_copy(images, tmp_path):
+    old = make_artifact(tmp_path / "old", input_size=64)
+    storage.write_table(_split_table(images["val"][:40]), str(old / "split.parquet"))
+    assert load_artifact(str(old)).reference is None
+    res = CliRunner().invoke(main, ["drift-reference", "--model", str(old), "--out", str(tmp_path / "new")])
+    assert res.exit_code == 0, res.output
+    assert "from 40 validation images" in res.output
+    new = load_artifact(str(tmp_path / "new"))
+    assert read_reference(new.reference).n == 40
+    assert new.card.version == load_artifact(str(old)).card.version
+    assert (tmp_path / "new" / "split.parquet").exists()
+    assert load_artifact(str(old)).reference is None  # the original is untouched
+
+
+def test_nightly_appends_the_drift_rows_to_the_history(ray_local, artifact, images, tmp_path):
+    from cxr_ray.io import tables
+    from cxr_ray.scoring.nightly import DRIFT_HISTORY, format_nightly, run_nightly
+
+    folder = _folder(tmp_path / "in", images["val"][:12])
+    r = run_nightly(str(folder), str(artifact), str(tmp_path / "root"), _settings(tmp_path))
+    assert r.score is not None and r.score.ok == 12
+    hist = tables.read(tables.open_table(str(tmp_path / "root" / DRIFT_HISTORY)))
+    assert hist.num_rows > 0 and set(hist["run_id"].to_pylist()) == {r.run_id}
+    # 12 images: the figures are recorded, below min_images nothing alerts.
+    assert not any(hist["alert"].to_pylist()) and set(hist["n_images"].to_pylist()) == {12}
+    assert "drift: no alert (12 images vs 150 validation images" in format_nightly(r)
