@@ -200,8 +200,27 @@ def test_pixel_stats_equal_the_input_statistics_contract(kermany224):
     ]
     for pixels in cases:
         sizes = rng.integers(1, 3000, (len(pixels), 2))
-        expected = input_stats(pixels, sizes[:, 0], sizes[:, 1])
-        np.testing.assert_array_equal(pixel_stats(pixels, sizes), expected)
+        # The contract's definition: np.percentile (linear), mean, population std, size, aspect.
+        flat = pixels.reshape(len(pixels), -1).astype(np.float64)
+        expected = np.column_stack(
+            [
+                np.percentile(flat, [5, 25, 50, 75, 95], axis=1).T,
+                flat.mean(axis=1),
+                flat.std(axis=1),
+                sizes[:, 0],
+                sizes[:, 1],
+                sizes[:, 0] / sizes[:, 1],
+            ]
+        ).astype(np.float32)
+        assert INPUT_STATS[:7] == tuple(
+            f"intensity_{k}" for k in ("p05", "p25", "p50", "p75", "p95", "mean", "std")
+        )
+        np.testing.assert_allclose(
+            input_stats(pixels, sizes[:, 0], sizes[:, 1]), expected, rtol=1e-6, atol=1e-4
+        )
+        np.testing.assert_array_equal(
+            pixel_stats(pixels, sizes), input_stats(pixels, sizes[:, 0], sizes[:, 1])
+        )
     assert pixel_stats(real[:0], np.zeros((0, 2))).shape == (0, len(INPUT_STATS))
 
 

