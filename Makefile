@@ -27,11 +27,11 @@ lint: setup
 
 # The README's test command: lint, types, then the default test tier (and the slow tier).
 test: lint
-	$(BIN)/pytest -m "not slow" -q --durations=15
+	$(BIN)/pytest -m "not slow" -q --durations=40
 	$(BIN)/pytest -m slow -q --durations=10 || [ $$? -eq 5 ]
 
 test-fast: lint
-	$(BIN)/pytest -m "not slow" -q --durations=15
+	$(BIN)/pytest -m "not slow" -q --durations=40
 
 # Real Kermany images when they are there (a few-minute fine-tune), a synthetic sample otherwise.
 DEMO_DATA ?= ../shared/data/kermany224

@@ -78,11 +78,15 @@ def evaluate(artifact: str, tta: bool = False, limit: int | None = None) -> list
                 im = ImageOps.equalize(im)
             pix.append(np.asarray(im, dtype=np.uint8))
         x = to_model_input(np.stack(pix))
-        probs = np.concatenate([engine(x[i : i + 128]) for i in range(0, len(x), 128)])
+        probs = np.concatenate(
+            [art.card.probabilities(engine(x[i : i + 128])[0]) for i in range(0, len(x), 128)]
+        )
         if tta:  # small shifts of the same image, averaged
             for dx in (-6, 6):
                 xs = np.roll(x, dx, axis=3)
-                probs += np.concatenate([engine(xs[i : i + 128]) for i in range(0, len(xs), 128)])
+                probs += np.concatenate(
+                    [art.card.probabilities(engine(xs[i : i + 128])[0]) for i in range(0, len(xs), 128)]
+                )
             probs /= 3
         out.append((name, metrics.classification_metrics(y, probs, threshold=art.card.pneumonia_threshold)))
     return out

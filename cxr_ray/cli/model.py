@@ -75,7 +75,9 @@ def export_cmd(ctx: click.Context, artifact: str, fmt: str, out: str | None) -> 
     """Build the artifact's ONNX model or TensorRT engine ahead of time.
 
     ONNX: a single-file model with a dynamic batch axis (input "pixels" float32
-    [N,1,H,W] in 0..1, output "probs" [N,3], softmax and temperature included).
+    [N,1,H,W] in 0..1; outputs "logits" [N,3], raw, and "features" [N,F], the penultimate
+    layer). The card's calibration (temperature, per-class scale and bias) is applied to the
+    logits outside the graph: ModelCard.probabilities / cxr_ray.calibration.calibrated_probs.
     TensorRT: an engine for this machine's GPU and TensorRT version, cached under
     score.cache_dir so scoring actors on this node load it instead of building it.
     """
@@ -134,7 +136,6 @@ def explain(ctx: click.Context, images: tuple[str, ...], artifact: str, out: str
     from cxr_ray.io import storage
     from cxr_ray.labels import LABELS
     from cxr_ray.models.card import spec_for
-    from cxr_ray.models.factory import Probabilities
     from cxr_ray.scoring.explain import gradcam, overlay_png
 
     s = settings_from(ctx, {})
@@ -149,7 +150,7 @@ def explain(ctx: click.Context, images: tuple[str, ...], artifact: str, out: str
             continue
         x = torch.from_numpy(to_model_input(pixels[None]))
         with torch.inference_mode():
-            probs = Probabilities(net, art.card.temperature)(x)[0].numpy()
+            probs = art.card.probabilities(net(x).double().numpy())[0]
         cls = None if target == "predicted" else np.array([LABELS.index(target)])
         heat, used = gradcam(net, x, art.card.target_layer, cls)
         dest = storage.join(out, Path(path).name.rsplit(".", 1)[0] + ".png")

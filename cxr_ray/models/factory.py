@@ -52,20 +52,6 @@ class CxrNet(nn.Module):
         return self.backbone((x - self.mean) / self.std)
 
 
-class Probabilities(nn.Module):
-    """``softmax(logits / temperature)``. Scoring engines no longer run this (they output raw
-    logits; ``ModelCard.probabilities`` adds the site calibration too): kept only until
-    ``cxr-ray explain`` switches to ``card.probabilities``; do not use in new code."""
-
-    def __init__(self, net: nn.Module, temperature: float = 1.0) -> None:
-        super().__init__()
-        self.net = net
-        self.register_buffer("inv_temperature", torch.tensor(1.0 / temperature))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.net(x) * self.inv_temperature, dim=1)
-
-
 class LogitsAndFeatures(nn.Module):
     """``x -> (logits [N, classes], features [N, F])``: raw logits and the penultimate-layer
     features (the input of the final linear layer). What scoring engines export and run;

@@ -49,6 +49,8 @@ METRICS_HISTORY = "metrics_history"
 #: The per-study rows of each run (``cxr_ray.scoring.studies``).
 STUDIES = "studies"
 LEASES = "leases"
+#: The drift figures of every nightly run (``nightly.append_drift``).
+DRIFT_HISTORY = "drift_history"
 RUNS = "runs"
 PARTITION_BY = ["model_version"]
 #: Ids per lookup query (an ``IN`` list); larger blocks are split.
@@ -254,7 +256,7 @@ def append_studies(root: str, studies: pa.Table, *, storage_options: tables.Stor
     tables.append(uri, studies, storage_options=storage_options)
 
 
-TABLE_NAMES = (PREDICTIONS, METRICS_HISTORY, STUDIES, LEASES)
+TABLE_NAMES = (PREDICTIONS, METRICS_HISTORY, STUDIES, DRIFT_HISTORY, LEASES)
 
 
 @dataclass

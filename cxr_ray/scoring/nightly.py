@@ -42,7 +42,7 @@ from cxr_ray.scoring.pipeline import ScoreResult, drift_line, format_summary, ne
 logger = logging.getLogger(__name__)
 
 #: ROOT/drift_history: the drift figures of every nightly run that scored images.
-DRIFT_HISTORY = "drift_history"
+DRIFT_HISTORY = ledger.DRIFT_HISTORY
 
 
 @dataclass(frozen=True)

@@ -81,7 +81,7 @@ class ScoreResult:
     first_row_seconds: float = 0.0
     #: The model card's pneumonia flag threshold (what ``flagged`` and the binary metrics use).
     threshold: float = 0.5
-    #: The engine's numeric precision where it has a setting (onnxruntime, tensorrt).
+    #: The engine's numeric precision where it has a setting (onnxruntime, tensorrt, openvino).
     precision: str | None = None
     #: INT8 onnxruntime only: agreement with the fp32 model on the artifact's validation images.
     int8_check: dict[str, Any] | None = None
@@ -377,7 +377,8 @@ def score(
         threshold=card.pneumonia_threshold,
         precision=plan.report.precision,
         int8_check=plan.report.int8_check,
-        engine_report={"engine": plan.report.engine, "onnx_cache": plan.report.onnx_cache},
+        engine_report={"engine": plan.report.engine, "onnx_cache": plan.report.onnx_cache}
+        | ({"notes": list(plan.report.notes)} if plan.report.notes else {}),
     )
     ds = build_dataset(source, art, plan, settings, out_dir=out, seen=seen)
     acc = _Accumulator(result)
