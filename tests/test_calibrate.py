@@ -56,8 +56,13 @@ def test_bias_scaling_recovers_a_known_offset_and_temperature():
     assert fit.logit_bias[2] == pytest.approx(-0.7, abs=0.15)
     assert fit.temperature == pytest.approx(1.5, abs=0.15)
     assert fit.logit_scale == (1.0, 1.0, 1.0)
-    # The threshold is the most specific one reaching the target on the refitted probabilities.
-    assert fit.threshold == cal.threshold_for_sensitivity(fit.probs(z), y, 0.95)
+    # The threshold is the most specific one reaching the target plus one binomial standard
+    # error on the refitted probabilities (cal.site_threshold), so the site keeps the target.
+    positives = int((y != 0).sum())
+    aimed = 0.95 + (0.95 * 0.05 / positives) ** 0.5
+    assert fit.threshold == cal.site_threshold(fit.probs(z), y, 0.95)
+    assert fit.threshold == cal.threshold_for_sensitivity(fit.probs(z), y, aimed)
+    assert fit.threshold < cal.threshold_for_sensitivity(fit.probs(z), y, 0.95)
     assert fit.probs(z) == pytest.approx(
         cal.calibrated_probs(z, fit.temperature, fit.logit_scale, fit.logit_bias)
     )
@@ -394,3 +399,27 @@ def test_head_refit_is_cross_fitted_and_only_kept_when_it_helps(parent, site_fol
         assert len(changed) == 2 and all("classifier" in k for k in changed)  # only the head
     else:
         assert art.card.weights_sha256 == par.card.weights_sha256
+
+
+def test_site_threshold_keeps_the_target_sensitivity_on_new_images_of_the_site():
+    """A threshold fitted to exactly 95% on ~95 positives misses the target on new images about
+    half the time; with the one-standard-error margin it misses far less often."""
+    rng = np.random.default_rng(0)
+
+    def probs_for(n_pos: int, n_neg: int) -> tuple[np.ndarray, np.ndarray]:
+        pneu = np.concatenate([rng.beta(5, 1.5, n_pos), rng.beta(1.5, 5, n_neg)])
+        y = np.concatenate([np.ones(n_pos, np.int64), np.zeros(n_neg, np.int64)])
+        return np.column_stack([1 - pneu, pneu / 2, pneu / 2]), y
+
+    new_p, new_y = probs_for(20000, 20000)
+    new_pneu = 1 - new_p[new_y != 0, 0]
+    misses = {"exact": 0, "margin": 0}
+    for _ in range(200):
+        p, y = probs_for(95, 33)
+        for kind, t in (
+            ("exact", cal.threshold_for_sensitivity(p, y, 0.95)),
+            ("margin", cal.site_threshold(p, y, 0.95)),
+        ):
+            misses[kind] += float((new_pneu >= t).mean()) < 0.95
+    assert misses["exact"] > 70  # about half of 200
+    assert misses["margin"] < 0.6 * misses["exact"]
