@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 
@@ -64,3 +68,22 @@ def mobilenet_artifact(dst: Any, size: int = 224) -> str:
     artifact = str(dst)
     save_artifact(net, card_for(net, "mobilenet_v2", input_size=size, intensity="none"), artifact)
     return artifact
+
+
+def replicate(src: Path, dst: Path, n: int) -> list[Path]:
+    """``n`` hard links (copies across filesystems) of the JPEGs under ``src``, cycled, in the
+    Kermany folder layout (``copyNN/NORMAL|PNEUMONIA/<name>``, so labels still parse)."""
+    files = sorted(src.rglob("*.jpeg"))
+    if not files:
+        sys.exit(f"no images under {src}: the benchmark needs ../shared/data/kermany-fullres")
+    out = []
+    for i in range(n):
+        f = files[i % len(files)]
+        target = dst / f"copy{i // len(files):02d}" / f.parent.name / f.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(f, target)
+        except OSError:  # EXDEV (data on another filesystem than the temp dir), no links
+            shutil.copyfile(f, target)
+        out.append(target)
+    return out

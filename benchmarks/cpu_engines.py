@@ -26,7 +26,6 @@ import dataclasses
 import os
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,27 +34,12 @@ from typing import Any
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np
-from _common import timed_score
+from _common import replicate, timed_score
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "kermany-fullres"
 DEFAULT_MODEL = "/tmp/demo_new/model"
 BATCH = 64
-
-
-def replicate(src: Path, dst: Path, n: int) -> list[Path]:
-    """``n`` hard links of the JPEGs under ``src`` (cycled), in the Kermany folder layout."""
-    files = sorted(src.rglob("*.jpeg"))
-    if not files:
-        sys.exit(f"no images under {src}: the benchmark needs ../shared/data/kermany-fullres")
-    out = []
-    for i in range(n):
-        f = files[i % len(files)]
-        target = dst / f"copy{i // len(files):02d}" / f.parent.name / f.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.link(f, target)
-        out.append(target)
-    return out
 
 
 def uptime() -> str:

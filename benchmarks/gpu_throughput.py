@@ -24,7 +24,6 @@ import argparse
 import importlib.util
 import os
 import platform
-import shutil
 import sys
 import tempfile
 import time
@@ -34,28 +33,11 @@ from pathlib import Path
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import torch
-from _common import mobilenet_artifact, timed_score
+from _common import mobilenet_artifact, replicate, timed_score
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "kermany-fullres"
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
-
-
-def replicate(src: Path, dst: Path, n: int) -> list[Path]:
-    files = sorted(src.rglob("*.jpeg"))
-    if not files:
-        sys.exit(f"no images under {src}: the benchmark needs ../shared/data/kermany-fullres")
-    out = []
-    for i in range(n):
-        f = files[i % len(files)]
-        target = dst / f"copy{i // len(files):02d}" / f.parent.name / f.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(f, target)
-        except OSError:  # EXDEV (data on another filesystem than the temp dir), no links
-            shutil.copyfile(f, target)
-        out.append(target)
-    return out
 
 
 def _rate(n: int, fn, *, sync: bool = True) -> float:

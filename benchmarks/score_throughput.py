@@ -21,7 +21,6 @@ import argparse
 import dataclasses
 import io
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,25 +29,11 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import numpy as np
 import torch
-from _common import mobilenet_artifact, timed_score
+from _common import mobilenet_artifact, replicate, timed_score
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "data" / "kermany-fullres"
-
-
-def replicate(src: Path, dst: Path, n: int) -> list[Path]:
-    files = sorted(src.rglob("*.jpeg"))
-    if not files:
-        sys.exit(f"no images under {src}: the benchmark needs ../shared/data/kermany-fullres")
-    out = []
-    for i in range(n):
-        f = files[i % len(files)]
-        target = dst / f"copy{i // len(files):02d}" / f.parent.name / f.name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        os.link(f, target)
-        out.append(target)
-    return out
 
 
 def naive(files: list[Path], net: torch.nn.Module, size: int, batch: int = 32) -> float:
