@@ -41,7 +41,8 @@ from cxr_ray.labels import LABELS
 from cxr_ray.models.artifact import load_artifact
 from cxr_ray.models.card import spec_for
 from cxr_ray.models.site import derived_card, fit_site, head_weights
-from cxr_ray.models.site_sample import Sample, network_outputs
+from cxr_ray.models.site_sample import Sample
+from cxr_ray.models.splits import network_outputs
 
 #: The constructed site (see docs/TRAINING.md, "Site calibration"). Milder than the
 #: ``SiteShift`` defaults, which took the parent's specificity to ~0.1 (far beyond the

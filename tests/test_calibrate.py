@@ -295,7 +295,8 @@ def test_calibrate_from_predictions_and_a_review_csv_then_score_with_it(
     from cxr_ray.io import storage
     from cxr_ray.models.artifact import load_artifact
     from cxr_ray.models.card import spec_for
-    from cxr_ray.models.site_sample import load_sample, network_outputs
+    from cxr_ray.models.site_sample import load_sample
+    from cxr_ray.models.splits import network_outputs
     from cxr_ray.scoring.pipeline import score
 
     runs = tmp_path / "scores"

@@ -29,7 +29,8 @@ from cxr_ray.io import storage
 from cxr_ray.labels import LABELS, NORMAL, parse_kermany_path
 from cxr_ray.models.artifact import load_artifact, save_artifact
 from cxr_ray.models.card import spec_for
-from cxr_ray.models.reference import build_reference, network_outputs, read_reference, reference_from_arrays
+from cxr_ray.models.reference import build_reference, read_reference, reference_from_arrays
+from cxr_ray.models.splits import network_outputs
 from cxr_ray.reporting.drift_section import drift_section
 from cxr_ray.scoring.drift import DRIFT_SCHEMA, DriftAccumulator
 from cxr_ray.scoring.pipeline import format_summary, score

@@ -36,11 +36,12 @@ import pyarrow.compute as pc
 
 from cxr_ray.config import DataSettings
 from cxr_ray.errors import DecodeError, ModelError
-from cxr_ray.imaging.preprocess import decode, sniff_format, to_model_input
+from cxr_ray.imaging.preprocess import decode, sniff_format
 from cxr_ray.imaging.stats import INPUT_STATS, input_stats
 from cxr_ray.io import storage
 from cxr_ray.labels import LABELS, NORMAL
 from cxr_ray.models.card import ModelCard, spec_for
+from cxr_ray.models.splits import network_outputs
 
 if TYPE_CHECKING:
     from cxr_ray.models.artifact import Artifact
@@ -180,25 +181,6 @@ def build_reference(
         components=components,
         unreadable=unreadable,
     )
-
-
-def network_outputs(
-    art: Artifact, pixels: np.ndarray, *, batch_size: int = 32
-) -> tuple[np.ndarray, np.ndarray]:
-    """(raw logits float32 [N, 3], penultimate features float32 [N, F]) of ``art``'s network on
-    ``uint8 [N, H, W]`` preprocessed images (torch, CPU)."""
-    import torch
-
-    from cxr_ray.models.factory import LogitsAndFeatures
-
-    model = LogitsAndFeatures(art.build()).eval()
-    logits_parts, feat_parts = [], []
-    with torch.inference_mode():
-        for i in range(0, len(pixels), batch_size):
-            lg, ft = model(torch.from_numpy(to_model_input(pixels[i : i + batch_size])))
-            logits_parts.append(lg.float().numpy())
-            feat_parts.append(ft.float().numpy())
-    return np.concatenate(logits_parts), np.concatenate(feat_parts)
 
 
 def reference_from_arrays(

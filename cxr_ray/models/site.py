@@ -27,7 +27,8 @@ from cxr_ray.io import storage
 from cxr_ray.labels import LABELS
 from cxr_ray.models.artifact import Artifact, save_artifact
 from cxr_ray.models.card import CARD_FILE, ModelCard
-from cxr_ray.models.site_sample import Sample, load_sample, network_outputs
+from cxr_ray.models.site_sample import Sample, load_sample
+from cxr_ray.models.splits import network_outputs
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,6 @@ from cxr_ray.errors import DataError, DecodeError
 from cxr_ray.imaging.preprocess import decode
 from cxr_ray.io import storage
 from cxr_ray.labels import LABELS
-from cxr_ray.models.artifact import Artifact
 from cxr_ray.models.card import ModelCard, spec_for
 
 logger = logging.getLogger(__name__)
@@ -309,22 +308,3 @@ def load_sample(
         kind,
         excluded,
     )
-
-
-def network_outputs(art: Artifact, pixels: np.ndarray, batch: int = 32) -> tuple[np.ndarray, np.ndarray]:
-    """Raw logits (float64 ``[n, 3]``) and penultimate features (float64 ``[n, F]``), torch on CPU."""
-    import torch
-
-    from cxr_ray.imaging.preprocess import to_model_input
-    from cxr_ray.models.factory import LogitsAndFeatures
-
-    model = LogitsAndFeatures(art.build()).eval()
-    logits, feats = [], []
-    with torch.inference_mode():
-        for i in range(0, len(pixels), batch):
-            lg, ft = model(torch.from_numpy(to_model_input(pixels[i : i + batch])))
-            logits.append(lg.double().numpy())
-            feats.append(ft.double().numpy())
-    if not logits:
-        return np.zeros((0, len(LABELS))), np.zeros((0, 0))
-    return np.concatenate(logits), np.concatenate(feats)

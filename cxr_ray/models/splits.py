@@ -92,27 +92,33 @@ def split_logits(art: Artifact, split: str = "val") -> tuple[np.ndarray, np.ndar
     return logits, labels
 
 
-def split_logits_and_features(art: Artifact, split: str = "val") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(raw float64 logits ``[n, 3]``, float32 penultimate features ``[n, F]``, label indices
-    ``[n]``) of the artifact's network on one of its recorded splits.
-
-    The same network outputs scoring engines compute (``LogitsAndFeatures``), in eager torch
-    fp32 on the CPU: what a drift reference or a site calibration is fitted on.
-    """
+def network_outputs(
+    art: Artifact, pixels: np.ndarray, *, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """(raw logits ``[n, 3]``, penultimate features ``[n, F]``), both float64, of ``art``'s
+    network on ``uint8 [n, H, W]`` preprocessed images: the outputs scoring engines compute
+    (``LogitsAndFeatures``), in eager torch fp32 on the CPU. What a drift reference or a site
+    calibration is fitted on."""
     import torch
 
     from cxr_ray.models.factory import LogitsAndFeatures
 
-    pixels, labels = split_images(art, split)
     model = LogitsAndFeatures(art.build()).eval()
-    x = torch.from_numpy(to_model_input(pixels))
     logits, features = [], []
     with torch.inference_mode():
-        for i in range(0, len(x), 64):
-            lo, fe = model(x[i : i + 64])
+        for i in range(0, len(pixels), batch_size):
+            lo, fe = model(torch.from_numpy(to_model_input(pixels[i : i + batch_size])))
             logits.append(lo.double().numpy())
-            features.append(fe.float().numpy())
+            features.append(fe.double().numpy())
     if not logits:
-        return np.zeros((0, len(LABELS))), np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
-    y = np.array([LABELS.index(v) for v in labels])
-    return np.concatenate(logits), np.concatenate(features), y
+        return np.zeros((0, len(LABELS))), np.zeros((0, 0))
+    return np.concatenate(logits), np.concatenate(features)
+
+
+def split_logits_and_features(art: Artifact, split: str = "val") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(raw float64 logits ``[n, 3]``, float32 penultimate features ``[n, F]``, label indices
+    ``[n]``) of the artifact's network (``network_outputs``) on one of its recorded splits."""
+    pixels, labels = split_images(art, split)
+    logits, features = network_outputs(art, pixels, batch_size=64)
+    y = np.array([LABELS.index(v) for v in labels], dtype=np.int64)
+    return logits, features.astype(np.float32), y
