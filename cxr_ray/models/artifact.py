@@ -132,6 +132,22 @@ class Artifact:
         return self.card.weights_sha256
 
 
+def _read_hashed(artifact: str, name: str, sha256: str | None, what: str, missing: str, verb: str) -> bytes:
+    """The bytes of ``ARTIFACT/name``, refused unless their SHA-256 is the one the card records."""
+    uri = storage.join(artifact, name)
+    try:
+        data = storage.read_bytes(uri)
+    except FileNotFoundError:
+        raise ModelError(f"{missing} {uri} named by the model card is missing") from None
+    digest = hashlib.sha256(data).hexdigest()
+    if digest != sha256:
+        raise ModelError(
+            f"{what} {uri} {verb} not match the model card (sha256 {digest[:12]}... but the card "
+            f"records {str(sha256)[:12]}...): the files were modified or mixed up"
+        )
+    return data
+
+
 def load_artifact(artifact: str, *, verify_shapes: bool = True) -> Artifact:
     """Read and verify an artifact (card, weights hash and, with ``verify_shapes``, that every
     tensor fits the architecture: that builds the network, so it imports torch).
@@ -141,30 +157,17 @@ def load_artifact(artifact: str, *, verify_shapes: bool = True) -> Artifact:
     engine model was built from these very bytes (its key is the weights hash).
     """
     card = read_card(artifact)
-    wuri = storage.join(artifact, card.weights_file)
-    try:
-        data = storage.read_bytes(wuri)
-    except FileNotFoundError:
-        raise ModelError(f"weights file {wuri} named by the model card is missing") from None
-    digest = hashlib.sha256(data).hexdigest()
-    if digest != card.weights_sha256:
-        raise ModelError(
-            f"weights {wuri} do not match the model card (sha256 {digest[:12]}... but the card "
-            f"records {card.weights_sha256[:12]}...): the files were modified or mixed up"
-        )
+    data = _read_hashed(artifact, card.weights_file, card.weights_sha256, "weights", "weights file", "do")
     reference = None
     if card.drift_reference_file is not None:
-        ruri = storage.join(artifact, card.drift_reference_file)
-        try:
-            reference = storage.read_bytes(ruri)
-        except FileNotFoundError:
-            raise ModelError(f"drift reference {ruri} named by the model card is missing") from None
-        rdigest = hashlib.sha256(reference).hexdigest()
-        if rdigest != card.drift_reference_sha256:
-            raise ModelError(
-                f"drift reference {ruri} does not match the model card (sha256 {rdigest[:12]}... but "
-                f"the card records {str(card.drift_reference_sha256)[:12]}...)"
-            )
+        reference = _read_hashed(
+            artifact,
+            card.drift_reference_file,
+            card.drift_reference_sha256,
+            "drift reference",
+            "drift reference",
+            "does",
+        )
     art = Artifact(artifact, card, data, reference)
     if verify_shapes:
         art.build()  # fail now, with a clear message, if shapes or labels disagree
