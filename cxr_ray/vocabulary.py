@@ -7,6 +7,8 @@ settings validation, before any work starts. Class labels live in ``cxr_ray.labe
 
 from __future__ import annotations
 
+from enum import StrEnum
+
 #: Backbones the model factory can build (``cxr_ray.models.factory.BACKBONES`` must match).
 ARCHITECTURES: tuple[str, ...] = (
     "mobilenet_v2",
@@ -26,6 +28,34 @@ ENGINES: tuple[str, ...] = ("auto", "onnxruntime", "torch", "tensorrt", "openvin
 #: histogram equalisation (OpenCV's, clip limit 2.0 on an 8 x 8 tile grid).
 INTENSITY_MODES: tuple[str, ...] = ("none", "equalize", "clahe")
 
-#: Row statuses of every output table: ``ok``; ``error`` (the file could not be read or
-#: decoded); ``skipped`` (deliberately not scored). The reason is in the row's ``error``.
-STATUSES: tuple[str, ...] = ("ok", "error", "skipped")
+
+
+class Status(StrEnum):
+    """Row statuses of every output table; the reason for ``error``/``skipped`` is in the row's ``error``."""
+
+    #: Scored.
+    OK = "ok"
+    #: The file could not be read or decoded.
+    ERROR = "error"
+    #: Deliberately not scored.
+    SKIPPED = "skipped"
+
+
+#: The statuses as plain strings (schema checks, Parquet dictionaries), in declaration order.
+STATUSES: tuple[str, ...] = tuple(s.value for s in Status)
+
+#: The label a reviewer gives an image that cannot be judged; such rows are excluded from a
+#: site calibration sample and counted (``cxr_ray.site.sample``).
+NOT_ASSESSABLE = "not_assessable"
+
+#: The review CSV contract: the columns, in order, that the review page
+#: (``cxr_ray.reporting.review``) writes and ``cxr-ray calibrate --labels`` reads.
+REVIEW_CSV_COLUMNS: tuple[str, ...] = (
+    "image_id",
+    "label",
+    "selection",
+    "flagged",
+    "run_id",
+    "model_version",
+    "reviewed_at",
+)
