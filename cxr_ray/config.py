@@ -427,20 +427,59 @@ def _without_none(d: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+#: Sections whose every input value is kept out of error messages (credentials live there).
+SECRET_SECTIONS = frozenset({"dicomweb"})
+_SECRET_NAME = re.compile(r"key|token|password|passwd|secret|credential", re.IGNORECASE)
+
+
+def _fragments(value: Any) -> list[str]:
+    """Every string an input value could show in a message (its leaves and their reprs)."""
+    if isinstance(value, dict):
+        return [f for v in value.values() for f in _fragments(v)] + [f for k in value for f in _fragments(k)]
+    if isinstance(value, list | tuple | set):
+        return [f for v in value for f in _fragments(v)]
+    text = str(value)
+    return [text, text.upper(), text.lower(), repr(value)]
+
+
+def _hidden(err: Any) -> bool:
+    """Whether this error's input value must never be printed: an unknown field (a typo of a
+    secret's name looks like one), a secret section, or a field named like a secret."""
+    loc = [str(p) for p in err["loc"]]
+    return (
+        err.get("type") == "extra_forbidden"
+        or bool(loc and loc[0] in SECRET_SECTIONS)
+        or any(_SECRET_NAME.search(p) for p in loc)
+    )
+
+
+def _message(err: Any) -> str:
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if not _hidden(err):
+        given = err.get("input")
+        # The allowed values are in the message already when a vocabulary refused it.
+        return msg if isinstance(given, dict) or f"{given!r}" in msg else f"{msg} (got {given!r})"
+    frags = [f for f in _fragments(err.get("input")) if f.strip()]
+    if any(len(f) < 4 and f in msg for f in frags):
+        return f"invalid value ({err.get('type', 'error')}; value not shown)"
+    for f in sorted(frags, key=len, reverse=True):
+        msg = msg.replace(f, "<not shown>")
+    return f"{msg} (value not shown)"
+
+
 def format_validation_error(exc: ValidationError) -> str:
     """One line per invalid field: where it is set, what is wrong, the value given.
 
-    A single invalid field gives a single line (``invalid settings: model.arch: ...``).
+    The value is never shown for a secret section (``SECRET_SECTIONS``), a field named like a
+    secret, or an unknown field (``CXR_DICOMWEB__PASSWROD=...`` is a mistyped password), and
+    is cut out of a validator's message that quotes it. A single invalid field gives a single
+    line (``invalid settings: model.arch: ...``).
     """
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"]) or "(settings)"
         env = "CXR_" + "__".join(str(p).upper() for p in err["loc"])
-        msg = err["msg"].removeprefix("Value error, ")
-        given = err.get("input")
-        # The allowed values are in the message already when a vocabulary refused it.
-        shown = "" if isinstance(given, dict) or f"{given!r}" in msg else f" (got {given!r})"
-        lines.append(f"{loc}: {msg}{shown}  [flag, {env} or TOML]")
+        lines.append(f"{loc}: {_message(err)}  [flag, {env} or TOML]")
     if len(lines) == 1:
         return f"invalid settings: {lines[0]}"
     return "invalid settings:\n" + "\n".join("  " + line for line in lines)

@@ -108,3 +108,38 @@ def test_every_intensity_the_settings_accept_is_implemented(mode):
     assert spec.intensity == mode
     pixels = decode(imaging.jpeg_bytes(seed=5), spec).pixels
     assert pixels.shape == (64, 64) and pixels.dtype.name == "uint8"
+
+
+SECRET = "Sup3r-Secret-Passw0rd!"
+
+
+@pytest.mark.parametrize(
+    "env, field",
+    [
+        ("CXR_DICOMWEB__PASSWROD", "dicomweb.passwrod"),  # a typo of a secret: an unknown field
+        ("CXR_DICOMWEB__TOKEN", None),  # malformed? no: any string is a valid token; see below
+        ("CXR_DICOMWEB__PAGE_SIZE", "dicomweb.page_size"),  # a secret section's ordinary field
+        ("CXR_SCORE__PSEUDONYM_KEYY", "score.pseudonym_keyy"),
+        ("CXR_TRAIN__EPOCHZ", "train.epochz"),  # an unknown field anywhere
+        ("CXR_DICOMWEB__STUDY_DATE", "dicomweb.study_date"),  # a validator quoting its input
+    ],
+)
+def test_settings_errors_never_echo_secret_or_unknown_values(monkeypatch, env, field):
+    """Issue 24 defect 10: no input value of a secret section or of an unknown field is printed."""
+    monkeypatch.setenv(env, SECRET)
+    if field is None:  # a valid token next to a bad field: the error must not print the token
+        monkeypatch.setenv("CXR_DICOMWEB__USERNAME", "svc")
+        field = "dicomweb"
+    with pytest.raises(ConfigError) as err:
+        load_settings(None)
+    msg = str(err.value)
+    assert field in msg
+    assert SECRET not in msg and SECRET.lower() not in msg and SECRET.upper() not in msg
+    result = CliRunner().invoke(main, ["manifest", "/nonexistent", "--out", "/tmp/never.parquet"])
+    assert result.exit_code == 2 and SECRET not in result.output
+
+
+def test_settings_errors_still_show_ordinary_values():
+    with pytest.raises(ConfigError) as err:
+        load_settings(None, {"train": {"workers": -1}})
+    assert "(got -1)" in str(err.value)
