@@ -34,7 +34,7 @@ from pydantic_settings import (
 )
 
 from cxr_ray.errors import ConfigError
-from cxr_ray.vocabulary import ARCHITECTURES, ENGINES, INTENSITY_MODES
+from cxr_ray.vocabulary import ARCHITECTURES, ENGINES, INTENSITY_MODES, SITE_METHODS
 
 _URI = re.compile(r"^(?P<scheme>[a-z][a-z0-9+.-]*)://(?P<rest>.*)$")
 _BUCKET = re.compile(r"^[a-z0-9][a-z0-9.\-_]{1,61}[a-z0-9]$")
@@ -301,6 +301,43 @@ class DriftSettings(_Section):
     reference_max_images: int = Field(default=2000, ge=10)
 
 
+class CalibrateSettings(_Section):
+    """``cxr-ray calibrate``: a site's calibration refitted on its labelled sample (``cxr_ray.site``).
+
+    Flags of the command override these; the card's target sensitivity is used unless
+    ``target_sensitivity`` is set.
+    """
+
+    #: What is refitted (``cxr_ray.vocabulary.SITE_METHODS``).
+    method: str = "bias"
+    #: Also try refitting the final linear layer (kept only if its cross-fitted NLL is lower).
+    head: bool = False
+    #: Cross-fitting folds (fewer when a class has fewer images than this).
+    folds: int = Field(default=5, ge=2, le=20)
+    #: Bootstrap resamples of the cross-fitted estimates' intervals.
+    bootstrap: int = Field(default=1000, ge=0)
+    #: Two-sided level of those intervals.
+    level: float = Field(default=0.95, gt=0, lt=1)
+    #: Confidence of the one-sided (Clopper-Pearson) lower bound of sensitivity that must
+    #: reach the target for the site threshold to be used.
+    confidence: float = Field(default=0.95, ge=0.5, lt=1)
+    #: Fewest usable labelled images, and of each class, accepted.
+    min_size: int = Field(default=40, ge=1)
+    min_per_class: int = Field(default=5, ge=1)
+    #: Flag sensitivity to guarantee; ``None``: the parent card's.
+    target_sensitivity: float | None = Field(default=None, gt=0, le=1)
+    #: Candidate strengths of the head refit's pull toward the shipped head (chosen by
+    #: cross-fitted NLL).
+    head_lambdas: tuple[float, ...] = (1.0, 10.0, 100.0, 1000.0)
+    #: Folds and bootstrap seed.
+    seed: int = 0
+
+    @field_validator("method")
+    @classmethod
+    def _method(cls, v: str) -> str:
+        return _one_of(v, SITE_METHODS, "site-calibration method")
+
+
 _DICOM_DATE_RANGE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
 _QIDO_RESERVED = {"limit", "offset", "includefield", "fuzzymatching"}
 
@@ -397,6 +434,7 @@ class Settings(BaseSettings):
     score: ScoreSettings = ScoreSettings()
     dicomweb: DicomwebSettings = DicomwebSettings()
     drift: DriftSettings = DriftSettings()
+    calibrate: CalibrateSettings = CalibrateSettings()
 
     toml_path_: ClassVar[Path | None] = None
 

@@ -59,3 +59,11 @@ REVIEW_CSV_COLUMNS: tuple[str, ...] = (
     "model_version",
     "reviewed_at",
 )
+
+#: Site-calibration methods (``cxr-ray calibrate --method``, ``calibrate.method``), in the
+#: card's parametrisation ``softmax(logit_scale * logits / temperature + logit_bias)``:
+#: ``bias`` refits T and the per-class offsets (the normal class's offset stays the parent's:
+#: softmax is invariant to a common shift); ``vector`` refits the per-class scale and offsets
+#: with T kept (a common factor of the scale and 1/T would be unidentifiable);
+#: ``temperature`` refits T only.
+SITE_METHODS: tuple[str, ...] = ("bias", "vector", "temperature")
