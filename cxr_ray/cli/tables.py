@@ -95,7 +95,8 @@ def optimize(root: str, name: str) -> None:
 def vacuum(root: str, name: str, retention_hours: int, yes: bool) -> None:
     """Delete files no version newer than the retention needs (time travel further back ends).
 
-    Also removes the files of runs killed before their commit.
+    Also removes the data files of writers killed before their commit and of lost
+    compare-and-swap attempts (files no version references), once older than the retention.
     """
     files = delta.vacuum(ledger.table(root, name), retention_hours=retention_hours, dry_run=not yes)
     verb = "deleted" if yes else "would delete (pass --yes)"

@@ -347,8 +347,13 @@ def vacuum(
 ) -> list[str]:
     """Files no version newer than ``retention_hours`` needs (deleted unless ``dry_run``).
 
-    After a vacuum, time travel to versions older than the retention fails. Files of killed
-    writers (never committed) are among those removed.
+    delta-rs's *full* mode: besides the files removed by commits (compaction, overwrites),
+    every data file the log does not reference at all, i.e. the files of writers killed
+    before their commit and of compare-and-swap attempts that lost their race, once older
+    than the retention (a writer still running has younger files, which stay). After a
+    vacuum, time travel to versions older than the retention fails.
     """
     dt = open_table(uri, storage_options=storage_options)
-    return dt.vacuum(retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False)
+    return dt.vacuum(
+        retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False, full=True
+    )

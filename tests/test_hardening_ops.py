@@ -1,0 +1,76 @@
+"""Issue 24 (adversarial review), operations side: vacuum of orphaned files, the lease that
+stops a run when renewals keep failing, and the S3 conditional-put check of nightly runs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pyarrow as pa
+from click.testing import CliRunner
+from deltalake import DeltaTable, write_deltalake
+
+from cxr_ray.cli import main
+from cxr_ray.io import tables
+from tests import scenarios
+
+
+def _parquet_files(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*.parquet") if "_delta_log" not in p.parts}
+
+
+def test_vacuum_removes_the_files_of_a_killed_writer(tmp_path):
+    """Defect 9: a writer SIGKILLed mid-write leaves data files no version references;
+    ``cxr-ray tables vacuum --yes`` (full mode) deletes them once older than the retention,
+    and the committed rows stay."""
+    root = tmp_path / "root"
+    uri = root / "predictions"
+    write_deltalake(str(uri), pa.table({"k": ["a", "b"], "v": [1, 2]}))
+    referenced = {Path(u).name for u in DeltaTable(str(uri)).file_uris()}
+    proc = scenarios.run("killed_writer", uri)
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    orphans = {f for f in _parquet_files(uri) if Path(f).name not in referenced}
+    assert len(orphans) >= 5  # the killed writer's data files are there
+
+    # Within the retention, nothing goes: a live writer's uncommitted files look the same.
+    young = tables.vacuum(str(uri), retention_hours=1, dry_run=False)
+    assert young == [] and orphans <= _parquet_files(uri)
+
+    listed = CliRunner().invoke(main, ["tables", "vacuum", str(root), "--retention-hours", "0"])
+    assert listed.exit_code == 0, listed.output
+    assert f"would delete (pass --yes) {len(orphans)} files" in listed.output
+    assert orphans <= _parquet_files(uri)  # a dry run deletes nothing
+
+    done = CliRunner().invoke(main, ["tables", "vacuum", str(root), "--retention-hours", "0", "--yes"])
+    assert done.exit_code == 0, done.output
+    assert f"deleted {len(orphans)} files" in done.output
+    left = _parquet_files(uri)
+    assert not (orphans & left)  # every orphan is gone
+    assert {Path(f).name for f in left} == referenced
+    t = tables.read(tables.open_table(str(uri)))
+    assert sorted(t["k"].to_pylist()) == ["a", "b"]  # committed data intact
+
+
+def test_vacuum_removes_the_files_of_an_aborted_compare_and_swap(tmp_path):
+    """A commit attempt that lost its compare-and-swap leaves its data files behind too."""
+    uri = str(tmp_path / "t")
+    write_deltalake(uri, pa.table({"k": ["a"], "v": [1]}))
+    stale = tables.open_table(uri)
+    tables.append(uri, pa.table({"k": ["b"], "v": [2]}))  # someone else commits first
+    from deltalake.exceptions import CommitFailedError
+
+    schema = pa.schema([("k", pa.string()), ("v", pa.int64())])
+    rows = pa.RecordBatchReader.from_batches(
+        schema, pa.table({"k": ["c"], "v": [3]}, schema=schema).to_batches()
+    )
+    try:
+        tables.append_if_unchanged(stale, rows)
+        raise AssertionError("the stale commit must fail")
+    except CommitFailedError:
+        pass
+    files_before = _parquet_files(Path(uri))
+    assert len(files_before) == 3  # two committed files and the aborted attempt's
+    removed = tables.vacuum(uri, retention_hours=0, dry_run=False)
+    assert len(removed) == 1 and len(_parquet_files(Path(uri))) == 2
+    assert sorted(tables.read(tables.open_table(uri))["k"].to_pylist()) == ["a", "b"]
+    assert os.path.isdir(os.path.join(uri, "_delta_log"))
