@@ -335,7 +335,8 @@ def test_reading_logs_no_identifiers(caplog):
 def test_fields_schema_and_columns():
     header_fields = {f.name for f in dataclasses.fields(DicomHeader)}
     column_names = {f.name for f in DICOM_FIELDS}
-    assert column_names == (header_fields - {"pixel_spacing", "patient_id"}) | {
+    # ``malformed`` reaches the tables through ``intended_use`` / ``intended_use_note``.
+    assert column_names == (header_fields - {"pixel_spacing", "patient_id", "malformed"}) | {
         "pixel_spacing_row_mm",
         "pixel_spacing_col_mm",
     }

@@ -191,3 +191,81 @@ def test_bad_edits_are_refused():
     bad["intended_use_policy"]["views"] = []
     with pytest.raises(ModelError, match=r"intended_use_policy\.views"):
         ModelCard.from_json(json.dumps(bad))
+
+
+# -- issue 24, defect 7: present but malformed tags fail closed -------------------------------
+
+MALFORMED = [
+    ("PatientAge", "45", "patient age"),
+    ("PatientAge", "0045Y", "patient age"),
+    ("PatientAge", "-5Y", "patient age"),
+    ("PatientAge", "45 years", "patient age"),
+    ("Modality", "CT\x01", "modality"),
+    ("ViewPosition", "LL\x7f", "view"),
+    ("BodyPartExamined", "CHEST\x1b[2J", "body part"),
+]
+
+
+def _malformed_dicom(keyword: str, value: str) -> bytes:
+    """A pediatric PA chest DX whose ``keyword`` holds ``value`` as written (no validation)."""
+    import io
+
+    import pydicom
+
+    good = factory.make_image(factory.real_jpegs(1)[0], factory.Tags(modality="DX"))
+    ds = pydicom.dcmread(io.BytesIO(good))
+    ds[keyword].value = value
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(("keyword", "value", "field"), MALFORMED)
+def test_malformed_tag_is_its_own_outcome_and_skipped(keyword, value, field):
+    """A tag that is there but cannot be read is not "missing": the image is ``unparseable``,
+    skipped, and the reason names the tag, says it is malformed and shows the value
+    sanitised (control characters escaped, never raw)."""
+    header = read_header(_malformed_dicom(keyword, value))
+    assert keyword in header.malformed_tags
+    check = POLICY.check(header)
+    assert check.outcome == "unparseable" and not check.scored
+    assert check.reason is not None and keyword in check.reason and "malformed" in check.reason
+    assert all(c.isprintable() for c in check.reason)
+    assert "missing" not in check.reason and "no " + field not in check.reason
+    assert check.note == check.reason  # the row's note says what was found too
+    # The operator may opt in (a setting of the intended-use block): scored, still recorded.
+    opted = IntendedUse(score_unparseable=True).check(header)
+    assert opted.outcome == "unparseable" and opted.scored and keyword in (opted.note or "")
+    # The research override scores it too, and says so.
+    override = POLICY.check(header, enforce=False)
+    assert override.outcome == "unparseable" and override.scored and "override" in (override.note or "")
+
+
+def test_a_violation_beats_a_malformed_tag_and_good_tags_stay_in_scope():
+    header = read_header(_malformed_dicom("PatientAge", "45"))
+    from dataclasses import replace
+
+    lateral = replace(header, view_position="LL")
+    check = POLICY.check(lateral)
+    assert check.outcome == "out_of_scope" and "view LL" in (check.reason or "")
+    assert "PatientAge" in (check.reason or "")
+    good = read_header(factory.make_image(factory.real_jpegs(1)[0], factory.Tags(modality="DX")))
+    assert good.malformed_tags == () and POLICY.check(good).outcome == "in_scope"
+
+
+def test_decode_stage_skips_an_unparseable_image():
+    """End to end through the scoring stage: a skipped row, never decoded."""
+    import pyarrow as pa
+
+    from cxr_ray.data.sources import RAW_SCHEMA
+    from cxr_ray.scoring.stages import decode_stage
+
+    data = _malformed_dicom("PatientAge", "45 years")
+    raw = pa.table(
+        {"uri": ["a.dcm"], "name": ["a.dcm"], "data": [data], "error": [None], "label": [None]},
+        schema=RAW_SCHEMA,
+    )
+    out = decode_stage(raw, spec=PreprocessSpec(height=32, width=32), intended_use=POLICY)
+    assert out["status"].tolist() == ["skipped"] and not out["decoded"][0]
+    assert out["intended_use"].tolist() == ["unparseable"]
+    assert "PatientAge" in out["error"][0] and "PatientAge" in out["intended_use_note"][0]

@@ -70,6 +70,14 @@ class DicomHeader:
     columns: int | None = None
     bits_stored: int | None = None
     number_of_frames: int | None = None
+    #: Intended-use tags (``MALFORMED_CHECKED``) that are present but unreadable: ``(keyword,
+    #: the value shown safely)``, e.g. ``("PatientAge", "45 years")``; never "missing".
+    malformed: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def malformed_tags(self) -> tuple[str, ...]:
+        """The keywords of ``malformed``."""
+        return tuple(keyword for keyword, _ in self.malformed)
 
 
 # (column, Arrow type, documentation). ``patient_id`` is not here: the predictions table
@@ -364,6 +372,41 @@ def _age_from_dates(birth: dt.date | None, on: dt.date | None) -> float | None:
     return age if age <= _MAX_AGE_YEARS else None
 
 
+#: Tags the intended-use check reads, whose presence-but-unreadability is recorded.
+MALFORMED_CHECKED = ("Modality", "BodyPartExamined", "ViewPosition", "PatientAge")
+_SHOWN_CHARS = 16
+
+
+def _shown(value: Any) -> str:
+    """A tag value fit for a message: at most 16 characters, control characters escaped."""
+    if isinstance(value, bytes | bytearray):
+        text = bytes(value).decode("latin-1")
+    elif isinstance(value, list | tuple) or type(value).__name__ == "MultiValue":
+        text = "\\".join(str(v) for v in value)
+    else:
+        text = str(value)
+    text = text.strip(" \x00")
+    cut = text[:_SHOWN_CHARS]
+    safe = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" if ord(c) < 256 else "?" for c in cut)
+    return safe + ("..." if len(text) > _SHOWN_CHARS else "")
+
+
+def _malformed(ds: Any) -> tuple[tuple[str, str], ...]:
+    """The ``MALFORMED_CHECKED`` tags with a non-empty value that does not parse."""
+    parsed = {
+        "Modality": _code_string(ds, "Modality"),
+        "BodyPartExamined": _code_string(ds, "BodyPartExamined"),
+        "ViewPosition": _code_string(ds, "ViewPosition"),
+        "PatientAge": parse_age(_str(ds, "PatientAge")),
+    }
+    out = []
+    for keyword in MALFORMED_CHECKED:
+        raw = _raw(ds, keyword)
+        if parsed[keyword] is None and raw is not None and _shown(raw):
+            out.append((keyword, _shown(raw)))
+    return tuple(out)
+
+
 def _spacing(ds: Any) -> tuple[float, float] | None:
     for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
         value = _raw(ds, keyword)
@@ -409,4 +452,5 @@ def _header(ds: Any) -> DicomHeader:
         columns=_int(ds, "Columns", 1, 65535),
         bits_stored=_int(ds, "BitsStored", 1, 64),
         number_of_frames=_int(ds, "NumberOfFrames", 1, 2**31 - 1),
+        malformed=_malformed(ds),
     )

@@ -10,6 +10,11 @@ radiographs of the chest, PA or AP, patients 0-17 years old. ``check`` decides p
   tags): scored, with a note naming the missing fields.
 - ``overridden``: outside, but the research override (``enforce=False``) scores it anyway;
   the note records what was outside.
+- ``unparseable``: no violation, but a checked tag is present and malformed (``PatientAge``
+  ``45`` or ``0045Y``, ``Modality`` with a control character): the gate fails closed, the
+  row is ``skipped`` and the reason names the tag and shows its value sanitised, unless the
+  operator opted in (``score_unparseable`` in the block) or the research override is on;
+  then it is scored, and the note says so. A malformed tag is never reported as missing.
 
 Values are compared as DICOM code strings (upper case). ``BodyPartExamined`` in the wild is
 not always ``CHEST``: ``body_part_aliases`` maps the common synonyms (``THORAX``, ``LUNG``,
@@ -22,7 +27,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal, TypeVar, get_args
 
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -33,16 +38,27 @@ from cxr_ray.imaging.dicom import DicomHeader
 #: A ``ModelCard`` (not imported: the card imports this module).
 CardT = TypeVar("CardT", bound=BaseModel)
 
-__all__ = ["INTENDED_USE_FIELDS", "IntendedUse", "Outcome", "UseCheck", "use_columns", "with_intended_use"]
+__all__ = [
+    "INTENDED_USE_FIELDS",
+    "OUTCOMES",
+    "IntendedUse",
+    "Outcome",
+    "UseCheck",
+    "use_columns",
+    "with_intended_use",
+]
 
-Outcome = Literal["in_scope", "out_of_scope", "unchecked", "overridden"]
+Outcome = Literal["in_scope", "out_of_scope", "unchecked", "overridden", "unparseable"]
+#: The values of the ``intended_use`` column (the module docstring says what each means).
+OUTCOMES: tuple[str, ...] = get_args(Outcome)
 
 #: Columns a predictions table gets from ``UseCheck``s (see ``use_columns``).
 INTENDED_USE_FIELDS: list[pa.Field] = [
     # in_scope | out_of_scope | unchecked | overridden (outside, scored by the research override)
+    # | unparseable (a checked tag present but malformed: skipped unless opted in)
     pa.field("intended_use", pa.string()),
-    # why (unchecked: the missing fields; overridden: what was outside); the skip reason of an
-    # out_of_scope row is its ``error``
+    # why (unchecked: the missing fields; overridden: what was outside; unparseable: which tag
+    # was malformed, its value sanitised); the skip reason of a skipped row is its ``error``
     pa.field("intended_use_note", pa.string()),
 ]
 
@@ -72,6 +88,9 @@ class IntendedUse(BaseModel):
     #: Patient age range in completed years, both ends included.
     min_age_years: float = Field(default=0.0, ge=0)
     max_age_years: float = Field(default=17.0, ge=0)
+    #: Score images whose checked tags are present but malformed (``unparseable``) instead of
+    #: skipping them: the operator's opt-in, recorded in every such row's note.
+    score_unparseable: bool = False
 
     @field_validator("modalities", "body_parts", "views")
     @classmethod
@@ -111,36 +130,25 @@ class IntendedUse(BaseModel):
                 note="intended use not checked: not a DICOM file (no modality, body part, view or age tags)",
                 missing=_FIELDS,
             )
-        reasons: list[str] = []
-        missing: list[str] = []
-        values: tuple[tuple[str, str | None, tuple[str, ...]], ...] = (
-            ("modality", header.modality, self.modalities),
-            ("body part", self._body_part(header.body_part_examined), self.body_parts),
-            ("view", header.view_position, self.views),
-        )
-        for name, value, allowed in values:
-            if value is None:
-                missing.append(name)
-            elif value not in allowed:
-                shown = header.body_part_examined if name == "body part" else value
-                reasons.append(f"{name} {shown} is outside the model's intended use ({', '.join(allowed)})")
-        age = header.patient_age_years
-        if age is None:
-            missing.append("patient age")
-        elif not (self.min_age_years <= age and math.floor(age) <= self.max_age_years):
-            reasons.append(
-                f"patient age {_age_words(age)} is outside the model's intended use ({self.age_range()})"
-            )
+        reasons, missing = self._violations(header)
+        bad = getattr(header, "malformed", ())
+        malformed = [f"{keyword} is present but malformed ('{shown}')" for keyword, shown in bad]
         if reasons:
-            reason = "; ".join(reasons)
+            reason = "; ".join(reasons + malformed)
             if enforce:
-                return UseCheck("out_of_scope", reason=reason, missing=tuple(missing))
+                return UseCheck("out_of_scope", reason=reason, missing=tuple(missing), skipped=True)
             return UseCheck(
                 "overridden",
                 reason=reason,
                 note=f"scored by the research override although {reason}",
                 missing=tuple(missing),
             )
+        if malformed:
+            found = "; ".join(malformed) + ": the intended use cannot be checked"
+            if enforce and not self.score_unparseable:
+                return UseCheck("unparseable", reason=found, note=found, missing=tuple(missing), skipped=True)
+            why = "the research override" if not enforce else "the operator's opt-in (score_unparseable)"
+            return UseCheck("unparseable", note=f"scored by {why} although {found}", missing=tuple(missing))
         if missing:
             return UseCheck(
                 "unchecked",
@@ -148,6 +156,33 @@ class IntendedUse(BaseModel):
                 missing=tuple(missing),
             )
         return UseCheck("in_scope")
+
+    def _violations(self, header: DicomHeader) -> tuple[list[str], list[str]]:
+        """(reasons a tag is outside, fields the header lacks); a malformed tag is neither."""
+        reasons: list[str] = []
+        missing: list[str] = []
+        bad = set(getattr(header, "malformed_tags", ()))
+        values: tuple[tuple[str, str, str | None, tuple[str, ...]], ...] = (
+            ("modality", "Modality", header.modality, self.modalities),
+            ("body part", "BodyPartExamined", self._body_part(header.body_part_examined), self.body_parts),
+            ("view", "ViewPosition", header.view_position, self.views),
+        )
+        for name, keyword, value, allowed in values:
+            if value is None:
+                if keyword not in bad:
+                    missing.append(name)
+            elif value not in allowed:
+                shown = header.body_part_examined if name == "body part" else value
+                reasons.append(f"{name} {shown} is outside the model's intended use ({', '.join(allowed)})")
+        age = header.patient_age_years
+        if age is None:
+            if "PatientAge" not in bad:
+                missing.append("patient age")
+        elif not (self.min_age_years <= age and math.floor(age) <= self.max_age_years):
+            reasons.append(
+                f"patient age {_age_words(age)} is outside the model's intended use ({self.age_range()})"
+            )
+        return reasons, missing
 
     def _body_part(self, value: str | None) -> str | None:
         return None if value is None else self.body_part_aliases.get(value, value)
@@ -167,11 +202,13 @@ class UseCheck:
     note: str | None = None
     #: Fields the header lacked ("modality", "body part", "view", "patient age").
     missing: tuple[str, ...] = ()
+    #: Not scored: ``out_of_scope``, and ``unparseable`` unless opted in or overridden.
+    skipped: bool = False
 
     @property
     def scored(self) -> bool:
-        """Whether the image is scored (everything but ``out_of_scope``)."""
-        return self.outcome != "out_of_scope"
+        """Whether the image is scored."""
+        return not self.skipped
 
 
 def use_columns(checks: list[UseCheck | None]) -> dict[str, pa.Array]:
