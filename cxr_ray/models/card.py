@@ -21,6 +21,45 @@ from cxr_ray.vocabulary import INTENSITY_MODES
 
 CARD_FILE = "model_card.json"
 
+#: What the model is for; the scope (who, which images) is generated from the enforced block.
+PURPOSE = (
+    "Research and triage support for chest X-rays: normal vs bacterial vs viral pneumonia. "
+    "Not a diagnostic device; a clinician reads every study."
+)
+#: The purpose text cards carried before it was generated (it named an age range and view that
+#: scoring did not enforce); such cards are shown with ``PURPOSE`` and the enforced scope.
+_LEGACY_PURPOSE = (
+    "Research and triage support for pediatric (1-5 years) frontal chest X-rays: normal vs "
+    "bacterial vs viral pneumonia. Not a diagnostic device; a clinician reads every study."
+)
+
+
+def intended_use_prose(policy: IntendedUse) -> str:
+    """The enforced intended-use block in words, for model cards and reports.
+
+    >>> print(intended_use_prose(IntendedUse()))  # doctest: +NORMALIZE_WHITESPACE
+    Intended use (enforced at scoring): patients 0-17 years; chest (body part CHEST) radiographs,
+    modality CR or DX, view PA or AP. A DICOM image whose tags fall outside this (another
+    modality such as CT, another body part, a lateral view, an age outside 0-17 years) is
+    skipped with the reason, not scored. JPEG and PNG images carry no such tags: they are scored
+    and marked "unchecked", so the user must make sure they are in scope.
+    """
+    views = " or ".join(policy.views)
+    others = [
+        "another modality such as CT" if "CT" not in policy.modalities else "another modality",
+        "another body part",
+        "a lateral view" if not {"LL", "RL", "LAT", "LATERAL"} & set(policy.views) else "another view",
+        f"an age outside {policy.age_range()}",
+    ]
+    return (
+        f"Intended use (enforced at scoring): patients {policy.age_range()}; "
+        f"{', '.join(b.lower() for b in policy.body_parts)} (body part {', '.join(policy.body_parts)}) "
+        f"radiographs, modality {' or '.join(policy.modalities)}, view {views}. A DICOM image whose tags "
+        f"fall outside this ({', '.join(others)}) is skipped with the reason, not scored. JPEG and PNG "
+        'images carry no such tags: they are scored and marked "unchecked", so the user must make '
+        "sure they are in scope."
+    )
+
 
 def _package_version() -> str:
     from importlib.metadata import PackageNotFoundError, version
@@ -71,10 +110,9 @@ class ModelCard(BaseModel):
     metrics: dict[str, Any] = Field(default_factory=dict)
     package_version: str = Field(default_factory=_package_version)
     created_at: str = Field(default_factory=lambda: datetime.now(UTC).isoformat(timespec="seconds"))
-    intended_use: str = (
-        "Research and triage support for pediatric (1-5 years) frontal chest X-rays: normal vs "
-        "bacterial vs viral pneumonia. Not a diagnostic device; a clinician reads every study."
-    )
+    #: The purpose in words (who may use it for what). The population and images it may read
+    #: are the enforced ``intended_use_policy``; ``intended_use_statement`` joins the two.
+    intended_use: str = PURPOSE
     #: What scoring lets the model read (modality, body part, view, age); images outside are
     #: skipped. Cards written before this field existed get the pediatric default.
     intended_use_policy: IntendedUse = Field(default_factory=IntendedUse)
@@ -128,6 +166,13 @@ class ModelCard(BaseModel):
         from cxr_ray.calibration import calibrated_probs
 
         return calibrated_probs(logits, self.temperature, self.logit_scale, self.logit_bias)
+
+    @property
+    def intended_use_statement(self) -> str:
+        """The card's intended use in words, its scope generated from the enforced block (so
+        what the card says is what scoring checks)."""
+        purpose = PURPOSE if self.intended_use.strip() == _LEGACY_PURPOSE else self.intended_use.strip()
+        return f"{purpose} {intended_use_prose(self.intended_use_policy)}"
 
     @property
     def pneumonia_threshold(self) -> float:

@@ -14,13 +14,22 @@ import numpy as np
 from cxr_ray import metrics
 from cxr_ray.models.card import ModelCard
 
-LIMITATIONS = """\
+
+def limitations(card: ModelCard) -> str:
+    """The card's limitations, with the scope generated from its enforced intended-use block."""
+    use = card.intended_use_policy
+    return f"""\
 - Trained on one centre's pediatric (1-5 years) anterior-posterior chest X-rays (Guangzhou
   Women and Children's Medical Center, Kermany et al. 2018). Adults, other centres, other
   devices and other acquisition protocols are out of distribution; expect lower accuracy.
-- Frontal views only: lateral views, CT and non-chest images are not recognised as such and
-  will still receive a (meaningless) prediction.
-- Images are squashed to the input size (224 px by default): fine findings are lost, and
+  The enforced intended use ({use.describe()}) is wider than the training data:
+  ages and views inside it but absent from training are untested.
+- DICOM images outside the intended use ({", ".join(use.views)} views of the
+  {"/".join(b.lower() for b in use.body_parts)}, modality {"/".join(use.modalities)}, ages {use.age_range()})
+  are skipped, not scored. JPEG/PNG images have no tags to check: a lateral view, a CT slice
+  or a non-chest image given as JPEG is scored like any other (a meaningless result), marked
+  "unchecked" in the predictions and the report.
+- Images are squashed to the input size ({card.input_size[0]} px here): fine findings are lost, and
   the aspect ratio is not used on purpose (in this dataset it correlates with the label).
 - Bacterial vs viral labels come from clinical grading of the original study and are noisy;
   the two pneumonia classes are much harder to separate than pneumonia from normal.
@@ -76,7 +85,7 @@ def render(card: ModelCard, y: np.ndarray, probs: np.ndarray, n_boot: int = 500)
     )
     return f"""# Model card: {card.version}
 
-{card.intended_use}
+{card.intended_use_statement}
 
 ## Model
 - Architecture: `{card.arch}` (ImageNet-pretrained backbone, 3-class head), input
@@ -120,5 +129,5 @@ expected calibration error (15 bins) {m.get("ece_before_temperature", math.nan):
 {m.get("validation", {}).get("ece", math.nan):.4f}.
 
 ## Limitations
-{LIMITATIONS}
+{limitations(card)}
 """
