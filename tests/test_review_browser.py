@@ -143,6 +143,28 @@ def chromium():
         browser.close()
 
 
+def test_review_script_and_styles_are_package_files_inlined_and_parse():
+    """review.js / review.css are package data (importlib.resources), inlined whole into the
+    page (it must work from file://), and the script is valid JavaScript for a real parser."""
+    import subprocess
+    from importlib import resources
+
+    from cxr_ray.reporting.review import Worklist, review_html, static_text
+
+    static = resources.files("cxr_ray.reporting") / "static"
+    js, css = (static / "review.js").read_text(encoding="utf-8"), (static / "review.css").read_text("utf-8")
+    assert "localStorage" in js and "#rv-list" in css
+    page = review_html(Worklist([], 0, 0, 40, 300), run_dir="unused", run_id="r1")
+    assert f"<script>{js}</script>" in page and f"<style>{css}</style>" in page
+    assert static_text("review.js") == js
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("no node on PATH to parse static/review.js (make lint-js lints it with ESLint)")
+    with resources.as_file(static / "review.js") as path:
+        done = subprocess.run([node, "--check", str(path)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
 def _ids(page: Any) -> list[str]:
     return page.eval_on_selector_all("#rv-list > li.rv", "els => els.map(e => e.dataset.id)")
 

@@ -2,8 +2,9 @@
 
 The worklist holds every flagged study (most suspicious first) and a seeded random sample of
 the unflagged scored studies, each shown by its driving image (a small inline JPEG, and its
-Grad-CAM overlay when the run was scored with ``--explain``). Plain inline JavaScript (no
-server, no external files: it works from ``file://``) sorts and filters the items, marks the
+Grad-CAM overlay when the run was scored with ``--explain``). Plain JavaScript
+(``static/review.js``, with ``static/review.css``; both inlined into the page, so there is no
+server and no external file: it works from ``file://``) sorts and filters the items, marks the
 focused one from the keyboard or its buttons, keeps the marks in ``localStorage`` under the
 run id (a reload keeps them) and downloads the reviewed items as a CSV with the columns of
 ``CSV_HEADER``, the input of ``cxr-ray calibrate --labels``.
@@ -20,11 +21,13 @@ the export.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import html
 import io
 import logging
 from dataclasses import dataclass
+from importlib import resources
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -35,12 +38,13 @@ from cxr_ray.errors import CxrRayError
 from cxr_ray.imaging.preprocess import PreprocessSpec, decode
 from cxr_ray.io import storage, uris
 from cxr_ray.labels import LABELS
-from cxr_ray.scoring.screen import REF_CHARS
+from cxr_ray.scoring.result import REF_CHARS
+from cxr_ray.vocabulary import Status
 
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["CSV_HEADER", "REVIEW_LABELS", "ReviewItem", "Worklist", "review_html", "worklist"]
+__all__ = ["CSV_HEADER", "REVIEW_LABELS", "ReviewItem", "Worklist", "review_html", "static_text", "worklist"]
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +115,7 @@ def worklist(
         )
         units = units.rename_columns(["image_id", "uri", *units.column_names[2:]])
     else:
-        units = predictions.filter(pc.equal(predictions["status"], "ok")).select(
+        units = predictions.filter(pc.equal(predictions["status"], Status.OK.value)).select(
             ["image_id", "uri", "model_version", *columns[1:]]
         )
     units = units.filter(pc.is_valid(units["image_id"]))
@@ -236,164 +240,17 @@ def _item_html(item: ReviewItem, index: int, run_dir: str) -> str:
     )
 
 
-REVIEW_CSS = """
-#review .bar{display:flex;flex-wrap:wrap;gap:.6rem;align-items:center;margin:.6rem 0}
-#rv-list{list-style:none;padding:0;margin:0}
-.rv{display:flex;gap:1rem;align-items:center;border:1px solid #dde3ea;border-radius:6px;padding:.5rem;
-margin:.4rem 0;font-size:.85rem}.rv[hidden]{display:none}
-.rv:focus{outline:3px solid #1b6ac9;outline-offset:2px;background:#f2f7fd}
-.rv .pics{display:flex;gap:.3rem;min-width:248px}.rv .pics img{width:120px;height:120px}
-.rv:focus-within .pics img{width:192px;height:192px}
-.rv .meta{flex:1}.rv .btns{display:flex;flex-wrap:wrap;gap:.3rem;max-width:270px}
-.rv button,#review .bar button{font:inherit;padding:.25rem .5rem;border:1px solid #8793a1;
-border-radius:4px;background:#fff;cursor:pointer}
-.rv button:focus-visible,#review .bar button:focus-visible,#review select:focus-visible{
-outline:3px solid #1b6ac9;outline-offset:1px}
-.rv button[aria-pressed=true]{background:#1b6ac9;color:#fff;border-color:#1b6ac9}
-.rv button[aria-pressed=true] kbd{color:#fff}
-.rv[data-label]:not([data-label=""]){border-left:6px solid #2e8b57}
-.tag{border-radius:3px;padding:0 .3rem;font-size:.75rem}.tag.flagged{background:#fde2e1}
-.tag.random{background:#e3eefc}kbd{font-size:.7rem;color:#56606b}
-"""
+@functools.cache
+def static_text(name: str) -> str:
+    """A file of ``cxr_ray/reporting/static`` (the worklist's ``review.js`` / ``review.css``).
 
-#: Small and readable on purpose: it is the only code a reviewer's browser runs.
-REVIEW_JS = r"""
-(function () {
-  "use strict";
-  const root = document.getElementById("review");
-  const list = document.getElementById("rv-list");
-  const items = Array.from(list.querySelectorAll(".rv"));
-  const run = root.dataset.run;
-  const STORE = "cxr-ray-review:" + run;
-  const KEYS = {n: "normal", b: "bacterial", v: "viral", x: "not_assessable"};
-  const CLASS_ORDER = {normal: 0, bacterial: 1, viral: 2};
-  let marks = {};
-  let stored = true;
-  try { marks = JSON.parse(localStorage.getItem(STORE) || "{}") || {}; }
-  catch (e) { stored = false; marks = {}; }
-
-  function save() {
-    try { localStorage.setItem(STORE, JSON.stringify(marks)); }
-    catch (e) { stored = false; }
-  }
-  function show(li) {
-    const m = marks[li.dataset.id];
-    li.dataset.label = m ? m.label : "";
-    li.querySelector(".mark").textContent = m ? "marked " + m.label.replace("_", " ") : "unreviewed";
-    li.querySelectorAll("button[data-l]").forEach(function (b) {
-      b.setAttribute("aria-pressed", String(!!m && b.dataset.l === m.label));
-    });
-  }
-  function progress() {
-    const done = items.filter(function (li) { return marks[li.dataset.id]; });
-    const of = function (sel) { return items.filter(function (li) { return li.dataset.sel === sel; }); };
-    const count = function (xs) { return xs.filter(function (li) { return marks[li.dataset.id]; }).length; };
-    document.getElementById("rv-progress").textContent =
-      done.length + " of " + items.length + " reviewed (flagged " + count(of("flagged")) + "/" +
-      of("flagged").length + ", random " + count(of("random")) + "/" + of("random").length + ")" +
-      (stored ? "" : "; this browser does not keep them across a reload: export before closing");
-  }
-  function keep(li, filter) {
-    const m = marks[li.dataset.id];
-    if (filter === "all") return true;
-    if (filter === "unreviewed") return !m;
-    if (filter === "reviewed") return !!m;
-    if (filter === "flagged" || filter === "random") return li.dataset.sel === filter;
-    if (filter.startsWith("pred:")) return li.dataset.pred === filter.slice(5);
-    if (filter.startsWith("label:")) return !!m && m.label === filter.slice(6);
-    return true;
-  }
-  function applyFilter() {
-    const filter = document.getElementById("rv-filter").value;
-    items.forEach(function (li) { li.hidden = !keep(li, filter); });
-  }
-  function applySort() {
-    const by = document.getElementById("rv-sort").value;
-    const order = function (li) { return Number(li.dataset.order); };
-    const key = {
-      pp: function (li) { return [-Number(li.dataset.pp), order(li)]; },
-      pred: function (li) { return [CLASS_ORDER[li.dataset.pred], -Number(li.dataset.pp), order(li)]; },
-      status: function (li) { return [marks[li.dataset.id] ? 1 : 0, order(li)]; },
-    }[by];
-    const sorted = items.slice().sort(function (a, b) {
-      const ka = key(a), kb = key(b);
-      for (let i = 0; i < ka.length; i++) { if (ka[i] !== kb[i]) return ka[i] - kb[i]; }
-      return 0;
-    });
-    sorted.forEach(function (li) { list.appendChild(li); });
-  }
-  function visible() {
-    return Array.from(list.children).filter(function (li) { return !li.hidden; });
-  }
-  function neighbour(li, step) {
-    const v = visible();
-    return v[v.indexOf(li) + step] || null;
-  }
-  function go(li) {
-    if (li) { li.focus(); li.scrollIntoView({block: "nearest"}); }
-  }
-  function mark(li, label) {
-    const next = neighbour(li, 1);
-    if (label) marks[li.dataset.id] = {label: label, at: new Date().toISOString()};
-    else delete marks[li.dataset.id];
-    save();
-    show(li);
-    progress();
-    applyFilter();
-    if (label) go(next || (li.hidden ? visible()[0] : li));  // marked: on to the next one
-    else if (!li.hidden) go(li);
-  }
-  function quote(s) {
-    s = String(s);
-    return /[",\r\n]/.test(s) ? '"' + s.replace(/"/g, '""') + '"' : s;
-  }
-  function csv() {
-    const rows = [root.dataset.header];
-    items.forEach(function (li) {
-      const m = marks[li.dataset.id];
-      if (!m) return;
-      rows.push([li.dataset.id, m.label, li.dataset.sel, li.dataset.flagged, run, li.dataset.mv, m.at]
-        .map(quote).join(","));
-    });
-    return rows.join("\n") + "\n";
-  }
-  function exportCsv() {
-    const url = URL.createObjectURL(new Blob([csv()], {type: "text/csv"}));
-    const a = document.createElement("a");
-    a.href = url;
-    a.download = "labels-" + run + ".csv";
-    document.body.appendChild(a);
-    a.click();
-    a.remove();
-    setTimeout(function () { URL.revokeObjectURL(url); }, 10000);
-  }
-
-  list.addEventListener("click", function (e) {
-    const b = e.target.closest("button[data-l]");
-    if (b) mark(b.closest(".rv"), b.dataset.l);
-  });
-  list.addEventListener("keydown", function (e) {
-    const li = e.target.closest(".rv");
-    if (!li || e.altKey || e.ctrlKey || e.metaKey) return;
-    const k = e.key.toLowerCase();
-    if (KEYS[k]) mark(li, KEYS[k]);
-    else if (k === "u") mark(li, "");
-    else if (k === "j" || k === "arrowdown" || k === "arrowright") go(neighbour(li, 1));
-    else if (k === "k" || k === "arrowup" || k === "arrowleft") go(neighbour(li, -1));
-    else return;
-    e.preventDefault();
-  });
-  document.getElementById("rv-filter").addEventListener("change", applyFilter);
-  document.getElementById("rv-sort").addEventListener("change", function () { applySort(); applyFilter(); });
-  document.getElementById("rv-export").addEventListener("click", exportCsv);
-  document.getElementById("rv-first").addEventListener("click", function () { go(visible()[0]); });
-  items.forEach(show);
-  progress();
-  applySort();
-  applyFilter();
-  window.cxrReview = {csv: csv, reviewed: function () { return Object.keys(marks).length; }};
-})();
-"""
+    Package data read with ``importlib.resources`` (installed wheels and editable checkouts
+    alike). It is inlined into the report, so it must not close its own element.
+    """
+    text = (resources.files("cxr_ray.reporting") / "static" / name).read_text(encoding="utf-8")
+    if "</" in text:
+        raise ValueError(f"static/{name} contains '</', which would end the report's inline element")
+    return text
 
 
 def review_html(work: Worklist, *, run_dir: str, run_id: str) -> str:
@@ -445,9 +302,9 @@ def review_html(work: Worklist, *, run_dir: str, run_id: str) -> str:
         body = ""
         notes.append('<p class="note">No scored studies to review.</p>')
     return (
-        f"<style>{REVIEW_CSS}</style>"
+        f"<style>{static_text('review.css')}</style>"
         f'<section id="review" data-run="{html.escape(run_id)}" data-header="{CSV_HEADER}">'
         f"<h2>Review worklist ({len(work.items)} studies)</h2>{''.join(notes)}{bar}"
         f'<ol id="rv-list" aria-label="studies to review">{body}</ol></section>'
-        f"<script>{REVIEW_JS}</script>"
+        f"<script>{static_text('review.js')}</script>"
     )
