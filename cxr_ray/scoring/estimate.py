@@ -1,0 +1,508 @@
+"""A label-free estimate of a scoring run's performance, with 95% intervals.
+
+``summary.json`` gets ``performance_estimate``: the run's expected pneumonia sensitivity and
+specificity at the card's flag threshold, 3-class accuracy and the flag rate, each
+``{estimate, low, high}``, how it was computed (``method``), and whether it can be trusted
+(``reliable`` with a ``note``)::
+
+    acc = EstimateAccumulator(art.card, reference, reference_labels(art, reference))
+    for block in predictor_output_blocks:      # prob_* columns (and features, when present)
+        acc.add(block)
+    estimate = acc.finish()                    # the summary.json block
+
+Methods (all three are computed; ``method`` says which one the figures are; the others are
+in ``alternatives`` for comparison; the choice was made by measurement, see
+docs/MONITORING.md "Performance estimate" and ``benchmarks/performance_estimate.py``):
+
+- ``cbpe``: confidence-based performance estimation (NannyML's CBPE, a few lines here): if
+  the calibrated probabilities hold at the site, the expected confusion counts at the flag
+  threshold are sums of P(pneumonia) over flagged / unflagged rows, and the expected 3-class
+  accuracy is the mean top-class probability. Needs nothing but the run's probabilities.
+- ``atc``: average thresholded confidence (Garg et al., ICLR 2022): a confidence threshold
+  fitted on the validation images (the drift reference's logits and the split's labels) so
+  that the share above it equals the validation accuracy; applied per predicted group
+  (flagged: PPV, unflagged: NPV) for sensitivity and specificity.
+- ``iw``: importance weighting of the labelled validation images by a domain classifier
+  (logistic regression) that tells the run's penultimate features (reference-PCA
+  coordinates, a reservoir) from the reference's.
+
+Interval: the estimate's own sampling uncertainty (the Poisson-binomial variance of the
+unknown labels given the probabilities, delta method for the ratios) plus a systematic
+term for calibration that does not hold under shift, which grows with how well a domain
+classifier tells the run from the reference (``domain_auc``; cross-validated, label-free):
+``half = sqrt((1.96 * se)^2 + (SYSTEMATIC_BASE + SYSTEMATIC_SLOPE * shift)^2)`` with
+``shift = 2 * (domain_auc - 0.5)`` clipped to 0..1. The estimate is flagged unreliable
+(``reliable: false``) below ``MIN_IMAGES`` scored images or when ``domain_auc`` is at or
+above ``SEVERE_DOMAIN_AUC`` (the run's features barely overlap the reference's).
+
+Memory is bounded: sums for CBPE, counts for ATC (its thresholds are fixed at start), and
+a uniform reservoir of PCA coordinates for the domain classifier.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cxr_ray.labels import LABELS, NORMAL
+from cxr_ray.models.card import ModelCard
+from cxr_ray.vocabulary import Status
+
+if TYPE_CHECKING:
+    from cxr_ray.models.artifact import Artifact
+    from cxr_ray.models.reference import DriftReference
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "EstimateAccumulator",
+    "atc",
+    "cbpe",
+    "domain_auc",
+    "estimate_arrays",
+    "estimate_line",
+    "importance_weighted",
+    "reference_labels",
+]
+
+METHODS = ("cbpe", "atc", "iw")
+#: The method whose figures ``performance_estimate`` reports (chosen by measurement).
+DEFAULT_METHOD = "cbpe"
+METRICS = ("sensitivity", "specificity", "accuracy", "flag_rate")
+#: Fewer scored images than this: the estimate is given but marked unreliable.
+MIN_IMAGES = 100
+#: Domain-classifier AUC at or above which the run's features barely overlap the reference's.
+SEVERE_DOMAIN_AUC = 0.95
+#: The systematic half-width at no measurable shift, and its growth with ``shift``.
+SYSTEMATIC_BASE = 0.01
+SYSTEMATIC_SLOPE = 0.15
+_Z = 1.959963984540054
+_NORMAL = LABELS.index(NORMAL)
+_RESERVOIR = 2000
+
+
+# -- the three estimators (pure functions over arrays) ---------------------------------------
+
+
+def _ratio(a: float, b: float, va: float, vb: float) -> tuple[float, float]:
+    """``a / (a + b)`` and its delta-method variance for independent ``a``, ``b``."""
+    s = a + b
+    if s <= 0:
+        return math.nan, math.nan
+    return a / s, (b * b * va + a * a * vb) / s**4
+
+
+@dataclass
+class _Sums:
+    """CBPE's sufficient statistics: expected confusion counts and their variances."""
+
+    n: int = 0
+    flagged: int = 0
+    tp: float = 0.0
+    fn: float = 0.0
+    tn: float = 0.0
+    fp: float = 0.0
+    v_pos_flag: float = 0.0  # sum of p(1-p) over flagged rows
+    v_pos_unflag: float = 0.0
+    top: float = 0.0
+    v_top: float = 0.0
+
+    def add(self, probs: np.ndarray, threshold: float) -> None:
+        p = 1.0 - probs[:, _NORMAL]
+        f = p >= threshold
+        v = p * (1.0 - p)
+        m = probs.max(axis=1)
+        self.n += len(p)
+        self.flagged += int(f.sum())
+        self.tp += float(p[f].sum())
+        self.fp += float((1.0 - p[f]).sum())
+        self.fn += float(p[~f].sum())
+        self.tn += float((1.0 - p[~f]).sum())
+        self.v_pos_flag += float(v[f].sum())
+        self.v_pos_unflag += float(v[~f].sum())
+        self.top += float(m.sum())
+        self.v_top += float((m * (1.0 - m)).sum())
+
+    def figures(self) -> dict[str, tuple[float, float]]:
+        """``metric -> (estimate, standard error)``."""
+        sens, v_sens = _ratio(self.tp, self.fn, self.v_pos_flag, self.v_pos_unflag)
+        spec, v_spec = _ratio(self.tn, self.fp, self.v_pos_unflag, self.v_pos_flag)
+        n = max(self.n, 1)
+        return {
+            "sensitivity": (sens, math.sqrt(v_sens) if math.isfinite(v_sens) else math.nan),
+            "specificity": (spec, math.sqrt(v_spec) if math.isfinite(v_spec) else math.nan),
+            "accuracy": (self.top / n if self.n else math.nan, math.sqrt(self.v_top) / n),
+            "flag_rate": _flag_rate(self.flagged, self.n),
+        }
+
+
+def _flag_rate(flagged: int, n: int) -> tuple[float, float]:
+    if n == 0:
+        return math.nan, math.nan
+    r = flagged / n
+    return r, math.sqrt(max(r * (1 - r), 0.25 / n) / n)
+
+
+def cbpe(probs: np.ndarray, threshold: float) -> dict[str, tuple[float, float]]:
+    """CBPE of calibrated 3-class ``probs`` ``[n, 3]``: ``metric -> (estimate, se)``."""
+    s = _Sums()
+    s.add(np.asarray(probs, np.float64), threshold)
+    return s.figures()
+
+
+def _atc_threshold(conf: np.ndarray, correct: np.ndarray) -> float:
+    """The confidence above which the share of ``conf`` equals the share ``correct``."""
+    if len(conf) == 0:
+        return math.nan
+    return float(np.quantile(conf, 1.0 - float(np.mean(correct))))
+
+
+@dataclass(frozen=True)
+class AtcThresholds:
+    """ATC's three thresholds, fitted on the labelled validation images."""
+
+    top: float  # 3-class accuracy: on the top-class probability
+    flagged: float  # PPV: on P(pneumonia) of flagged images
+    unflagged: float  # NPV: on P(normal) of unflagged images
+
+    @classmethod
+    def fit(cls, probs: np.ndarray, y: np.ndarray, threshold: float) -> AtcThresholds:
+        p = 1.0 - probs[:, _NORMAL]
+        f = p >= threshold
+        pos = y != _NORMAL
+        return cls(
+            top=_atc_threshold(probs.max(1), probs.argmax(1) == y),
+            flagged=_atc_threshold(p[f], pos[f]),
+            unflagged=_atc_threshold(1.0 - p[~f], ~pos[~f]),
+        )
+
+
+def _atc_counts(probs: np.ndarray, threshold: float, t: AtcThresholds) -> np.ndarray:
+    """``[n, flagged, top above, flagged above, unflagged above]`` for ``probs``."""
+    p = 1.0 - probs[:, _NORMAL]
+    f = p >= threshold
+    return np.array(
+        [
+            len(p),
+            f.sum(),
+            (probs.max(1) > t.top).sum(),
+            (p[f] > t.flagged).sum(),
+            ((1.0 - p[~f]) > t.unflagged).sum(),
+        ],
+        np.float64,
+    )
+
+
+def _atc_figures(c: np.ndarray) -> dict[str, tuple[float, float]]:
+    n, nf, top, ppv_n, npv_n = (float(v) for v in c)
+    nu = n - nf
+    tp, fp = ppv_n, nf - ppv_n
+    tn, fn = npv_n, nu - npv_n
+    # Binomial variances of the thresholded counts (the estimator's sampling noise).
+    v_tp = tp * (nf - tp) / nf if nf else 0.0
+    v_tn = tn * (nu - tn) / nu if nu else 0.0
+    sens, v_sens = _ratio(tp, fn, v_tp, v_tn)
+    spec, v_spec = _ratio(tn, fp, v_tn, v_tp)
+    acc = top / n if n else math.nan
+    return {
+        "sensitivity": (sens, math.sqrt(v_sens) if math.isfinite(v_sens) else math.nan),
+        "specificity": (spec, math.sqrt(v_spec) if math.isfinite(v_spec) else math.nan),
+        "accuracy": (acc, math.sqrt(acc * (1 - acc) / n) if n else math.nan),
+        "flag_rate": _flag_rate(int(nf), int(n)),
+    }
+
+
+def atc(probs: np.ndarray, threshold: float, thresholds: AtcThresholds) -> dict[str, tuple[float, float]]:
+    """ATC of the run's calibrated ``probs`` with ``thresholds`` fitted on validation."""
+    return _atc_figures(_atc_counts(np.asarray(probs, np.float64), threshold, thresholds))
+
+
+def _domain_scores(ref_z: np.ndarray, run_z: np.ndarray, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Cross-fitted P(run | z) for every reference row and every run row (5 folds)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+
+    x = np.concatenate([ref_z, run_z])
+    d = np.concatenate([np.zeros(len(ref_z)), np.ones(len(run_z))])
+    model = LogisticRegression(C=1.0, class_weight="balanced", max_iter=1000)
+    folds = min(5, len(ref_z), len(run_z))
+    if folds < 2:
+        return np.full(len(ref_z), 0.5), np.full(len(run_z), 0.5)
+    from sklearn.model_selection import StratifiedKFold
+
+    cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
+    q = cross_val_predict(model, x, d, cv=cv, method="predict_proba")[:, 1]
+    return q[: len(ref_z)], q[len(ref_z) :]
+
+
+def domain_auc(ref_z: np.ndarray, run_z: np.ndarray, seed: int = 0) -> float:
+    """How well a (cross-validated, linear) domain classifier tells the run's PCA coordinates
+    from the reference's: 0.5 = indistinguishable, 1.0 = disjoint."""
+    if len(ref_z) < 2 or len(run_z) < 2:
+        return math.nan
+    from sklearn.metrics import roc_auc_score
+
+    q_ref, q_run = _domain_scores(ref_z, run_z, seed)
+    auc = float(roc_auc_score(np.r_[np.zeros(len(q_ref)), np.ones(len(q_run))], np.r_[q_ref, q_run]))
+    return max(auc, 0.5)
+
+
+def importance_weighted(
+    ref_probs: np.ndarray,
+    ref_y: np.ndarray,
+    ref_z: np.ndarray,
+    run_z: np.ndarray,
+    threshold: float,
+    *,
+    flag_rate: tuple[float, float] | None = None,
+    max_weight: float = 20.0,
+    seed: int = 0,
+) -> dict[str, tuple[float, float]]:
+    """The validation images' metrics weighted by ``P(run|z) / P(reference|z)``; standard
+    errors from the weights' effective sample size."""
+    q_ref, _ = _domain_scores(ref_z, run_z, seed)
+    q_ref = np.clip(q_ref, 1e-6, 1 - 1e-6)
+    w = np.minimum(q_ref / (1 - q_ref), max_weight)
+    w = w / w.mean()
+    p = 1.0 - ref_probs[:, _NORMAL]
+    f = p >= threshold
+    pos = ref_y != _NORMAL
+
+    def weighted(hit: np.ndarray, among: np.ndarray) -> tuple[float, float]:
+        ww = w[among]
+        if ww.sum() <= 0:
+            return math.nan, math.nan
+        est = float((ww * hit[among]).sum() / ww.sum())
+        ess = ww.sum() ** 2 / (ww**2).sum()
+        return est, math.sqrt(max(est * (1 - est), 0.25 / ess) / ess)
+
+    every = np.ones(len(w), bool)
+    return {
+        "sensitivity": weighted(f, pos),
+        "specificity": weighted(~f, ~pos),
+        "accuracy": weighted(ref_probs.argmax(1) == ref_y, every),
+        "flag_rate": flag_rate if flag_rate is not None else weighted(f, every),
+    }
+
+
+# -- intervals and the summary block ------------------------------------------------------
+
+
+def systematic_half_width(auc: float) -> float:
+    """The interval's allowance for calibration that does not hold at the site."""
+    shift = 0.0 if not math.isfinite(auc) else min(max(2.0 * (auc - 0.5), 0.0), 1.0)
+    return SYSTEMATIC_BASE + SYSTEMATIC_SLOPE * shift
+
+
+def _interval(est: float, se: float, systematic: float) -> dict[str, float | None]:
+    if not math.isfinite(est):
+        return {"estimate": None, "low": None, "high": None}
+    half = math.sqrt((_Z * (se if math.isfinite(se) else 0.0)) ** 2 + systematic**2)
+    return {
+        "estimate": round(est, 4),
+        "low": round(max(0.0, est - half), 4),
+        "high": round(min(1.0, est + half), 4),
+    }
+
+
+def summary_block(
+    figures: dict[str, dict[str, tuple[float, float]]],
+    method: str,
+    *,
+    n: int,
+    auc: float,
+) -> dict[str, Any]:
+    """The ``performance_estimate`` block from each method's ``metric -> (estimate, se)``."""
+    sys_half = systematic_half_width(auc)
+    chosen = figures[method]
+    out: dict[str, Any] = {"method": method, "n_images": n}
+    for m in METRICS:
+        # The flag rate is counted, not estimated: no systematic term.
+        out[m] = _interval(*chosen[m], 0.0 if m == "flag_rate" else sys_half)
+    notes = []
+    if n < MIN_IMAGES:
+        notes.append(f"fewer than {MIN_IMAGES} scored images")
+    if math.isfinite(auc) and auc >= SEVERE_DOMAIN_AUC:
+        notes.append(
+            f"severe feature shift (domain classifier AUC {auc:.2f} >= {SEVERE_DOMAIN_AUC}): the "
+            "model's probabilities may not hold here; label a sample (cxr-ray site-check / calibrate)"
+        )
+    out["reliable"] = not notes
+    out["note"] = "; ".join(notes) if notes else None
+    out["domain_auc"] = None if not math.isfinite(auc) else round(auc, 4)
+    out["alternatives"] = {
+        k: {m: (None if not math.isfinite(v[m][0]) else round(v[m][0], 4)) for m in METRICS}
+        for k, v in figures.items()
+        if k != method
+    }
+    return out
+
+
+def estimate_arrays(
+    probs: np.ndarray,
+    threshold: float,
+    *,
+    run_z: np.ndarray | None = None,
+    ref_probs: np.ndarray | None = None,
+    ref_y: np.ndarray | None = None,
+    ref_z: np.ndarray | None = None,
+    method: str = DEFAULT_METHOD,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The ``performance_estimate`` block of a run given as arrays (benchmarks, tests)."""
+    probs = np.asarray(probs, np.float64)
+    figures = {"cbpe": cbpe(probs, threshold)}
+    if ref_probs is not None and ref_y is not None:
+        figures["atc"] = atc(probs, threshold, AtcThresholds.fit(ref_probs, ref_y, threshold))
+    auc = math.nan
+    if ref_z is not None and run_z is not None and len(run_z) >= 2:
+        auc = domain_auc(ref_z, run_z, seed)
+        if ref_probs is not None and ref_y is not None:
+            figures["iw"] = importance_weighted(
+                ref_probs, ref_y, ref_z, run_z, threshold, flag_rate=figures["cbpe"]["flag_rate"], seed=seed
+            )
+    if method not in figures:
+        method = "cbpe"
+    return summary_block(figures, method, n=len(probs), auc=auc)
+
+
+def estimate_line(e: dict[str, Any]) -> str | None:
+    """The console summary line of a ``performance_estimate`` block (``None``: no estimate)."""
+    if not e or e.get("sensitivity") is None:
+        return None
+
+    def fmt(m: str) -> str:
+        v = e[m]
+        if v.get("estimate") is None:
+            return f"{m} n/a"
+        return f"{m} {v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
+
+    line = (
+        f"estimated performance (no labels, {e['method']}, at the flag threshold): "
+        + ", ".join(fmt(m) for m in ("sensitivity", "specificity", "accuracy", "flag_rate"))
+    )
+    if not e.get("reliable", True):
+        line += f" -- UNRELIABLE: {e.get('note')}"
+    return line
+
+
+# -- block by block, inside a scoring run -----------------------------------------------------
+
+
+def reference_labels(art: Artifact, ref: DriftReference) -> np.ndarray | None:
+    """The class indices of the drift reference's images: the ``val`` rows of the artifact's
+    ``split.parquet``, in order (the rows ``build_reference`` read), or ``None`` when they cannot
+    be matched one to one (a subsample, unreadable images, no split file)."""
+    from cxr_ray.io import storage
+
+    uri = storage.join(art.uri, "split.parquet")
+    if ref.meta.get("unreadable") or not storage.exists(uri):
+        return None
+    split = storage.read_table(uri, columns=["split", "label"])
+    val = split.filter(pc.equal(split["split"], "val"))["label"].to_pylist()
+    if len(val) != ref.n or any(v not in LABELS for v in val):
+        return None
+    return np.array([LABELS.index(v) for v in val], np.int64)
+
+
+class EstimateAccumulator:
+    """The performance estimate of a run, block by block (bounded memory)."""
+
+    def __init__(
+        self,
+        card: ModelCard,
+        reference: DriftReference | None = None,
+        labels: np.ndarray | None = None,
+        *,
+        method: str = DEFAULT_METHOD,
+        reservoir_size: int = _RESERVOIR,
+        seed: int = 0,
+    ) -> None:
+        self.card = card
+        self.threshold = card.pneumonia_threshold
+        self.ref = reference
+        self.method = method
+        self.sums = _Sums()
+        self.rng = np.random.default_rng(seed)
+        self.seed = seed
+        self.ref_probs = self.ref_z = self.atc_t = None
+        self.atc_counts = np.zeros(5)
+        if reference is not None:
+            self.ref_probs = card.probabilities(reference.logits.astype(np.float64))
+            self.ref_z = reference.pca_scores.astype(np.float64) / _std(reference)
+            if labels is not None and len(labels) == reference.n:
+                self.atc_t = AtcThresholds.fit(self.ref_probs, labels, self.threshold)
+        self.labels = labels
+        k = 0 if reference is None else reference.pca_components.shape[0]
+        self.res = np.full((reservoir_size, k), np.nan)
+        self.seen = 0
+
+    def add(self, block: pa.Table) -> None:
+        """Count the ``ok`` rows of a predictions block (``prob_*``; ``features`` if present)."""
+        if block.num_rows == 0 or "status" not in block.column_names:
+            return
+        ok_mask = pc.fill_null(pc.equal(block["status"], Status.OK.value), False)
+        ok = np.asarray(ok_mask.to_numpy(zero_copy_only=False))
+        if not ok.any():
+            return
+        probs = np.stack(
+            [block[f"prob_{k}"].to_numpy(zero_copy_only=False).astype(np.float64)[ok] for k in LABELS], axis=1
+        )
+        fine = np.isfinite(probs).all(axis=1)
+        probs = probs[fine]
+        self.sums.add(probs, self.threshold)
+        if self.atc_t is not None:
+            self.atc_counts += _atc_counts(probs, self.threshold, self.atc_t)
+        if self.ref is not None and "features" in block.column_names:
+            from cxr_ray.scoring.stages import tensor_column
+
+            feats = np.asarray(tensor_column(block, "features"), np.float64).reshape(block.num_rows, -1)
+            feats = feats[ok][fine]
+            if feats.shape[1] == self.ref.feature_mean.shape[0]:
+                good = np.isfinite(feats).all(axis=1)
+                self._reservoir(self.ref.project(feats[good]) / _std(self.ref))
+
+    def _reservoir(self, z: np.ndarray) -> None:
+        size = self.res.shape[0]
+        for row in z:  # Algorithm R; blocks are small next to the scoring itself
+            if self.seen < size:
+                self.res[self.seen] = row
+            else:
+                j = int(self.rng.integers(0, self.seen + 1))
+                if j < size:
+                    self.res[j] = row
+            self.seen += 1
+
+    def finish(self) -> dict[str, Any]:
+        """The ``performance_estimate`` block (``{}`` when no row was scored)."""
+        if self.sums.n == 0:
+            return {}
+        figures = {"cbpe": self.sums.figures()}
+        if self.atc_t is not None:
+            figures["atc"] = _atc_figures(self.atc_counts)
+        auc = math.nan
+        run_z = self.res[: min(self.seen, self.res.shape[0])]
+        if self.ref_z is not None and len(run_z) >= 10:
+            auc = domain_auc(self.ref_z, run_z, self.seed)
+            if self.labels is not None and self.ref_probs is not None:
+                figures["iw"] = importance_weighted(
+                    self.ref_probs,
+                    self.labels,
+                    self.ref_z,
+                    run_z,
+                    self.threshold,
+                    flag_rate=figures["cbpe"]["flag_rate"],
+                    seed=self.seed,
+                )
+        method = self.method if self.method in figures else "cbpe"
+        return summary_block(figures, method, n=self.sums.n, auc=auc)
+
+
+def _std(ref: DriftReference) -> np.ndarray:
+    return np.maximum(ref.pca_std.astype(np.float64), 1e-6)

@@ -1,0 +1,205 @@
+"""A labelled run's measured performance against the model card's: the performance alert.
+
+Any scoring run whose images carry labels (Kermany file names or folders, a manifest's
+``label`` column, a review CSV) measures pneumonia sensitivity and specificity **at the flag
+threshold** and 3-class accuracy. ``check_performance`` compares each with the card's
+validation figure, as counts: the card's from its validation confusion / split counts, the
+run's from its labels. The test accounts for both sample sizes: a one-sided Fisher exact test
+of "the run's proportion is lower than validation's" (scipy.stats.fisher_exact on the 2x2
+table of successes and failures), Holm-corrected across the three at ``alpha`` (0.05), and an
+alert needs a drop of at least ``min_drop`` (0.02) as well, so a huge run cannot alert on a
+trivial difference. ``summary.json`` gets the ``performance_check`` block; the console and
+the log get one ``PERFORMANCE ALERT`` line when a figure is below what validation promised.
+
+Each figure comes with its 95% interval (Clopper-Pearson, exact binomial) for the run and the
+card, so the line reads like the card::
+
+    PERFORMANCE ALERT: specificity 0.825 [0.780, 0.864] (n=234) at the flag threshold 0.779 is
+    below the model card's 0.990 [0.963, 0.999] (n=192), Holm p=2e-09
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from cxr_ray.labels import LABELS, NORMAL
+from cxr_ray.models.card import ModelCard
+
+__all__ = ["card_counts", "check_performance", "performance_line", "run_counts"]
+
+ALPHA = 0.05
+MIN_DROP = 0.02
+CHECKED = ("sensitivity", "specificity", "accuracy")
+_NORMAL = LABELS.index(NORMAL)
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact binomial interval of ``k`` successes in ``n``."""
+    from scipy.stats import beta
+
+    if n == 0:
+        return math.nan, math.nan
+    a = (1 - level) / 2
+    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
+    return lo, hi
+
+
+def card_counts(card: ModelCard) -> dict[str, tuple[int, int]] | None:
+    """``metric -> (successes, n)`` of the card's validation figures at its flag threshold, or
+    ``None`` when the card has no validation metrics with their sample sizes."""
+    val = card.metrics.get("validation") or {}
+    confusion = card.metrics.get("validation_confusion")
+    if not val or not confusion:
+        return None
+    conf = np.asarray(confusion, np.int64)
+    n_normal = int(conf[_NORMAL].sum())
+    n = int(conf.sum())
+    n_pos = n - n_normal
+    figures = {
+        "sensitivity": (val.get("binary_sensitivity_at_threshold"), n_pos),
+        "specificity": (val.get("binary_specificity_at_threshold"), n_normal),
+        "accuracy": (val.get("accuracy"), n),
+    }
+    out = {}
+    for m, (value, size) in figures.items():
+        if value is None or not math.isfinite(float(value)) or size == 0:
+            return None
+        out[m] = (round(float(value) * size), size)
+    return out
+
+
+def run_counts(y: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, tuple[int, int]]:
+    """``metric -> (successes, n)`` of a labelled run at ``threshold`` (3-class accuracy at argmax)."""
+    y = np.asarray(y, np.int64)
+    p = 1.0 - np.asarray(probs, np.float64)[:, _NORMAL]
+    flag = p >= threshold
+    pos = y != _NORMAL
+    return {
+        "sensitivity": (int((flag & pos).sum()), int(pos.sum())),
+        "specificity": (int((~flag & ~pos).sum()), int((~pos).sum())),
+        "accuracy": (int((np.asarray(probs).argmax(1) == y).sum()), len(y)),
+    }
+
+
+def _holm(p: list[float]) -> list[float]:
+    """Holm-adjusted p-values (NaN stays NaN and does not count)."""
+    idx = [i for i in np.argsort(p) if math.isfinite(p[i])]
+    m = len(idx)
+    out = [math.nan] * len(p)
+    running = 0.0
+    for rank, i in enumerate(idx):
+        running = max(running, min(1.0, (m - rank) * p[i]))
+        out[i] = running
+    return out
+
+
+def check_performance(
+    card: ModelCard,
+    y: np.ndarray,
+    probs: np.ndarray,
+    *,
+    threshold: float | None = None,
+    alpha: float = ALPHA,
+    min_drop: float = MIN_DROP,
+) -> dict[str, Any]:
+    """The ``performance_check`` block of a labelled run (``y`` class indices, ``probs``
+    calibrated ``[n, 3]``): per metric the run's and the card's value, counts and 95%
+    intervals, the one-sided p-value (Holm-adjusted) and whether it alerts."""
+    from scipy.stats import fisher_exact
+
+    t = card.pneumonia_threshold if threshold is None else threshold
+    if len(y) == 0:
+        return {"status": "no_labels"}
+    ref = card_counts(card)
+    run = run_counts(y, probs, t)
+    if ref is None:
+        return {"status": "no_card_figures", "threshold": t, "n_labelled": len(y), **_run_only(run)}
+    raw: list[float] = []
+    for m in CHECKED:
+        (k1, n1), (k2, n2) = ref[m], run[m]
+        if n2 == 0:
+            raw.append(math.nan)
+            continue
+        res = fisher_exact([[k1, n1 - k1], [k2, n2 - k2]], alternative="greater")
+        raw.append(float(res.pvalue))
+    adjusted = _holm(raw)
+    figures: dict[str, Any] = {}
+    alerts = []
+    for m, p_raw, p_adj in zip(CHECKED, raw, adjusted, strict=True):
+        (k1, n1), (k2, n2) = ref[m], run[m]
+        value = k2 / n2 if n2 else math.nan
+        card_value = k1 / n1
+        alert = bool(math.isfinite(p_adj) and p_adj < alpha and card_value - value >= min_drop)
+        figures[m] = {
+            "value": _r(value),
+            "low": _r(clopper_pearson(k2, n2)[0]),
+            "high": _r(clopper_pearson(k2, n2)[1]),
+            "n": n2,
+            "card": _r(card_value),
+            "card_low": _r(clopper_pearson(k1, n1)[0]),
+            "card_high": _r(clopper_pearson(k1, n1)[1]),
+            "card_n": n1,
+            "p_value": _r(p_raw, 6),
+            "p_holm": _r(p_adj, 6),
+            "alert": alert,
+        }
+        if alert:
+            alerts.append(m)
+    return {
+        "status": "checked",
+        "alert": bool(alerts),
+        "alerts": alerts,
+        "threshold": round(t, 6),
+        "n_labelled": len(y),
+        "alpha": alpha,
+        "min_drop": min_drop,
+        "test": "one-sided Fisher exact (run below validation), Holm across sensitivity, specificity, accuracy",
+        "card_source": "lineage (site-calibrated card: figures of the parent's validation)"
+        if card.lineage
+        else "validation",
+        **figures,
+    }
+
+
+def _run_only(run: dict[str, tuple[int, int]]) -> dict[str, Any]:
+    out = {}
+    for m, (k, n) in run.items():
+        lo, hi = clopper_pearson(k, n)
+        out[m] = {"value": _r(k / n if n else math.nan), "low": _r(lo), "high": _r(hi), "n": n}
+    return out
+
+
+def _r(x: float, digits: int = 4) -> float | None:
+    return None if x is None or not math.isfinite(x) else round(float(x), digits)
+
+
+def performance_line(c: dict[str, Any]) -> str | None:
+    """The console line of a ``performance_check`` block: the measured figures at the flag
+    threshold, ``PERFORMANCE ALERT`` first when one is below the card's (``None``: no labels)."""
+    if not c or c.get("status") not in ("checked", "no_card_figures"):
+        return None
+
+    def fmt(m: str) -> str:
+        f = c[m]
+        if f.get("value") is None:
+            return f"{m} n/a"
+        s = f"{m} {f['value']:.3f} [{f['low']:.3f}, {f['high']:.3f}] (n={f['n']})"
+        if "card" in f:
+            s += f" vs card {f['card']:.3f} [{f['card_low']:.3f}, {f['card_high']:.3f}] (n={f['card_n']})"
+            if f["alert"]:
+                s += f", Holm p={f['p_holm']:.2g}"
+        return s
+
+    at = f"at the flag threshold {c['threshold']:.3f}"
+    if c.get("alert"):
+        worse = [fmt(m) for m in c["alerts"]]
+        return f"PERFORMANCE ALERT ({at}): " + "; ".join(worse) + ": below what the model card promised"
+    body = "; ".join(fmt(m) for m in CHECKED)
+    if c["status"] == "no_card_figures":
+        return f"measured performance ({at}): {body} (the card has no validation figures to compare)"
+    return f"measured performance ({at}, {c['n_labelled']} labelled): {body}: within the model card's"
+

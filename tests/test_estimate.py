@@ -1,0 +1,116 @@
+"""The label-free performance estimate (cxr_ray.scoring.estimate)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from cxr_ray import metrics
+from cxr_ray.scoring import estimate as est
+
+THRESHOLD = 0.6
+
+
+def _calibrated(n: int, seed: int, normal_share: float = 0.3) -> tuple[np.ndarray, np.ndarray]:
+    """Probabilities and labels drawn from them: calibrated by construction."""
+    rng = np.random.default_rng(seed)
+    k = rng.random(n) < normal_share
+    alpha = np.where(k[:, None], [4.0, 0.6, 0.6], [0.5, 2.0, 1.2])
+    probs = np.array([rng.dirichlet(a) for a in alpha])
+    y = np.array([rng.choice(3, p=p) for p in probs])
+    return probs, y
+
+
+def _truth(y: np.ndarray, probs: np.ndarray) -> dict[str, float]:
+    b = metrics.binary_metrics(y, probs, THRESHOLD)
+    return {
+        "sensitivity": b["sensitivity_at_threshold"],
+        "specificity": b["specificity_at_threshold"],
+        "accuracy": float(np.mean(probs.argmax(1) == y)),
+    }
+
+
+def test_cbpe_is_unbiased_and_covers_under_calibration():
+    hits = {m: 0 for m in ("sensitivity", "specificity", "accuracy")}
+    errors = []
+    trials = 200
+    for seed in range(trials):
+        probs, y = _calibrated(300, seed)
+        e = est.estimate_arrays(probs, THRESHOLD)
+        t = _truth(y, probs)
+        for m in hits:
+            hits[m] += e[m]["low"] <= t[m] <= e[m]["high"]
+        errors.append(e["specificity"]["estimate"] - t["specificity"])
+    assert abs(np.mean(errors)) < 0.01  # unbiased
+    assert all(h / trials >= 0.9 for h in hits.values()), hits
+
+
+def test_cbpe_sums_block_by_block_equal_the_arrays(tiny_card):
+    probs, _ = _calibrated(500, 1)
+    acc = est.EstimateAccumulator(tiny_card)
+    for i in range(0, 500, 128):
+        acc.add(_block(probs[i : i + 128]))
+    acc.add(_block(probs[:3], status="error"))  # not scored: not counted
+    got = acc.finish()
+    want = est.estimate_arrays(probs, tiny_card.pneumonia_threshold)
+    for m in est.METRICS:
+        assert got[m] == want[m]
+    assert got["n_images"] == 500 and got["method"] == "cbpe"
+    flags = (1 - probs[:, 0]) >= tiny_card.pneumonia_threshold
+    assert got["flag_rate"]["estimate"] == pytest.approx(flags.mean(), abs=1e-4)
+
+
+def test_too_few_images_is_unreliable():
+    probs, _ = _calibrated(40, 2)
+    e = est.estimate_arrays(probs, THRESHOLD)
+    assert not e["reliable"] and "fewer than 100" in e["note"]
+    assert "UNRELIABLE" in est.estimate_line(e)
+
+
+def test_domain_auc_and_severe_shift():
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(600, 8))
+    same = rng.normal(size=(400, 8))
+    far = rng.normal(size=(400, 8)) + 3.0
+    assert est.domain_auc(ref, same) < 0.6
+    assert est.domain_auc(ref, far) > 0.99
+    probs, y = _calibrated(400, 3)
+    e = est.estimate_arrays(probs, THRESHOLD, run_z=far, ref_probs=probs[:0], ref_z=ref)
+    assert not e["reliable"] and "severe feature shift" in e["note"]
+    # The systematic allowance grows with the shift: a wider interval than with no shift.
+    calm = est.estimate_arrays(probs, THRESHOLD, run_z=same, ref_z=ref)
+    width = {k: v["specificity"]["high"] - v["specificity"]["low"] for k, v in (("far", e), ("calm", calm))}
+    assert width["far"] > width["calm"] + 0.1
+
+
+def test_atc_and_iw_recover_the_validation_figures_without_shift():
+    probs, y = _calibrated(800, 4)
+    t = est.AtcThresholds.fit(probs, y, THRESHOLD)
+    a = est.atc(probs, THRESHOLD, t)
+    truth = _truth(y, probs)
+    for m in ("sensitivity", "specificity", "accuracy"):
+        assert a[m][0] == pytest.approx(truth[m], abs=0.01)
+    z = np.random.default_rng(5).normal(size=(800, 4))
+    w = est.importance_weighted(probs, y, z, z[::-1], THRESHOLD)
+    for m in ("sensitivity", "specificity", "accuracy"):
+        assert w[m][0] == pytest.approx(truth[m], abs=0.03)
+
+
+@pytest.fixture(scope="module")
+def tiny_card(tmp_path_factory):
+    from cxr_ray.models.artifact import read_card
+    from tests.conftest import make_artifact
+
+    return read_card(str(make_artifact(tmp_path_factory.mktemp("est") / "model", input_size=64)))
+
+
+def _block(probs: np.ndarray, status: str = "ok") -> pa.Table:
+    return pa.table(
+        {
+            "status": [status] * len(probs),
+            "prob_normal": probs[:, 0].astype(np.float32),
+            "prob_bacterial": probs[:, 1].astype(np.float32),
+            "prob_viral": probs[:, 2].astype(np.float32),
+        }
+    )
