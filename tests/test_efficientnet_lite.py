@@ -63,7 +63,23 @@ def test_shapes_and_layout() -> None:
         assert model.features(x).shape == (2, 1280, 7, 7)
     assert isinstance(model.features, torch.nn.Sequential)
     assert len(model.features) == 18  # stem, 16 MBConv blocks, head conv
-    assert isinstance(model.features[-1], torch.nn.Module)
+    # The stem: TF-"SAME" pad, 3x3 stride-2 conv 3 -> 32, BN, ReLU6.
+    stem = model.features[0]
+    assert [type(m).__name__ for m in stem] == ["_TFSamePad2d", "Conv2d", "BatchNorm2d", "ReLU6"]
+    assert (stem[1].in_channels, stem[1].out_channels, stem[1].kernel_size, stem[1].stride) == (
+        3, 32, (3, 3), (2, 2),
+    )  # fmt: skip
+    # 16 MBConv blocks, then the head: a 1x1 conv 320 -> 1280 (no bias), BN, ReLU6.
+    assert [type(m).__name__ for m in model.features[1:-1]] == ["_MBConv"] * 16
+    head_conv = model.features[-1]
+    assert [type(m).__name__ for m in head_conv] == ["Conv2d", "BatchNorm2d", "ReLU6"]
+    conv = head_conv[0]
+    assert (conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.bias) == (
+        320, 1280, (1, 1), (1, 1), None,
+    )  # fmt: skip
+    # Lite: ReLU6 everywhere, no squeeze-excite, no swish.
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "ReLU6" in kinds and not kinds & {"SiLU", "SqueezeExcitation", "Sigmoid", "Hardswish"}
     assert isinstance(model.classifier[0], torch.nn.Dropout)
     head = model.classifier[-1]
     assert isinstance(head, torch.nn.Linear)
