@@ -66,17 +66,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     # are then those of the fp32 engines that score (bf16 only speeds up the training steps).
     val_precision = precision if device.type == "cuda" else "fp32"
 
-    start_epoch, history = 0, []
-    resumed = ray.train.get_checkpoint()
-    if resumed is not None:
-        with resumed.as_directory() as d:
-            state = ckpt_mod.load_state(d)
-        net.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        loop.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
-        start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
-        logger.info("rank %d resumed after epoch %d", rank, start_epoch - 1)
+    start_epoch, history = _resume(net, optimizer, scheduler, rank)
     model = ray.train.torch.prepare_model(net.to(memory_format=torch.channels_last))
     augment = TrainAugment(**cfg.augment.model_dump())
     train_shard, val_shard = ray.train.get_dataset_shard("train"), ray.train.get_dataset_shard("val")
@@ -84,16 +74,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
     for epoch in range(start_epoch, cfg.epochs):
         if should_stop(history, cfg.early_stopping_patience):
             break
-        batches = train_shard.iter_torch_batches(
-            batch_size=cfg.batch_size,
-            drop_last=True,
-            dtypes=_DTYPES,
-            local_shuffle_buffer_size=4 * cfg.batch_size,
-            local_shuffle_seed=cfg.seed * 1000 + epoch * world + rank,
-        )
         stats = loop.run_epoch(
             model,
-            batches,
+            _train_batches(train_shard, cfg, seed=cfg.seed * 1000 + epoch * world + rank),
             optimizer,
             scheduler,
             device=device,
@@ -120,19 +103,56 @@ def train_loop_per_worker(config: dict[str, Any]) -> list[dict[str, Any]]:
             **{f"val_{k}": v for k, v in m.summary().items()},
         }
         history.append(report)
-        rngs = gather_objects(loop.rng_state())  # every rank's RNG, for an exact resume
-        with tempfile.TemporaryDirectory() as tmp:
-            checkpoint = None
-            if rank == 0:
-                ckpt_mod.save_state(tmp, {
-                    "model": net.state_dict(),  # the module DDP wraps: no "module." prefix
-                    "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "epoch": epoch, "history": history, "rng": rngs,
-                    "val_logits": torch.from_numpy(logits), "val_labels": torch.from_numpy(y),
-                })  # fmt: skip
-                checkpoint = ray.train.Checkpoint.from_directory(tmp)
-            ray.train.report(report, checkpoint=checkpoint)
+        state = {
+            "model": net.state_dict(),  # the module DDP wraps: no "module." prefix
+            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+            "epoch": epoch, "history": history,
+            "val_logits": torch.from_numpy(logits), "val_labels": torch.from_numpy(y),
+        }  # fmt: skip
+        _checkpoint_and_report(report, state, rank=rank)
     return history
+
+
+def _resume(
+    net: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, rank: int
+) -> tuple[int, list[dict[str, Any]]]:
+    """Restore model, optimizer, scheduler and this rank's RNG from Ray Train's checkpoint, if
+    any; returns ``(first epoch to run, history so far)``."""
+    resumed = ray.train.get_checkpoint()
+    if resumed is None:
+        return 0, []
+    with resumed.as_directory() as d:
+        state = ckpt_mod.load_state(d)
+    net.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    loop.set_rng_state(state["rng"][min(rank, len(state["rng"]) - 1)])
+    start_epoch, history = int(state["epoch"]) + 1, list(state["history"])
+    logger.info("rank %d resumed after epoch %d", rank, start_epoch - 1)
+    return start_epoch, history
+
+
+def _train_batches(shard: Any, cfg: TrainSettings, *, seed: int) -> Any:
+    """One epoch of this worker's training shard: full batches, locally shuffled with ``seed``."""
+    return shard.iter_torch_batches(
+        batch_size=cfg.batch_size,
+        drop_last=True,
+        dtypes=_DTYPES,
+        local_shuffle_buffer_size=4 * cfg.batch_size,
+        local_shuffle_seed=seed,
+    )
+
+
+def _checkpoint_and_report(report: dict[str, Any], state: dict[str, Any], *, rank: int) -> None:
+    """Report an epoch to Ray Train; rank 0 attaches the checkpoint of ``state`` plus every
+    rank's RNG state (gathered on all ranks, for an exact resume)."""
+    rngs = gather_objects(loop.rng_state())
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            ckpt_mod.save_state(tmp, {**state, "rng": rngs})
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(report, checkpoint=checkpoint)
 
 
 def build_trainer(settings: Settings, data: data_mod.TrainingData, run_name: str) -> TorchTrainer:
