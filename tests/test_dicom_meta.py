@@ -294,6 +294,8 @@ def test_hostile_headers_never_crash():
         head + _element((0x0054, 0x0220), b"SQ", b"\xfe\xff\x00\xe0" + struct.pack("<I", 10**9) + b"x" * 16)
     )
     outcomes = {"header": 0, "error": 0}
+    full = read_header(data)
+    _assert_sane(full)
     for case in cases:
         try:
             h = read_header(case)
@@ -301,9 +303,82 @@ def test_hostile_headers_never_crash():
             outcomes["error"] += 1
             assert "SECRET-ID-42" not in str(exc) and "DOE" not in str(exc)
         else:
-            assert isinstance(h, DicomHeader)
+            _assert_sane(h)
             outcomes["header"] += 1
+            # What the damage did not reach is still read: the tags before byte 132 + the
+            # first mutation are the original file's.
+            if case == data[: len(case)] and len(case) > data.index(b"\x08\x00\x60\x00") + 16:
+                assert h.modality == full.modality == "CR"
     assert outcomes["header"] > 0 and outcomes["error"] > 0
+
+
+_HEADER_TYPES = {
+    "study_date": dt.date,
+    "patient_age_years": float,
+    "pixel_spacing": tuple,
+    "malformed": tuple,
+}
+_HEADER_INTS = {
+    "rows": (1, 65535),
+    "columns": (1, 65535),
+    "bits_stored": (1, 64),
+    "number_of_frames": (1, 2**31),
+}
+
+
+def _assert_sane(h: DicomHeader) -> None:
+    """Every field ``None`` or a clean value of its type: strings stripped, without control
+    characters; numbers in their DICOM range; ages 0-150 years; spacings positive and finite;
+    a malformed intended-use tag listed with its value shown safely."""
+    assert isinstance(h, DicomHeader)
+    for field in dataclasses.fields(h):
+        value = getattr(h, field.name)
+        if value is None:
+            continue
+        if field.name in _HEADER_INTS:
+            lo, hi = _HEADER_INTS[field.name]
+            assert type(value) is int and lo <= value <= hi, (field.name, value)
+        elif field.name in _HEADER_TYPES:
+            assert isinstance(value, _HEADER_TYPES[field.name]), (field.name, value)
+        else:
+            assert isinstance(value, str) and value and value == value.strip(), (field.name, value)
+            assert not any(ord(c) < 32 or ord(c) == 127 for c in value), (field.name, value)
+    if h.patient_age_years is not None:
+        assert math.isfinite(h.patient_age_years) and 0 <= h.patient_age_years <= 150
+    if h.pixel_spacing is not None:
+        assert len(h.pixel_spacing) == 2 and all(math.isfinite(v) and v > 0 for v in h.pixel_spacing)
+    for keyword, shown in h.malformed:
+        assert keyword and getattr(h, _snake(keyword), None) is None, (keyword, h)
+        assert not any(ord(c) < 32 or ord(c) == 127 for c in shown), shown
+
+
+def _snake(keyword: str) -> str:
+    return {"PatientAge": "patient_age_years"}.get(keyword) or "".join(
+        f"_{c.lower()}" if c.isupper() else c for c in keyword
+    ).lstrip("_")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="defect (cxr_ray/imaging/dicom_header.py): a file truncated inside an element's value "
+    "yields the partial value (PatientID 'SECRET' of 'SECRET-ID-42', StudyInstanceUID '1.2.') "
+    "instead of None; fix: drop a RawDataElement whose value is shorter than its length",
+)
+def test_a_truncated_header_never_yields_a_partial_value():
+    jpeg = factory.real_jpegs(1)[0]
+    data = factory.make_image(jpeg, factory.Tags(patient_id="SECRET-ID-42", patient_name="DOE^JANE"))
+    full = read_header(data)
+    changed = []
+    for n in range(132, data.index(b"\xe0\x7f\x10\x00")):  # every cut inside the header
+        try:
+            h = read_header(data[:n])
+        except DecodeError:
+            continue
+        for field in dataclasses.fields(h):
+            value = getattr(h, field.name)
+            if value not in (None, ()) and value != getattr(full, field.name):
+                changed.append((n, field.name))
+    assert not changed, changed[:10]
 
 
 def _with_identifier_in_frames() -> bytes:
