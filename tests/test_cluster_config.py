@@ -38,10 +38,38 @@ def test_validates_against_the_autoscaler_schema_shipped_with_ray(config):
     jsonschema.validate(config, schema)
 
 
+def _ray_config_checks():
+    """Ray's own (private) config checks: a Ray that moves them fails here, never skips."""
+    try:
+        from ray.autoscaler._private import util
+    except ImportError as exc:
+        pytest.fail(
+            f"Ray {ray.__version__} moved ray.autoscaler._private.util ({exc}): point this test at "
+            "the module that now has prepare_config / validate_config"
+        )
+    return util
+
+
 def test_ray_itself_accepts_the_config(config):
-    # Ray's own (private) checks after merging its provider defaults; offline, no AWS calls.
-    util = pytest.importorskip("ray.autoscaler._private.util")
+    # Ray's own checks after merging its provider defaults; offline, no AWS calls.
+    util = _ray_config_checks()
     util.validate_config(util.prepare_config(json.loads(json.dumps(config))))
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (lambda c: c.__setitem__("head_node_type", "nope"), "head_node_type"),
+        (lambda c: c.__setitem__("max_wrokers", 3), "max_wrokers"),
+    ],
+    ids=["unknown-head-type", "misspelt-key"],
+)
+def test_ray_checks_refuse_a_broken_copy(config, change, message):
+    util = _ray_config_checks()
+    broken = json.loads(json.dumps(config))
+    change(broken)
+    with pytest.raises((ValueError, jsonschema.ValidationError), match=message):
+        util.validate_config(util.prepare_config(broken))
 
 
 def _workers(config: dict) -> dict[str, dict]:
