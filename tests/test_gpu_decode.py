@@ -18,6 +18,7 @@ import torch
 import torchvision.io
 from PIL import Image
 
+from cxr_ray.errors import DecodeError
 from cxr_ray.imaging.gpu_decode import decode_batch, draft_scale
 from cxr_ray.imaging.preprocess import PreprocessSpec, decode, to_model_input
 from tests import imaging
@@ -97,8 +98,9 @@ def test_bad_inputs_are_handled_per_row():
     np.testing.assert_array_equal(x[4:6].numpy(), _reference([png, dcm], spec))
     assert float(x[1:4].abs().sum()) == 0.0 and float(x[6].abs().sum()) == 0.0
     # Error messages are the CPU decoder's own, so error rows read the same on every path.
-    for i in (1, 6):
-        with pytest.raises(Exception) as info:
+    # Both are DecodeErrors (the row's error, never a crash) saying what was wrong.
+    for i, what in ((1, "truncated"), (6, "corrupt")):
+        with pytest.raises(DecodeError, match=what) as info:
             decode(datas[i], spec)
         assert errors[i] == str(info.value)
 
