@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
+import scipy.stats
 from click.testing import CliRunner
 
 from cxr_ray.cli import main
@@ -29,11 +30,12 @@ from cxr_ray.io import storage
 from cxr_ray.labels import LABELS, NORMAL, parse_kermany_path
 from cxr_ray.models.artifact import load_artifact, save_artifact
 from cxr_ray.models.card import spec_for
+from cxr_ray.models.outputs import network_outputs
 from cxr_ray.models.reference import build_reference, read_reference, reference_from_arrays
-from cxr_ray.models.splits import network_outputs
 from cxr_ray.reporting.drift_section import drift_section
 from cxr_ray.scoring.drift import DRIFT_SCHEMA, DriftAccumulator
-from cxr_ray.scoring.pipeline import format_summary, score
+from cxr_ray.scoring.pipeline import score
+from cxr_ray.scoring.result import format_summary
 from tests.conftest import make_artifact
 
 N_VAL, N_OTHER = 150, 120
@@ -99,11 +101,12 @@ def artifact(images, tmp_path_factory) -> Path:
     return path
 
 
-def _predictor_block(art, folder: Path) -> pa.Table:
-    """What the scoring predictor outputs for ``folder`` (ok rows with probabilities, predicted
-    class, and the internal ``input_stats`` / ``features`` columns), built without Ray."""
+def _predictor_block(art, folder: Path | list[Path]) -> pa.Table:
+    """What the scoring predictor outputs for ``folder`` (or these files): ok rows with
+    probabilities, predicted class, and the internal ``input_stats`` / ``features`` columns,
+    built without Ray."""
     spec = spec_for(art.card)
-    files = sorted(folder.glob("*/*.jpeg"))
+    files = sorted(folder.glob("*/*.jpeg")) if isinstance(folder, Path) else folder
     decoded = [decode(f.read_bytes(), spec, f.name) for f in files]
     px = np.stack([d.pixels for d in decoded])
     stats = input_stats(px, np.array([d.width for d in decoded]), np.array([d.height for d in decoded]))
@@ -112,6 +115,7 @@ def _predictor_block(art, folder: Path) -> pa.Table:
     return pa.table(
         {
             "status": ["ok"] * len(files),
+            **{f"prob_{k}": probs[:, i].astype(np.float32) for i, k in enumerate(LABELS)},
             "prob_pneumonia": (1 - probs[:, LABELS.index(NORMAL)]).astype(np.float32),
             "pred_label": [LABELS[i] for i in probs.argmax(1)],
             "input_stats": pa.FixedShapeTensorArray.from_numpy_ndarray(stats.astype(np.float32)),
@@ -186,7 +190,7 @@ def test_check_on_real_images(artifact, folders):
     shifted = _check(art, shifted_block)
     assert shifted.alert
     alerts = shifted.alerts()
-    assert any(a.startswith("input:") for a in alerts), alerts
+    assert any(a.startswith("inputs ") for a in alerts), alerts
     assert any(a.startswith("features") for a in alerts), alerts
     # Below min_images nothing alerts, the figures are still there.
     few = _check(art, shifted_block, DriftSettings(min_images=N_OTHER + 1))
@@ -228,9 +232,14 @@ def test_accumulator_memory_is_bounded():
         )
     assert acc.n == 29_940
     assert acc.nbytes() == before  # nothing grew with the rows
-    assert acc.reservoir.shape == (200, len(INPUT_STATS) + 8)
-    kept = acc.reservoir[:, 0]
-    assert 11_000 < np.median(kept) < 19_000  # drawn from the whole run, not its first rows
+    sample = acc.reservoir()
+    assert sample["input_stats"].shape == (200, len(INPUT_STATS)) and sample["pca"].shape == (200, 8)
+    assert sample["prob_pneumonia"].shape == (200,) and sample["probabilities"].shape == (200, 3)
+    kept = sample["input_stats"][:, 0]
+    # Drawn uniformly from the whole run (29,940 ok rows), not its first rows: a uniform
+    # sample of 200 has its median within ~2,100 of the middle (3 standard errors).
+    assert 12_800 < np.median(kept) < 17_200
+    assert scipy.stats.kstest(kept, "uniform", args=(0, 30_000)).pvalue > 0.01
     figures = acc.figures()
     assert {r["n_images"] for r in figures.rows} == {29_940}
     assert figures.table(run_id="r", model_version="m").schema == DRIFT_SCHEMA
@@ -262,7 +271,7 @@ def test_scoring_shifted_images_alerts(ray_local, artifact, folders, tmp_path, c
     rows = drift.to_pylist()
     assert {x["run_id"] for x in rows} == {r.run_id} and {x["n_images"] for x in rows} == {N_OTHER}
     alerting = {x["check"] for x in rows if x["alert"]}
-    assert any(c.startswith("input:") for c in alerting) and "features" in alerting, alerting
+    assert "inputs" in alerting and "features" in alerting, alerting
     summary = json.loads((out / "summary.json").read_text())
     assert summary["drift"]["alert"] is True and summary["drift"]["alerts"]
     text = format_summary(r)
@@ -331,3 +340,165 @@ def test_nightly_appends_the_drift_rows_to_the_history(ray_local, artifact, imag
     # 12 images: the figures are recorded, below min_images nothing alerts.
     assert not any(hist["alert"].to_pylist()) and set(hist["n_images"].to_pylist()) == {12}
     assert "drift: no alert (12 images vs 150 validation images" in format_nightly(r)
+
+
+# -- the statistics: scipy against the implementations it replaced, Holm by hand ----------
+
+
+def _old_ks(a, b):  # cxr_ray.scoring.drift._ks before scipy (kept here as the reference)
+    a, b = np.sort(a), np.sort(b)
+    grid = np.concatenate([a, b])
+    fa = np.searchsorted(a, grid, side="right") / len(a)
+    fb = np.searchsorted(b, grid, side="right") / len(b)
+    return float(np.max(np.abs(fa - fb)))
+
+
+def _old_wasserstein(a, b):  # cxr_ray.scoring.drift._wasserstein before scipy
+    a, b = np.sort(a), np.sort(b)
+    grid = np.sort(np.concatenate([a, b]))
+    fa = np.searchsorted(a, grid[:-1], side="right") / len(a)
+    fb = np.searchsorted(b, grid[:-1], side="right") / len(b)
+    return float(np.sum(np.abs(fa - fb) * np.diff(grid)))
+
+
+def _old_mean_dist(x, y, chunk=512):  # cxr_ray.scoring.drift._mean_dist before scipy
+    total = 0.0
+    for i in range(0, len(x), chunk):
+        d = x[i : i + chunk, None, :] - y[None, :, :]
+        total += float(np.sqrt((d * d).sum(-1)).sum())
+    return total / (len(x) * len(y))
+
+
+def test_scipy_statistics_equal_the_implementations_they_replaced():
+    from cxr_ray.scoring import drift_stats as ds
+
+    rng = np.random.default_rng(3)
+    for n, m in [(7, 11), (300, 745), (2000, 150)]:
+        a = rng.normal(size=n)
+        b = rng.normal(0.3, 1.2, size=m)
+        b[:5] = a[:5]  # ties across the samples
+        assert ds.ks_values(a, b)[0] == pytest.approx(_old_ks(a, b), abs=1e-12)
+        assert ds.wasserstein(a, b) == pytest.approx(_old_wasserstein(a, b), rel=1e-9)
+        x, y = rng.normal(size=(n, 16)), rng.normal(0.5, 1, size=(m, 16))
+        assert ds._mean_dist(x, y) == pytest.approx(_old_mean_dist(x, y), rel=1e-9)
+        old_energy = (
+            2 * _old_mean_dist(x, y) - _old_mean_dist(x, x) * n / (n - 1) - _old_mean_dist(y, y) * m / (m - 1)
+        ) / (2 * _old_mean_dist(x, y))
+        assert ds.energy_coefficient(x, y) == pytest.approx(max(0.0, old_energy), rel=1e-9)
+    # The binned KS: the gap at bin edges, never above the exact one, p-value then conservative.
+    a, b = rng.normal(size=900), rng.normal(0.1, 1, size=745)
+    edges = np.linspace(-6, 6, 1201)
+    d_bin, p_bin, _ = ds.ks_binned(np.histogram(a, edges)[0], np.histogram(b, edges)[0])
+    d, p, _ = ds.ks_values(a, b)
+    assert d - 0.01 < d_bin <= d and p_bin >= p * 0.9
+
+
+def test_holm_step_down_by_hand():
+    from cxr_ray.scoring.drift_stats import holm
+
+    # Sorted: 0.005 x4 = 0.02, 0.01 x3 = 0.03, 0.03 x2 = 0.06, 0.04 x1 = 0.04 -> running max 0.06.
+    adj = holm([0.01, 0.04, 0.03, 0.005, np.nan])
+    assert np.allclose(adj[:4], [0.03, 0.06, 0.06, 0.02]) and np.isnan(adj[4])
+    assert list(adj[:4] <= 0.05) == [True, False, False, True]  # Bonferroni (x4) keeps only 0.005
+    assert np.allclose(holm([0.2, 0.9]), [0.4, 0.9]) and np.allclose(holm([0.5, 0.9]), [1.0, 1.0])
+
+
+def test_hotelling_matches_a_direct_computation():
+    from cxr_ray.scoring.drift_stats import Moments, hotelling
+
+    rng = np.random.default_rng(4)
+    x, y = rng.normal(size=(120, 5)), rng.normal(0.2, 1, size=(300, 5))
+    mom = Moments(y.mean(0))
+    for i in range(0, 120, 50):  # block by block
+        mom.add(x[i : i + 50])
+    t2, p, dims = hotelling(mom, y)
+    n, m = len(x), len(y)
+    s = ((n - 1) * np.cov(x, rowvar=False) + (m - 1) * np.cov(y, rowvar=False)) / (n + m - 2)
+    d = x.mean(0) - y.mean(0)
+    expect = n * m / (n + m) * d @ np.linalg.solve(s, d)
+    f = expect * (n + m - 5 - 1) / (5 * (n + m - 2))
+    assert dims == 5 and t2 == pytest.approx(expect, rel=1e-9)
+    assert p == pytest.approx(scipy.stats.f.sf(f, 5, n + m - 6), rel=1e-9)
+
+
+# -- error rates on arrays (seeded): no alert on the same distribution, the real score shift alerts
+
+
+def _arrays(rng, n, *, shift=0.0, f=32):
+    logits = rng.normal(size=(n, 3)) * 2.0
+    logits[:, 0] -= 1.0  # ~1/4 normal, like the validation split
+    logits[:, 1:] += shift  # a pure score shift: more pneumonia
+    stats = rng.normal(120, 15, size=(n, len(INPUT_STATS)))
+    stats[:, 7:9], stats[:, 9] = 224, 1.0
+    return logits, stats, rng.normal(size=(n, f))
+
+
+def _array_block(card, logits, stats, feats) -> pa.Table:
+    probs = card.probabilities(logits)
+    return pa.table(
+        {
+            "status": ["ok"] * len(logits),
+            **{f"prob_{k}": probs[:, i].astype(np.float32) for i, k in enumerate(LABELS)},
+            "prob_pneumonia": (1 - probs[:, LABELS.index(NORMAL)]).astype(np.float32),
+            "pred_label": [LABELS[i] for i in probs.argmax(1)],
+            "input_stats": pa.FixedShapeTensorArray.from_numpy_ndarray(stats.astype(np.float32)),
+            "features": pa.FixedShapeTensorArray.from_numpy_ndarray(feats.astype(np.float32)),
+        }
+    )
+
+
+def _array_figures(ref, card, run, settings=None):
+    acc = DriftAccumulator(ref, card, settings or DriftSettings())
+    block = _array_block(card, *run)
+    for i in range(0, block.num_rows, 500):
+        acc.add(block.slice(i, 500))
+    return acc.figures()
+
+
+def test_same_distribution_runs_do_not_alert_and_a_real_sized_score_shift_does():
+    card, rng = _card(), np.random.default_rng(5)
+    ref = read_reference(reference_from_arrays(card, *_arrays(rng, 745), components=16))
+    alerts = [_array_figures(ref, card, _arrays(rng, n)).alert for n in [100, 300, 1000, 3000] * 10]
+    assert sum(alerts) == 0, sum(alerts)  # 40 runs; at alpha 0.01 the expected count is <= 0.4
+    # A pure score shift like the real later collection's: KS ~0.12 at 600 vs 745 images.
+    shifted = _array_figures(ref, card, _arrays(rng, 600, shift=0.75))
+    ks = next(t for t in shifted.tests() if t["check"] == "p_pneumonia")
+    assert 0.09 < ks["value"] < 0.16 and ks["p_value"] < 1e-3, ks
+    assert shifted.alert and "p_pneumonia ks" in shifted.alerts()
+    assert ks["value"] < 0.25  # the old fixed threshold (ks_alert 0.25) missed it
+    # The effect-size floor: a trivial shift in a huge run stays quiet although significant.
+    big = _array_figures(ref, card, _arrays(rng, 20_000, shift=0.75), DriftSettings(score_ks_min=0.2))
+    big_ks = next(t for t in big.tests() if t["check"] == "p_pneumonia")
+    assert big_ks["p_adjusted"] < 1e-6 and "p_pneumonia ks" not in big.alerts()
+    assert big_ks["method"].startswith("ks on exact counts")  # beyond the reservoir: binned
+
+
+# -- storage, not drift: full-resolution originals against a reference of 224 px copies ----
+
+
+def test_full_resolution_originals_do_not_alert(kermany224, kermany_fullres, tmp_path):
+    """Half of the full-resolution sample's patients as 224 px copies build the reference; the
+    other half's full-resolution originals are the run. Same distribution, other storage:
+    the size facts differ enormously and are reported; nothing the model sees alerts."""
+    files = sorted((kermany_fullres / "train").glob("*/*.jpeg"))
+    patient = {f: parse_kermany_path(str(f)).patient_id or f.name for f in files}
+    groups = sorted(set(patient.values()))
+    np.random.default_rng(0).shuffle(groups)
+    half = set(groups[: len(groups) // 2])
+    ref_files = [kermany224 / "train" / f.parent.name / f.name for f in files if patient[f] in half]
+    ref_files = [f for f in ref_files if f.exists()]
+    run_files = [f for f in files if patient[f] not in half]
+    path = make_artifact(tmp_path / "model", input_size=64)
+    storage.write_table(_split_table(ref_files), str(path / "split.parquet"))
+    art = load_artifact(str(path))
+    save_artifact(art.weights, art.card, str(path), reference=build_reference(art))
+    art = load_artifact(str(path))
+    figures = _check(art, _predictor_block(art, run_files))
+    assert figures.n_images == len(run_files) > 200 and figures.reference_n > 200
+    assert not figures.alert, [
+        (t["check"], t["p_adjusted"], t["effect"]) for t in figures.tests() if t["alert"]
+    ]
+    summary = figures.summary()
+    assert "input:original_width ks" in summary["acquisition_differs"]  # reported, not alerted
+    width = next(r for r in figures.rows if r["check"] == "input:original_width" and r["statistic"] == "ks")
+    assert width["p_value"] < 1e-20 and width["role"] == "info" and not width["alert"]

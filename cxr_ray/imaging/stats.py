@@ -25,6 +25,12 @@ INPUT_STATS: tuple[str, ...] = (
     "original_height",
     "aspect_ratio",
 )
+#: What the model sees: statistics of the preprocessed input (the drift check tests these).
+MODEL_INPUT_STATS: tuple[str, ...] = INPUT_STATS[:7]
+#: Acquisition facts of the stored image, before preprocessing: reported by the drift check,
+#: never an alert on their own (a full-resolution archive of the training images is not drift
+#: when what the model sees is the same).
+ACQUISITION_STATS: tuple[str, ...] = INPUT_STATS[7:]
 _PERCENTILES = (5, 25, 50, 75, 95)
 
 

@@ -15,7 +15,9 @@ itself with those images (``cxr_ray.scoring.drift``):
   ``pca_scores`` [N, k], so a run's features are compared in k dimensions, cheaply;
 - metadata: the predicted-class mix and P(pneumonia) quantiles/histogram under the card's
   calibration at build time (for people; checks recompute them from the logits), and the
-  DICOM modality / manufacturer mix (``null`` when the validation images are not DICOM).
+  DICOM modality / manufacturer / photometric interpretation / bits stored mix (``null``
+  when the validation images are not DICOM). Everything describes the validation images as
+  stored at training time: full-resolution training files give full-resolution size facts.
 
 ``read_reference(bytes) -> DriftReference``.
 """
@@ -41,7 +43,7 @@ from cxr_ray.imaging.stats import INPUT_STATS, input_stats
 from cxr_ray.io import storage
 from cxr_ray.labels import LABELS, NORMAL
 from cxr_ray.models.card import ModelCard, spec_for
-from cxr_ray.models.splits import network_outputs
+from cxr_ray.models.outputs import network_outputs
 
 if TYPE_CHECKING:
     from cxr_ray.models.artifact import Artifact
@@ -53,6 +55,9 @@ _META_KEY = "cxr_ray.drift_reference"
 _TENSORS = ("logits", "input_stats", "feature_mean", "feature_std", "pca_components", "pca_std", "pca_scores")
 #: Bins of the P(pneumonia) histogram in the metadata (for people and reports).
 HIST_BINS = 20
+#: DICOM tags whose mix the reference stores (``<tag>_mix``): acquisition facts as stored at
+#: training time, compared by the drift check for information (never an alert on their own).
+CATEGORY_TAGS = ("modality", "manufacturer", "photometric_interpretation", "bits_stored")
 
 
 @dataclass(frozen=True)
@@ -143,7 +148,8 @@ def build_reference(
         picked = np.random.default_rng(seed).choice(rows.num_rows, size=max_images, replace=False)
         rows = rows.take(np.sort(picked))
     spec = spec_for(art.card, data)
-    pixels, widths, heights, modality, manufacturer = [], [], [], [], []
+    pixels, widths, heights = [], [], []
+    tags: dict[str, list[str | None]] = {k: [] for k in CATEGORY_TAGS}
     unreadable = 0
     for uri in rows["uri"].to_pylist():
         try:
@@ -157,8 +163,9 @@ def build_reference(
             from cxr_ray.imaging.dicom import read_header
 
             header = read_header(blob)
-        modality.append(header.modality if header else None)
-        manufacturer.append(header.manufacturer if header else None)
+        for k in CATEGORY_TAGS:
+            v = getattr(header, k, None) if header else None
+            tags[k].append(None if v is None else str(v))
         pixels.append(decoded.pixels)
         widths.append(decoded.width)
         heights.append(decoded.height)
@@ -176,8 +183,7 @@ def build_reference(
         logits,
         stats,
         feats,
-        modality=modality,
-        manufacturer=manufacturer,
+        categories=tags,
         components=components,
         unreadable=unreadable,
     )
@@ -189,13 +195,13 @@ def reference_from_arrays(
     stats: np.ndarray,
     features: np.ndarray,
     *,
-    modality: list[str | None] | None = None,
-    manufacturer: list[str | None] | None = None,
+    categories: dict[str, list[str | None]] | None = None,
     components: int = 16,
     unreadable: int = 0,
 ) -> bytes:
     """The reference bytes from per-image arrays of the validation images (``build_reference``
-    after decoding and running the network)."""
+    after decoding and running the network); ``categories``: per-image DICOM tag values by
+    ``CATEGORY_TAGS`` name (``None`` where an image has no tags)."""
     n = len(logits)
     if n < 2 or len(stats) != n or len(features) != n:
         raise ModelError(
@@ -216,7 +222,7 @@ def reference_from_arrays(
     explained = (sing[:k] ** 2).sum() / max((sing**2).sum(), 1e-30)
     quantiles = np.quantile(p_pneu, [0.05, 0.25, 0.5, 0.75, 0.95]).tolist()
     mix = np.bincount(probs.argmax(1), minlength=len(LABELS)) / n
-    meta = {
+    meta: dict[str, Any] = {
         "format": REFERENCE_FORMAT,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "engine_key": card.engine_key,
@@ -233,9 +239,9 @@ def reference_from_arrays(
         "pred_mix": dict(zip(LABELS, mix.tolist(), strict=True)),
         "p_pneumonia_quantiles": dict(zip(["p05", "p25", "p50", "p75", "p95"], quantiles, strict=True)),
         "p_pneumonia_hist": hist.tolist(),
-        "modality_mix": _category_mix(modality or [None] * n),
-        "manufacturer_mix": _category_mix(manufacturer or [None] * n),
     }
+    for tag in CATEGORY_TAGS:
+        meta[f"{tag}_mix"] = _category_mix((categories or {}).get(tag) or [None] * n)
     tensors = {
         "logits": np.asarray(logits, np.float32),
         "input_stats": np.asarray(stats, np.float32),

@@ -7,53 +7,40 @@
         acc.add(block)
     figures = acc.figures()                    # DriftFigures: rows for drift.parquet + alert
 
-Memory is bounded whatever the run's size: P(pneumonia) goes into fixed histograms, the
-predicted classes and DICOM categories into counts, inputs and features into running sums,
-and a uniform reservoir (``drift.reservoir_size`` rows) keeps per-row input statistics and
-PCA coordinates for the distribution distances. Only ``ok`` rows count.
+Memory is bounded whatever the run's size: P(pneumonia) goes into a fine histogram, the
+predicted classes and DICOM categories into counts, model inputs and features into streaming
+moments (count, sum, sum of outer products), and a uniform reservoir (Algorithm R,
+``drift.reservoir_size`` rows) keeps per-row probabilities, input statistics and PCA
+coordinates (``DriftAccumulator.reservoir()``). Only ``ok`` rows count.
 
-Checks (``check`` / ``statistic`` in ``drift.parquet``; thresholds in ``DriftSettings``):
+Tested checks: hypothesis tests of "the run and the reference are samples of one
+distribution" (``role = test`` in ``drift.parquet``; ``cxr_ray.scoring.drift_stats``):
 
-- ``p_pneumonia``: ``psi`` over the reference's deciles, ``ks`` (largest CDF gap, on a fine
-  logit-spaced histogram);
-- ``pred_label``: ``psi`` of the predicted-class mix;
-- ``input:<stat>`` for each of ``INPUT_STATS``: ``mean_shift`` (|mean difference| in
-  reference std units), ``ks``, ``wasserstein`` (reference std units);
-- ``features``: ``pca_mean_shift`` (RMS over the reference PCA components of the mean shift,
-  each in reference std units), ``energy`` (energy coefficient, 0..1, on the reservoir);
-- ``modality`` / ``manufacturer``: ``tv_distance`` of the category mix, where the reference
-  has DICOM tags.
+- ``p_pneumonia`` ``ks``: two-sample Kolmogorov-Smirnov; exact values (``ks_2samp``) while
+  the whole run fits in the reservoir, else exact counts in 1,602 fine logit bins with the
+  asymptotic p-value (conservative); effect: the KS statistic;
+- ``pred_label`` ``chi2``: chi-squared test of the predicted-class counts; effect: PSI;
+- ``inputs`` ``hotelling_t2``: Hotelling T^2 of the mean of the model-input statistics
+  (``MODEL_INPUT_STATS``: intensity percentiles, mean, spread) over every row; effect: the
+  largest |mean shift| in reference std units;
+- ``features`` ``hotelling_t2``: Hotelling T^2 of the mean of the penultimate features in the
+  reference's PCA space (standardized), over every row; effect: the RMS of those mean shifts.
 
-Thresholds are effect sizes (``DriftSettings``), measured on real Kermany images with a trained
-MobileNetV2 (224 px, 745 patient-grouped validation images). "Same" is the largest figure seen
-(over every input statistic) in 20 random patient-grouped halves of the validation images
-(~372 vs ~372), in 20 runs of 100 validation images against the other 645, and in 400 / 100
-training images of other patients against all 745; "shifted" is the smallest figure seen when
-the run is ``render_site`` copies of a half (or of 100 images)::
-
-    figure                       same: halves  100 images  other patients   shifted (min)  threshold
-    p_pneumonia psi                    0.154       0.405       0.204          0.912          0.5
-    p_pneumonia ks                     0.177       0.195       0.126          0.212          0.25
-    pred_label psi                     0.099       0.158       0.035          0.625          0.25
-    input:* mean_shift (max)           0.294       0.501       0.263          0.618          1.0
-    input:* ks (max)                   0.175       0.276       0.170          0.534          0.4
-    input:* wasserstein (max)          0.298       0.517       0.290          0.743          1.0
-    features pca_mean_shift            0.122       0.182       0.132          0.644          0.4
-    features energy                    0.003       0.009       0.002          0.162          0.05
-
-So none of the 60 "same" runs alerts and all 40 shifted runs do (each on five checks:
-P(pneumonia) PSI, class PSI, input KS, feature shift and energy). The mean-shift and
-Wasserstein thresholds catch gross changes (another resolution, an inverted image) rather
-than this re-rendering, and the P(pneumonia) KS is kept above the 100-image noise. Below
-``min_images`` (100) the figures are written but nothing alerts: at 100 images the noise is
-already ~2/3 of the PSI threshold.
+A check alerts when its Holm-adjusted p-value is <= ``drift.alpha`` and its effect is >= its
+minimum (``DriftSettings``) and the run has at least ``min_images`` images. Informational rows
+(``role = info``, never an alert): P(pneumonia) PSI, per-statistic mean shift / KS (with
+p-values) / Wasserstein of every input statistic, feature energy coefficient, and the
+acquisition facts (original width, height, aspect; DICOM modality, manufacturer, photometric
+interpretation, bits stored) with chi-squared or KS p-values. Acquisition facts describe the
+stored files, not what the model sees: they are listed next to an alert as likely causes,
+never an alert on their own. Measured false-alarm rate and power: docs/MONITORING.md
+(``benchmarks/drift_error_rates.py``).
 """
 
 from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -61,32 +48,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxr_ray.config import DriftSettings
+from cxr_ray.imaging.stats import ACQUISITION_STATS, MODEL_INPUT_STATS
 from cxr_ray.labels import LABELS
 from cxr_ray.models.card import ModelCard
 from cxr_ray.models.reference import HIST_BINS, DriftReference
+from cxr_ray.scoring import drift_stats as ds
+from cxr_ray.scoring.drift_figures import CATEGORIES, DRIFT_SCHEMA, DriftFigures, finite
 from cxr_ray.scoring.stages import tensor_column
+from cxr_ray.vocabulary import Status
 
-#: Fine histogram of logit(P(pneumonia)) for the KS statistic: exact counts, bounded memory.
+__all__ = ["CATEGORIES", "DRIFT_SCHEMA", "DriftAccumulator", "DriftFigures"]
+
+#: Fine histogram of logit(P(pneumonia)) for the KS test of large runs: exact counts.
 _KS_EDGES = np.concatenate([[-np.inf], np.linspace(-16.0, 16.0, 1601), [np.inf]])
-_CATEGORIES = ("modality", "manufacturer")
 #: Distinct values kept per DICOM category (more are counted as ``(other)``).
 _MAX_CATEGORY_VALUES = 200
 _PLOT_POINTS = 400
-
-DRIFT_SCHEMA = pa.schema(
-    [
-        pa.field("run_id", pa.string()),
-        pa.field("model_version", pa.string()),
-        pa.field("check", pa.string(), nullable=False),
-        pa.field("statistic", pa.string(), nullable=False),
-        pa.field("value", pa.float64()),  # null: not computable (e.g. no DICOM tags in the reference)
-        pa.field("threshold", pa.float64()),
-        pa.field("alert", pa.bool_(), nullable=False),
-        pa.field("n_images", pa.int64(), nullable=False),
-        pa.field("reference_n", pa.int64(), nullable=False),
-        pa.field("note", pa.string()),
-    ]
-)
+_PROBS = ("prob_normal", "prob_bacterial", "prob_viral")
 
 
 def _matrix(block: pa.Table, name: str) -> np.ndarray | None:
@@ -97,110 +75,15 @@ def _matrix(block: pa.Table, name: str) -> np.ndarray | None:
     return np.asarray(tensor_column(block, name), np.float64).reshape(block.num_rows, -1)
 
 
-def _psi(run: np.ndarray, ref: np.ndarray) -> float:
-    """Population stability index of two count vectors (half-count floor on empty bins)."""
-    n, m = run.sum(), ref.sum()
-    if n == 0 or m == 0:
-        return math.nan
-    p = np.maximum(run / n, 0.5 / n)
-    q = np.maximum(ref / m, 0.5 / m)
-    return float(np.sum((p - q) * np.log(p / q)))
-
-
-def _ks(a: np.ndarray, b: np.ndarray) -> float:
-    """Two-sample Kolmogorov-Smirnov statistic of two samples."""
-    if len(a) == 0 or len(b) == 0:
-        return math.nan
-    a, b = np.sort(a), np.sort(b)
-    grid = np.concatenate([a, b])
-    fa = np.searchsorted(a, grid, side="right") / len(a)
-    fb = np.searchsorted(b, grid, side="right") / len(b)
-    return float(np.max(np.abs(fa - fb)))
-
-
-def _wasserstein(a: np.ndarray, b: np.ndarray) -> float:
-    """Wasserstein-1 distance of two 1-D samples (integral of |CDF_a - CDF_b|)."""
-    if len(a) == 0 or len(b) == 0:
-        return math.nan
-    a, b = np.sort(a), np.sort(b)
-    grid = np.sort(np.concatenate([a, b]))
-    fa = np.searchsorted(a, grid[:-1], side="right") / len(a)
-    fb = np.searchsorted(b, grid[:-1], side="right") / len(b)
-    return float(np.sum(np.abs(fa - fb) * np.diff(grid)))
-
-
-def _mean_dist(x: np.ndarray, y: np.ndarray, chunk: int = 512) -> float:
-    total = 0.0
-    for i in range(0, len(x), chunk):
-        d = x[i : i + chunk, None, :] - y[None, :, :]
-        total += float(np.sqrt((d * d).sum(-1)).sum())
-    return total / (len(x) * len(y))
-
-
-def energy_coefficient(x: np.ndarray, y: np.ndarray) -> float:
-    """Székely-Rizzo energy coefficient ``(2E|X-Y| - E|X-X'| - E|Y-Y'|) / (2E|X-Y|)``, in 0..1
-    (0 only when the distributions are equal)."""
-    if len(x) < 2 or len(y) < 2:
-        return math.nan
-    xy = _mean_dist(x, y)
-    if xy <= 0:
-        return 0.0
-    xx = _mean_dist(x, x) * len(x) / (len(x) - 1)  # the diagonal's zeros left out
-    yy = _mean_dist(y, y) * len(y) / (len(y) - 1)
-    return float(max(0.0, (2 * xy - xx - yy) / (2 * xy)))
-
-
 def _floor_std(std: np.ndarray, mean: np.ndarray) -> np.ndarray:
     """A reference spread never zero: a constant reference (every image 224 px wide) still
     turns a different value into a large, finite shift."""
     return np.maximum(std, np.maximum(1e-3 * np.abs(mean), 1e-6))
 
 
-@dataclass
-class DriftFigures:
-    """What the check found: one row per figure, the overall alert and the plot data."""
-
-    rows: list[dict[str, Any]]
-    alert: bool
-    n_images: int
-    reference_n: int
-    plot: dict[str, Any] = field(default_factory=dict)
-
-    def table(self, *, run_id: str, model_version: str) -> pa.Table:
-        rows = [dict(r, run_id=run_id, model_version=model_version) for r in self.rows]
-        return pa.Table.from_pylist(rows, schema=DRIFT_SCHEMA)
-
-    def alerts(self) -> list[str]:
-        return [f"{r['check']} {r['statistic']}" for r in self.rows if r["alert"]]
-
-    def summary(self) -> dict[str, Any]:
-        """The key figures for ``summary.json``."""
-
-        def get(check: str, stat: str) -> float | None:
-            for r in self.rows:
-                if r["check"] == check and r["statistic"] == stat:
-                    v = r["value"]
-                    return None if v is None or not math.isfinite(v) else round(float(v), 4)
-            return None
-
-        inputs = [
-            r["value"]
-            for r in self.rows
-            if r["check"].startswith("input:") and r["statistic"] == "mean_shift" and r["value"] is not None
-        ]
-        return {
-            "status": "checked",
-            "alert": self.alert,
-            "alerts": self.alerts(),
-            "n_images": self.n_images,
-            "reference_n": self.reference_n,
-            "p_pneumonia_psi": get("p_pneumonia", "psi"),
-            "p_pneumonia_ks": get("p_pneumonia", "ks"),
-            "pred_label_psi": get("pred_label", "psi"),
-            "input_max_mean_shift": round(float(max(inputs)), 4) if inputs else None,
-            "feature_pca_mean_shift": get("features", "pca_mean_shift"),
-            "feature_energy": get("features", "energy"),
-        }
+def _logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
 
 
 class DriftAccumulator:
@@ -211,26 +94,31 @@ class DriftAccumulator:
         self.card = card
         self.s = settings
         self.rng = np.random.default_rng(seed)
-        ref_p = reference.p_pneumonia(card)
-        self.ref_p = ref_p
-        inner = np.quantile(ref_p, np.linspace(0.1, 0.9, 9))
+        self.ref_p = reference.p_pneumonia(card)
+        inner = np.quantile(self.ref_p, np.linspace(0.1, 0.9, 9))
         self.psi_edges = np.unique(inner)
         self.p_psi = np.zeros(len(self.psi_edges) + 1, np.int64)
         self.p_fine = np.zeros(len(_KS_EDGES) - 1, np.int64)
         self.p_hist = np.zeros(HIST_BINS, np.int64)
         self.pred = np.zeros(len(LABELS), np.int64)
         self.n = 0
-        k_stats = reference.input_stats.shape[1]
-        self.stat_sum = np.zeros(k_stats)
-        self.stat_n = np.zeros(k_stats)
+        names = reference.stat_names
+        self.k_stats = len(names)
+        self.model_cols = [names.index(s) for s in MODEL_INPUT_STATS if s in names]
+        ref_stats = reference.input_stats.astype(np.float64)
+        self.stat_sum = np.zeros(self.k_stats)
+        self.stat_n = np.zeros(self.k_stats)
+        self.inputs = ds.Moments(np.nanmean(ref_stats[:, self.model_cols], 0))
         k = reference.pca_components.shape[0]
-        self.z_sum = np.zeros(k)
-        self.z_n = 0
-        # One reservoir of rows: [input stats (K) | standardized PCA coordinates (k)], NaN
-        # where a row has no such values (features missing in an old engine's output).
-        self.res = np.full((settings.reservoir_size, k_stats + k), np.nan)
+        self.z_scale = _floor_std(reference.pca_std.astype(np.float64), np.zeros(1))
+        self.ref_z = reference.pca_scores.astype(np.float64) / self.z_scale
+        self.feats = ds.Moments(self.ref_z.mean(0))
+        # One reservoir of rows: [3 class probabilities | P(pneumonia) | input stats (K) |
+        # standardized PCA coordinates (k)], NaN where a row has no such values.
+        self._cols = 4 + self.k_stats
+        self.res = np.full((settings.reservoir_size, self._cols + k), np.nan)
         self.res_seen = 0
-        self.categories: dict[str, Counter[str]] = {c: Counter() for c in _CATEGORIES}
+        self.categories: dict[str, Counter[str]] = {c: Counter() for c in CATEGORIES}
         self.has_stats = self.has_features = False
 
     # -- streaming ------------------------------------------------------------------------
@@ -240,50 +128,57 @@ class DriftAccumulator:
         columns used when present)."""
         if block.num_rows == 0 or "status" not in block.column_names:
             return
-        ok = np.asarray(pc.fill_null(pc.equal(block["status"], "ok"), False).to_numpy(zero_copy_only=False))
-        if not ok.any():
+        ok_mask = pc.fill_null(pc.equal(block["status"], str(Status.OK)), False)
+        idx = np.flatnonzero(np.asarray(ok_mask.to_numpy(zero_copy_only=False)))
+        if len(idx) == 0:
             return
-        idx = np.flatnonzero(ok)
         n = len(idx)
         self.n += n
-        p = block["prob_pneumonia"].to_numpy(zero_copy_only=False).astype(np.float64)[idx]
-        p = p[np.isfinite(p)]
+        vec = np.full((n, self.res.shape[1]), np.nan)
+        for j, name in enumerate(_PROBS):
+            if name in block.column_names:
+                vec[:, j] = block[name].to_numpy(zero_copy_only=False).astype(np.float64)[idx]
+        p_all = block["prob_pneumonia"].to_numpy(zero_copy_only=False).astype(np.float64)[idx]
+        vec[:, 3] = p_all
+        p = p_all[np.isfinite(p_all)]
         self.p_psi += np.bincount(np.searchsorted(self.psi_edges, p, side="right"), minlength=len(self.p_psi))
         self.p_fine += np.histogram(_logit(p), bins=_KS_EDGES)[0]
         self.p_hist += np.histogram(p, bins=HIST_BINS, range=(0.0, 1.0))[0]
         labels = block["pred_label"].to_numpy(zero_copy_only=False)[idx]
         self.pred += np.array([np.count_nonzero(labels == k) for k in LABELS], np.int64)
-        k_stats = self.stat_sum.shape[0]
-        vec = np.full((n, self.res.shape[1]), np.nan)
         stats = _matrix(block, "input_stats")
-        if stats is not None and stats.shape[1] == k_stats:
+        if stats is not None and stats.shape[1] == self.k_stats:
             st = stats[idx]
             good = np.isfinite(st)
             self.stat_sum += np.where(good, st, 0).sum(0)
             self.stat_n += good.sum(0)
-            vec[:, :k_stats] = st
+            self.inputs.add(st[:, self.model_cols])
+            vec[:, 4 : self._cols] = st
             self.has_stats = self.has_stats or bool(good.any())
         feats = _matrix(block, "features")
         if feats is not None and feats.shape[1] == self.ref.feature_mean.shape[0]:
             f = feats[idx]
             fine = np.isfinite(f).all(axis=1)
             if fine.any():
-                z = self.ref.project(f[fine]) / _floor_std(self.ref.pca_std.astype(np.float64), np.zeros(1))
-                self.z_sum += z.sum(0)
-                self.z_n += len(z)
-                vec[np.flatnonzero(fine), k_stats:] = z
+                z = self.ref.project(f[fine]) / self.z_scale
+                self.feats.add(z)
+                vec[np.flatnonzero(fine), self._cols :] = z
                 self.has_features = True
         self._reservoir(vec)
-        for c in _CATEGORIES:
-            if c in block.column_names:
-                vals = block[c].to_pylist()
-                counter = self.categories[c]
-                for i in idx:
-                    v = vals[i]
-                    key = v if isinstance(v, str) and v else "(none)"
-                    if key not in counter and len(counter) >= _MAX_CATEGORY_VALUES:
-                        key = "(other)"
-                    counter[key] += 1
+        self._count_categories(block, idx)
+
+    def _count_categories(self, block: pa.Table, idx: np.ndarray) -> None:
+        for c in CATEGORIES:
+            if c not in block.column_names:
+                continue
+            vals = block[c].to_pylist()
+            counter = self.categories[c]
+            for i in idx:
+                v = vals[i]
+                key = str(v) if v is not None and v != "" else "(none)"
+                if key not in counter and len(counter) >= _MAX_CATEGORY_VALUES:
+                    key = "(other)"
+                counter[key] += 1
 
     def _reservoir(self, vec: np.ndarray) -> None:
         """Algorithm R, vectorised per block: every ok row is kept with equal probability."""
@@ -295,116 +190,255 @@ class DriftAccumulator:
         rest = np.arange(fill, len(vec))
         if len(rest):
             slots = self.rng.integers(0, start + rest + 1)
-            for r, j in zip(rest, slots, strict=True):
-                if j < size:
-                    self.res[j] = vec[r]
+            for r, j in zip(rest[slots < size], slots[slots < size], strict=True):
+                self.res[j] = vec[r]  # in row order: a later row replaces an earlier one
         self.res_seen += len(vec)
 
-    @property
-    def reservoir(self) -> np.ndarray:
-        """The kept rows (at most ``reservoir_size``)."""
-        return self.res[: min(self.res_seen, self.res.shape[0])]
+    def reservoir(self) -> dict[str, np.ndarray]:
+        """A uniform random sample of the run's ok rows (at most ``reservoir_size``; all of
+        them while the run is smaller): ``probabilities`` [r, 3] (``LABELS`` order, NaN where
+        the block had none), ``prob_pneumonia`` [r], ``input_stats`` [r, K] (the reference's
+        ``stat_names``) and ``pca`` [r, k] (features in the reference's PCA basis, each
+        coordinate in units of the reference's std; NaN rows: no features)."""
+        rows = self.res[: min(self.res_seen, self.res.shape[0])]
+        return {
+            "probabilities": rows[:, :3],
+            "prob_pneumonia": rows[:, 3],
+            "input_stats": rows[:, 4 : self._cols],
+            "pca": rows[:, self._cols :],
+        }
 
     def nbytes(self) -> int:
         """What the accumulator holds (constant after construction)."""
-        arrays = [self.res, self.p_fine, self.p_psi, self.p_hist, self.z_sum, self.stat_sum, self.stat_n]
+        arrays = [self.res, self.p_fine, self.p_psi, self.p_hist, self.stat_sum, self.stat_n]
+        arrays += [self.inputs.s2, self.inputs.s1, self.feats.s2, self.feats.s1]
         return int(sum(a.nbytes for a in arrays))
 
     # -- comparison -----------------------------------------------------------------------
 
     def figures(self) -> DriftFigures:
-        s, ref, card = self.s, self.ref, self.card
-        enough = self.n >= s.min_images
-        rows: list[dict[str, Any]] = []
-
-        def add(check: str, stat: str, value: float | None, threshold: float | None, note: str | None = None):
-            finite = value is not None and math.isfinite(value)
-            alert = bool(enough and finite and threshold is not None and value >= threshold)  # type: ignore[operator]
-            rows.append(
-                {
-                    "check": check,
-                    "statistic": stat,
-                    "value": float(value) if finite else None,  # type: ignore[arg-type]
-                    "threshold": threshold,
-                    "alert": alert,
-                    "n_images": self.n,
-                    "reference_n": ref.n,
-                    "note": note
-                    if note is not None
-                    else (None if enough else f"fewer than {s.min_images} images"),
-                }
+        """Every check's row, Holm across the tested ones, the alerts and the plot data."""
+        rows = self._score_rows() + self._input_rows() + self._feature_rows() + self._category_rows()
+        tested = [i for i, r in enumerate(rows) if r["role"] == "test"]
+        adjusted = ds.holm([np.nan if rows[i]["p_value"] is None else rows[i]["p_value"] for i in tested])
+        enough = self.n >= self.s.min_images
+        for i, adj in zip(tested, adjusted, strict=True):
+            r = rows[i]
+            r["p_adjusted"] = finite(adj)
+            r["alert"] = bool(
+                enough
+                and r["p_adjusted"] is not None
+                and r["p_adjusted"] <= self.s.alpha
+                and r["effect"] is not None
+                and r["effect"] >= r["threshold"]
             )
+            if not enough and r["note"] is None:
+                r["note"] = f"fewer than {self.s.min_images} images: no alert"
+        alert = any(r["alert"] for r in rows)
+        return DriftFigures(rows, alert, self.n, self.ref.n, self.s.alpha, self._plot())
 
+    def _row(self, check: str, stat: str, value: float | None, **kw: Any) -> dict[str, Any]:
+        row = {
+            "check": check,
+            "statistic": stat,
+            "value": finite(value),
+            "threshold": None,
+            "alert": False,
+            "n_images": self.n,
+            "reference_n": self.ref.n,
+            "note": None,
+            "role": "info",
+            "p_value": None,
+            "p_adjusted": None,
+            "effect": None,
+            "n_used": self.n,
+            "method": None,
+        }
+        row.update(kw)
+        for k in ("p_value", "effect"):
+            row[k] = finite(row[k])
+        return row
+
+    def _score_rows(self) -> list[dict[str, Any]]:
+        s = self.s
+        ref_p = self.ref_p.astype(np.float64)
         ref_psi = np.bincount(
             np.searchsorted(self.psi_edges, self.ref_p, side="right"), minlength=len(self.p_psi)
         )
-        add("p_pneumonia", "psi", _psi(self.p_psi, ref_psi), s.psi_alert)
-        ref_fine = np.histogram(_logit(self.ref_p.astype(np.float64)), bins=_KS_EDGES)[0]
-        ks = (
-            float(
-                np.max(
-                    np.abs(np.cumsum(self.p_fine) / self.p_fine.sum() - np.cumsum(ref_fine) / ref_fine.sum())
-                )
+        rows = [
+            self._row("p_pneumonia", "psi", ds.psi(self.p_psi, ref_psi), method="deciles of the reference")
+        ]
+        if self.res_seen <= self.res.shape[0]:  # every row is in the reservoir: exact values
+            d, p, method = ds.ks_values(self.res[: self.res_seen, 3], ref_p)
+        else:
+            d, p, method = ds.ks_binned(self.p_fine, np.histogram(_logit(ref_p), bins=_KS_EDGES)[0])
+        rows.append(
+            self._row(
+                "p_pneumonia",
+                "ks",
+                d,
+                role="test",
+                p_value=p,
+                effect=d,
+                threshold=s.score_ks_min,
+                method=method,
             )
-            if self.p_fine.sum()
-            else math.nan
         )
-        add("p_pneumonia", "ks", ks, s.ks_alert)
-        ref_pred = ref.pred_counts(card)
-        add("pred_label", "psi", _psi(self.pred, ref_pred), s.class_psi_alert)
+        ref_pred = self.ref.pred_counts(self.card)
+        chi2, p = ds.chi2_mix(self.pred, ref_pred)
+        class_psi = ds.psi(self.pred, ref_pred)
+        rows.append(self._row("pred_label", "psi", class_psi, method="predicted-class mix"))
+        rows.append(
+            self._row(
+                "pred_label",
+                "chi2",
+                chi2,
+                role="test",
+                p_value=p,
+                effect=class_psi,
+                threshold=s.class_psi_min,
+                method="chi2_contingency; effect: PSI",
+            )
+        )
+        return rows
 
-        k_stats = self.stat_sum.shape[0]
-        res = self.reservoir
+    def _input_rows(self) -> list[dict[str, Any]]:
+        ref = self.ref
         ref_stats = ref.input_stats.astype(np.float64)
         mu_ref = np.nanmean(ref_stats, 0)
         sd_ref = _floor_std(np.nanstd(ref_stats, 0), mu_ref)
-        for j, name in enumerate(ref.stat_names):
-            if not self.has_stats:
-                add(
-                    f"input:{name}", "mean_shift", None, s.input_shift_alert, "no input statistics in the run"
+        rows: list[dict[str, Any]] = []
+        if not self.has_stats:
+            return [
+                self._row(
+                    "inputs",
+                    "hotelling_t2",
+                    None,
+                    role="test",
+                    threshold=self.s.input_shift_min,
+                    note="no input statistics in the run",
                 )
-                continue
+            ]
+        res = self.reservoir()["input_stats"]
+        shifts = []
+        for j, name in enumerate(ref.stat_names):
             mean = self.stat_sum[j] / self.stat_n[j] if self.stat_n[j] else math.nan
-            col = res[:, j][np.isfinite(res[:, j])]
-            rcol = ref_stats[:, j][np.isfinite(ref_stats[:, j])]
-            add(f"input:{name}", "mean_shift", abs(mean - mu_ref[j]) / sd_ref[j], s.input_shift_alert)
-            add(f"input:{name}", "ks", _ks(col, rcol), s.input_ks_alert)
-            add(
-                f"input:{name}", "wasserstein", _wasserstein(col, rcol) / sd_ref[j], s.input_wasserstein_alert
+            col, rcol = res[:, j], ref_stats[:, j]
+            shift = abs(mean - mu_ref[j]) / sd_ref[j]
+            note = "acquisition" if name in ACQUISITION_STATS else None
+            if name in MODEL_INPUT_STATS:
+                shifts.append(shift)
+            d, p, method = ds.ks_values(col, rcol)
+            n_used = int(np.isfinite(col).sum())
+            rows.append(
+                self._row(f"input:{name}", "mean_shift", shift, note=note, method="reference std units")
             )
+            rows.append(
+                self._row(f"input:{name}", "ks", d, p_value=p, n_used=n_used, note=note, method=method)
+            )
+            w = ds.wasserstein(col, rcol) / sd_ref[j]
+            rows.append(
+                self._row(
+                    f"input:{name}", "wasserstein", w, n_used=n_used, note=note, method="reference std units"
+                )
+            )
+        t2, p, dims = ds.hotelling(self.inputs, ref_stats[:, self.model_cols])
+        effect = max(shifts) if shifts else None
+        rows.insert(
+            0,
+            self._row(
+                "inputs",
+                "hotelling_t2",
+                t2,
+                role="test",
+                p_value=p,
+                effect=effect,
+                threshold=self.s.input_shift_min,
+                n_used=self.inputs.n,
+                method=f"Hotelling T2, {dims} dims; effect: largest mean shift (std units)",
+            ),
+        )
+        return rows
 
-        ref_z = ref.pca_scores.astype(np.float64) / _floor_std(ref.pca_std.astype(np.float64), np.zeros(1))
-        if self.has_features and self.z_n:
-            shift = self.z_sum / self.z_n - ref_z.mean(0)
-            add("features", "pca_mean_shift", float(np.sqrt(np.mean(shift**2))), s.feature_shift_alert)
-            z = res[:, k_stats:]
-            z = z[np.isfinite(z).all(axis=1)]
-            add("features", "energy", energy_coefficient(z, ref_z), s.feature_energy_alert)
-        else:
-            add("features", "pca_mean_shift", None, s.feature_shift_alert, "no features in the run")
+    def _feature_rows(self) -> list[dict[str, Any]]:
+        s = self.s
+        if not (self.has_features and self.feats.n):
+            return [
+                self._row(
+                    "features",
+                    "hotelling_t2",
+                    None,
+                    role="test",
+                    threshold=s.feature_shift_min,
+                    note="no features in the run",
+                )
+            ]
+        shift = self.feats.mean() - self.ref_z.mean(0)
+        rms = float(np.sqrt(np.mean(shift**2)))
+        t2, p, dims = ds.hotelling(self.feats, self.ref_z)
+        z = self.reservoir()["pca"]
+        z = z[np.isfinite(z).all(axis=1)]
+        return [
+            self._row(
+                "features",
+                "hotelling_t2",
+                t2,
+                role="test",
+                p_value=p,
+                effect=rms,
+                threshold=s.feature_shift_min,
+                n_used=self.feats.n,
+                method=f"Hotelling T2 on {dims} PCA dims; effect: RMS mean shift (std units)",
+            ),
+            self._row(
+                "features", "pca_mean_shift", rms, n_used=self.feats.n, method="RMS, reference std units"
+            ),
+            self._row(
+                "features",
+                "energy",
+                ds.energy_coefficient(z, self.ref_z),
+                n_used=len(z),
+                method="energy coefficient on the reservoir",
+            ),
+        ]
 
-        for c in _CATEGORIES:
-            ref_mix = ref.meta.get(f"{c}_mix")
+    def _category_rows(self) -> list[dict[str, Any]]:
+        rows = []
+        for c in CATEGORIES:
+            ref_mix = self.ref.meta.get(f"{c}_mix")
             run_mix = self.categories[c]
-            if not run_mix or all(k == "(none)" for k in run_mix):
-                if ref_mix:
-                    add(c, "tv_distance", 1.0, s.category_tv_alert, "the run's images carry no DICOM tags")
+            has_run = bool(run_mix) and not all(k == "(none)" for k in run_mix)
+            if not has_run and not ref_mix:
                 continue
-            if not ref_mix:
-                add(c, "tv_distance", None, s.category_tv_alert, "the reference has no DICOM tags")
+            if not has_run or not ref_mix:
+                note = (
+                    "the run's images carry no DICOM tags" if ref_mix else "the reference has no DICOM tags"
+                )
+                rows.append(self._row(c, "tv_distance", 1.0 if ref_mix else None, note=note))
                 continue
-            keys = set(ref_mix) | set(run_mix)
-            rt, nt = sum(ref_mix.values()), sum(run_mix.values())
-            tv = 0.5 * sum(abs(run_mix.get(k, 0) / nt - ref_mix.get(k, 0) / rt) for k in keys)
-            add(c, "tv_distance", tv, s.category_tv_alert)
+            keys = sorted(set(ref_mix) | set(run_mix))
+            run = np.array([run_mix.get(k, 0) for k in keys], np.float64)
+            ref = np.array([ref_mix.get(k, 0) for k in keys], np.float64)
+            tv = 0.5 * float(np.abs(run / run.sum() - ref / ref.sum()).sum())
+            _, p = ds.chi2_mix(run, ref)
+            rows.append(
+                self._row(
+                    c,
+                    "tv_distance",
+                    tv,
+                    p_value=p,
+                    note="acquisition",
+                    method="chi2_contingency p; value: total variation",
+                )
+            )
+        return rows
 
-        alert = any(r["alert"] for r in rows)
-        return DriftFigures(rows, alert, self.n, ref.n, self._plot(ref_z, mu_ref, sd_ref))
-
-    def _plot(self, ref_z: np.ndarray, mu_ref: np.ndarray, sd_ref: np.ndarray) -> dict[str, Any]:
+    def _plot(self) -> dict[str, Any]:
         """What the report's plots need, so the report does not need the artifact."""
-        ref, res = self.ref, self.reservoir
-        k_stats = self.stat_sum.shape[0]
+        ref = self.ref
+        ref_stats = ref.input_stats.astype(np.float64)
+        mu_ref = np.nanmean(ref_stats, 0)
+        sd_ref = _floor_std(np.nanstd(ref_stats, 0), mu_ref)
         ref_hist = np.histogram(self.ref_p, bins=HIST_BINS, range=(0.0, 1.0))[0]
         plot: dict[str, Any] = {
             "p_bins": np.linspace(0.0, 1.0, HIST_BINS + 1).round(4).tolist(),
@@ -421,14 +455,9 @@ class DriftAccumulator:
             run_mean = np.where(self.stat_n > 0, self.stat_sum / np.maximum(self.stat_n, 1), np.nan)
             plot["stats_run_mean"] = [None if not math.isfinite(v) else round(float(v), 4) for v in run_mean]
         if self.has_features:
-            z = res[:, k_stats:]
+            z = self.reservoir()["pca"]
             z = z[np.isfinite(z).all(axis=1)]
-            pick = self.rng.permutation(len(ref_z))[:_PLOT_POINTS]
-            plot["pca_reference"] = ref_z[pick, :2].round(3).tolist()
+            pick = self.rng.permutation(len(self.ref_z))[:_PLOT_POINTS]
+            plot["pca_reference"] = self.ref_z[pick, :2].round(3).tolist()
             plot["pca_run"] = z[:_PLOT_POINTS, :2].round(3).tolist()
         return plot
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return np.log(p) - np.log1p(-p)
