@@ -187,7 +187,8 @@ def end_to_end(site: dict[str, Any], art: Any, args: argparse.Namespace, work: P
 
     from cxr_ray.cli import run_command
     from cxr_ray.config import Settings
-    from cxr_ray.scoring.pipeline import evaluate_table, score
+    from cxr_ray.scoring.evaluation import evaluate_table
+    from cxr_ray.scoring.pipeline import score
 
     y, patients = site["labels"], site["patients"]
     cal_idx = pick_sample(y, patients, args.n_cal, 0)

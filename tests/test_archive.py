@@ -102,7 +102,7 @@ def test_the_research_override_scores_everything_and_says_so(ray_local, tiny_art
 
 
 def test_logs_and_summary_print_no_patient_identifiers(ray_local, tiny_artifact, six, tmp_path, caplog):
-    from cxr_ray.scoring.pipeline import format_summary
+    from cxr_ray.scoring.result import format_summary
 
     folder, instances = six
     (folder.parent / "broken").mkdir(exist_ok=True)

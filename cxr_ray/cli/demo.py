@@ -22,7 +22,8 @@ from cxr_ray.data.manifest import ManifestSummary, write_manifest
 from cxr_ray.io import storage
 from cxr_ray.models.artifact import load_artifact
 from cxr_ray.models.card import ModelCard
-from cxr_ray.scoring.pipeline import ScoreResult, score
+from cxr_ray.scoring.pipeline import score
+from cxr_ray.scoring.result import ScoreResult
 
 logger = logging.getLogger(__name__)
 

@@ -184,7 +184,7 @@ def demo(ctx: click.Context, out: str, data_dir: str | None) -> None:
     from cxr_ray.cli.demo import run_demo
     from cxr_ray.cli.runtime import ray_session
     from cxr_ray.metrics import format_metrics_summary
-    from cxr_ray.scoring.pipeline import format_summary
+    from cxr_ray.scoring.result import format_summary
 
     s = settings_from(ctx, {})
     data = Path(data_dir) if data_dir and Path(data_dir).is_dir() else None
@@ -200,7 +200,7 @@ def demo(ctx: click.Context, out: str, data_dir: str | None) -> None:
     click.echo(format_summary(result.scored))
     from cxr_ray import metrics
     from cxr_ray.io import storage
-    from cxr_ray.scoring.pipeline import evaluate_table
+    from cxr_ray.scoring.evaluation import evaluate_table
 
     m = evaluate_table(
         storage.read_table(str(Path(out) / "scores" / "predictions.parquet")), result.scored.threshold

@@ -154,8 +154,8 @@ def score(
     from cxr_ray.cli.runtime import ray_session
     from cxr_ray.io import storage
     from cxr_ray.metrics import format_metrics_summary
-    from cxr_ray.scoring.pipeline import format_summary
     from cxr_ray.scoring.pipeline import score as run_score
+    from cxr_ray.scoring.result import format_summary
 
     art = load_model(artifact)
     history = history or storage.join(storage.parent(out), "metrics_history.parquet")
@@ -287,7 +287,7 @@ def evaluate(predictions: str, out: str | None, threshold: float | None) -> None
     from cxr_ray import metrics
     from cxr_ray.io import storage
     from cxr_ray.labels import LABELS
-    from cxr_ray.scoring.pipeline import evaluate_table, run_threshold
+    from cxr_ray.scoring.evaluation import evaluate_table, run_threshold
 
     try:
         t = storage.read_table(predictions)

@@ -26,6 +26,8 @@ import html
 import io
 import json
 from collections import Counter
+from functools import cache
+from importlib import resources
 from typing import Any
 
 import pyarrow as pa
@@ -38,20 +40,10 @@ from cxr_ray.io import storage, uris
 from cxr_ray.reporting.drift_section import drift_section
 from cxr_ray.reporting.figures import img, levels_html, metrics_html, plots
 from cxr_ray.reporting.review import review_html, worklist
-from cxr_ray.scoring.pipeline import labelled_arrays
-from cxr_ray.scoring.screen import REF_CHARS, flagged_studies
+from cxr_ray.scoring.evaluation import labelled_arrays, summary_threshold
+from cxr_ray.scoring.result import REF_CHARS, flagged_studies
 from cxr_ray.scoring.studies import STUDIES_SCHEMA, study_metrics
 
-_CSS = """
-body{font-family:system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#1d2430;padding:0 1rem}
-h1{font-size:1.6rem}h2{font-size:1.2rem;margin-top:2rem;border-bottom:1px solid #dde3ea}
-table{border-collapse:collapse;margin:.5rem 0}th{background:#f3f6f9}
-td,th{border:1px solid #dde3ea;padding:.3rem .6rem;text-align:right}td.l,th.l{text-align:left}
-.kpi{display:inline-block;margin:0 1.5rem .8rem 0}.kpi b{display:block;font-size:1.4rem}
-.figs img{max-width:49%}.gallery{display:flex;flex-wrap:wrap;gap:.8rem}
-.gallery figure{margin:0;width:240px;font-size:.8rem}.gallery img{width:240px}
-.note{color:#6b7785}.err td{text-align:left;font-family:monospace;font-size:.8rem}
-"""
 #: Side of the gallery's thumbnails of original images (when a study has no heatmap).
 THUMB_PX = 240
 #: Columns never shown (identifiers); also cut out of error text.
@@ -188,9 +180,24 @@ def _intended_use_html(t: pa.Table) -> str:
             + "</table>"
         )
     else:
-        parts.append(
-            '<p class="note">None: every image was inside the model\'s intended use or unreadable.</p>'
-        )
+        # "Inside the intended use" only where tags were checked: JPEG/PNG rows are "unchecked".
+        uses = Counter(_column_or_nulls(t.filter(pc.equal(status, "ok")), "intended_use").to_pylist())
+        scored, unchecked = sum(uses.values()), uses.get("unchecked", 0)
+        if scored and unchecked == scored:
+            text = (
+                "None skipped, but the intended use was unchecked: no scored image carried DICOM tags "
+                "(modality, body part, view, patient age), e.g. JPEG/PNG files."
+            )
+        elif unchecked:
+            text = (
+                f"None: the images with DICOM tags were inside the model's intended use; {unchecked} of "
+                f"{scored} scored images were unchecked (tags missing, see below)."
+            )
+        elif scored and uses.get(None, 0) == scored:
+            text = "None skipped; the intended use was not recorded for this run."
+        else:
+            text = "None: every image was inside the model's intended use or unreadable."
+        parts.append(f'<p class="note" id="use-summary">{html.escape(text)}</p>')
     ok = t.filter(pc.equal(status, "ok"))
     use, note = _column_or_nulls(ok, "intended_use"), _column_or_nulls(ok, "intended_use_note")
     noted = Counter(
@@ -240,6 +247,12 @@ def _read_studies(run_dir: str) -> pa.Table | None:
     return storage.read_table(uri).cast(STUDIES_SCHEMA)
 
 
+@cache
+def _css() -> str:
+    """The page style, ``static/report.css`` (a package file)."""
+    return resources.files("cxr_ray.reporting").joinpath("static/report.css").read_text("utf-8")
+
+
 def render(
     run_dir: str,
     *,
@@ -259,12 +272,36 @@ def render(
     summary: dict[str, Any] = {}
     if storage.exists(storage.join(run_dir, "summary.json")):
         summary = json.loads(storage.read_bytes(storage.join(run_dir, "summary.json")))
-    threshold = float(summary.get("threshold", 0.5))
+    versions = sorted({v for v in t["model_version"].to_pylist() if v})
+    parts = [
+        f"<h1>{html.escape(title or 'cxr-ray scoring report')}</h1>",
+        f"<p>run {html.escape(str(summary.get('run_id', '')))} · model {html.escape(', '.join(versions))} · "
+        f"engine {html.escape(', '.join(sorted(set(t['engine'].to_pylist()))))}</p>",
+        _kpis_html(t, studies, summary),
+        drift_section(run_dir),
+        *_metrics_parts(t, studies, summary_threshold(summary)),
+        *_gallery_parts(t, studies, top),
+    ]
+    run_id = str(summary.get("run_id") or next((r for r in t["run_id"].to_pylist() if r), ""))
+    work = worklist(studies, t, sample=review_sample, limit=review_limit, seed=review_seed)
+    n_errors = t.num_rows - int(pc.sum(pc.is_in(t["status"], pa.array(["ok", "skipped"]))).as_py() or 0)
+    parts += [
+        review_html(work, run_dir=run_dir, run_id=run_id),
+        _intended_use_html(t),
+        _errors_html(t, n_errors),
+    ]
+    body = "\n".join(parts)
+    head = f'<meta charset="utf-8"><title>{html.escape(title or "cxr-ray report")}</title>'
+    head += f"<style>{_css()}</style>"
+    return f'<!doctype html><html lang="en"><head>{head}</head><body>{body}</body></html>\n'
+
+
+def _kpis_html(t: pa.Table, studies: pa.Table | None, summary: dict[str, Any]) -> str:
+    """The run's counts in one row: images, ok, skipped, errors, studies, flagged, speed."""
     n = t.num_rows
     ok = int(pc.sum(pc.equal(t["status"], "ok")).as_py() or 0)
     skipped = int(pc.sum(pc.equal(t["status"], "skipped")).as_py() or 0)
     flagged = int(pc.sum(pc.fill_null(t["flagged"], False)).as_py() or 0)
-    versions = sorted({v for v in t["model_version"].to_pylist() if v})
     kpis: list[tuple[str, Any]] = [
         ("images", n),
         ("ok", ok),
@@ -277,55 +314,45 @@ def render(
     kpis.append(("flagged images", flagged))
     if summary.get("images_per_s"):
         kpis.append(("img/s", f"{summary['images_per_s']:.1f}"))
-    parts = [
-        f"<h1>{html.escape(title or 'cxr-ray scoring report')}</h1>",
-        f"<p>run {html.escape(str(summary.get('run_id', '')))} · model {html.escape(', '.join(versions))} · "
-        f"engine {html.escape(', '.join(sorted(set(t['engine'].to_pylist()))))}</p>",
-        '<div id="summary">' + "".join(f'<span class="kpi"><b>{v}</b>{k}</span>' for k, v in kpis) + "</div>",
-        drift_section(run_dir),
-    ]
-    y, p = labelled_arrays(t)
-    sm = study_metrics(studies, threshold=threshold) if studies is not None else None
-    if len(y):
-        m = metrics.classification_metrics(y, p, threshold=threshold)
-        figs = plots(y, p)
-        if sm is not None:
-            parts += ["<h2>Images and studies</h2>", levels_html(m, sm)]
-        parts += [
-            f"<h2>Per-class metrics ({len(y)} labelled images)</h2>",
-            metrics_html(m),
-            '<h2>Curves</h2><div class="figs">',
-            *(img(figs[k], k) for k in ("confusion", "roc", "reliability", "histogram")),
-            "</div>",
-        ]
-        if sm is not None:
-            parts += [
-                f"<h2>Per-class metrics per study ({sm.n} labelled studies, each by its driving image)</h2>",
-                metrics_html(sm, prefix="study-"),
-            ]
-    else:
-        parts.append('<h2>Per-class metrics</h2><p class="note">No labelled images in this run.</p>')
-    if studies is not None:
-        parts += [f"<h2>Most suspicious flagged studies (top {top})</h2>", _study_gallery(studies, t, top)]
-    else:
-        parts += [
-            f"<h2>Most suspicious flagged images (top {top})</h2>",
-            '<p class="note">This run has no studies.parquet (written before study-level results): '
-            "images are listed one by one.</p>",
-            _image_gallery(t, top),
-        ]
-    run_id = str(summary.get("run_id") or next((r for r in t["run_id"].to_pylist() if r), ""))
-    work = worklist(studies, t, sample=review_sample, limit=review_limit, seed=review_seed)
-    parts += [
-        review_html(work, run_dir=run_dir, run_id=run_id),
-        _intended_use_html(t),
-        _errors_html(t, n - ok - skipped),
-    ]
-    body = "\n".join(parts)
-    head = f'<meta charset="utf-8"><title>{html.escape(title or "cxr-ray report")}</title>'
     return (
-        f'<!doctype html><html lang="en"><head>{head}<style>{_CSS}</style></head><body>{body}</body></html>\n'
+        '<div id="summary">' + "".join(f'<span class="kpi"><b>{v}</b>{k}</span>' for k, v in kpis) + "</div>"
     )
+
+
+def _metrics_parts(t: pa.Table, studies: pa.Table | None, threshold: float) -> list[str]:
+    """Per-class metrics and curves per image, and per study beside them (labelled runs)."""
+    y, p = labelled_arrays(t)
+    if not len(y):
+        return ['<h2>Per-class metrics</h2><p class="note">No labelled images in this run.</p>']
+    sm = study_metrics(studies, threshold=threshold) if studies is not None else None
+    m = metrics.classification_metrics(y, p, threshold=threshold)
+    figs = plots(y, p)
+    parts = ["<h2>Images and studies</h2>", levels_html(m, sm)] if sm is not None else []
+    parts += [
+        f"<h2>Per-class metrics ({len(y)} labelled images)</h2>",
+        metrics_html(m),
+        '<h2>Curves</h2><div class="figs">',
+        *(img(figs[k], k) for k in ("confusion", "roc", "reliability", "histogram")),
+        "</div>",
+    ]
+    if sm is not None:
+        parts += [
+            f"<h2>Per-class metrics per study ({sm.n} labelled studies, each by its driving image)</h2>",
+            metrics_html(sm, prefix="study-"),
+        ]
+    return parts
+
+
+def _gallery_parts(t: pa.Table, studies: pa.Table | None, top: int) -> list[str]:
+    """The most suspicious flagged studies (images, for runs without ``studies.parquet``)."""
+    if studies is not None:
+        return [f"<h2>Most suspicious flagged studies (top {top})</h2>", _study_gallery(studies, t, top)]
+    return [
+        f"<h2>Most suspicious flagged images (top {top})</h2>",
+        '<p class="note">This run has no studies.parquet (written before study-level results): '
+        "images are listed one by one.</p>",
+        _image_gallery(t, top),
+    ]
 
 
 def write_report(run_dir: str, out: str | None = None, **kwargs: Any) -> str:

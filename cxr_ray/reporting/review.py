@@ -39,7 +39,7 @@ from cxr_ray.imaging.preprocess import PreprocessSpec, decode
 from cxr_ray.io import storage, uris
 from cxr_ray.labels import LABELS
 from cxr_ray.scoring.result import REF_CHARS
-from cxr_ray.vocabulary import Status
+from cxr_ray.vocabulary import REVIEW_CSV_COLUMNS, Status
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -51,7 +51,7 @@ log = logging.getLogger(__name__)
 #: What a reviewer can say about an item (the CSV's ``label`` values).
 REVIEW_LABELS: tuple[str, ...] = (*LABELS, "not_assessable")
 #: The exported CSV's header (parsed by ``cxr-ray calibrate --labels``).
-CSV_HEADER = "image_id,label,selection,flagged,run_id,model_version,reviewed_at"
+CSV_HEADER = ",".join(REVIEW_CSV_COLUMNS)
 #: Side of the inline thumbnails (JPEG, a few KB each).
 THUMB_PX = 192
 _JPEG_QUALITY = 75

@@ -28,7 +28,8 @@ from cxr_ray.config import Settings
 from cxr_ray.io import storage
 from cxr_ray.labels import LABELS
 from cxr_ray.models.artifact import Artifact
-from cxr_ray.scoring.pipeline import ScoreResult, format_summary, score
+from cxr_ray.scoring.pipeline import score
+from cxr_ray.scoring.result import REF_CHARS, ScoreResult, flagged_studies, format_summary
 from cxr_ray.scoring.studies import STUDIES_SCHEMA
 
 logger = logging.getLogger(__name__)
@@ -47,8 +48,6 @@ TOP_COLUMNS = (
     "skipped",
     "errors",
 )
-#: Characters of ``driving_image_id`` that name a study in summaries.
-REF_CHARS = 12
 
 
 @dataclass
@@ -61,12 +60,6 @@ class ScreenResult:
     predicted: dict[str, int] = field(default_factory=dict)
     #: The ``top`` most suspicious flagged studies (``TOP_COLUMNS``), most suspicious first.
     top: list[dict[str, Any]] = field(default_factory=list)
-
-
-def flagged_studies(studies: pa.Table) -> pa.Table:
-    """The flagged rows of a ``studies.parquet`` table, most suspicious first (deterministic)."""
-    flagged = studies.filter(pc.fill_null(studies["flagged"], False))
-    return flagged.sort_by([("prob_pneumonia", "descending"), ("driving_image_id", "ascending")])
 
 
 def predicted_counts(studies: pa.Table) -> dict[str, int]:

@@ -1,0 +1,85 @@
+"""A scoring run's drift check: its accumulator, its outputs and its summary line.
+
+The statistics are ``cxr_ray.scoring.drift``'s; this module is what a run does with them::
+
+    acc, entry = drift_accumulator(artifact, settings.drift)  # None + why, when not checked
+    acc.add(block)                                            # every block, on the driver
+    entry = write_drift(out, acc, run_id=..., model_version=...)
+    drift_line(entry)                                         # the one console line
+
+Outputs: ``OUT/drift.parquet`` (one row per figure, ``DRIFT_SCHEMA``) and
+``OUT/drift_plot.json`` (what the report's plots need).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from cxr_ray.config import DriftSettings
+from cxr_ray.errors import ModelError
+from cxr_ray.io import storage
+from cxr_ray.models.artifact import Artifact
+from cxr_ray.models.reference import read_reference
+from cxr_ray.scoring.drift import DriftAccumulator
+
+logger = logging.getLogger(__name__)
+
+
+def drift_accumulator(
+    art: Artifact, settings: DriftSettings
+) -> tuple[DriftAccumulator | None, dict[str, Any]]:
+    """The run's drift accumulator (``None`` when there is nothing to compare with) and the
+    ``drift`` entry of the summary until the check has run."""
+    if not settings.enabled:
+        return None, {"status": "disabled", "alert": False}
+    if art.reference is None:
+        logger.info("drift: no reference in this artifact (add one with `cxr-ray drift-reference`)")
+        return None, {"status": "no_reference", "alert": False}
+    try:
+        return DriftAccumulator(read_reference(art.reference), art.card, settings), {}
+    except ModelError as exc:  # the scoring run goes on; the check says why it did not run
+        logger.warning("drift: the artifact's reference cannot be used: %s", exc)
+        return None, {"status": "error", "alert": False, "note": str(exc)}
+
+
+def write_drift(out: str, drift: DriftAccumulator, *, run_id: str, model_version: str) -> dict[str, Any]:
+    """``OUT/drift.parquet`` (one row per figure), ``OUT/drift_plot.json`` (what the report's
+    plots need) and the summary's ``drift`` entry; one warning line when the run alerts."""
+    figures = drift.figures()
+    storage.write_table(
+        figures.table(run_id=run_id, model_version=model_version), storage.join(out, "drift.parquet")
+    )
+    plot = {"run_id": run_id, "model_version": model_version, **figures.plot}
+    storage.write_bytes(json.dumps(plot).encode(), storage.join(out, "drift_plot.json"))
+    summary = figures.summary()
+    if summary["alert"]:
+        logger.warning(drift_line(summary))
+    return summary
+
+
+def drift_line(d: dict[str, Any]) -> str | None:
+    """The one summary line about drift (``None`` when the check was turned off)."""
+    status = d.get("status")
+    if status == "no_reference":
+        return "drift: no reference in this artifact"
+    if status == "error":
+        return f"drift: not checked ({d.get('note')})"
+    if status != "checked":
+        return None
+    figures = f"P(pneumonia) PSI {_fig(d.get('p_pneumonia_psi'))}, KS {_fig(d.get('p_pneumonia_ks'))}"
+    if d.get("feature_pca_mean_shift") is not None:
+        figures += f", feature shift {_fig(d.get('feature_pca_mean_shift'))}"
+    if d.get("input_max_mean_shift") is not None:
+        figures += f", largest input shift {_fig(d.get('input_max_mean_shift'))}"
+    against = f"{d['n_images']} images vs {d['reference_n']} validation images"
+    if d.get("alert"):
+        alerts = d.get("alerts") or []
+        shown = ", ".join(alerts[:4]) + (f" (+{len(alerts) - 4} more)" if len(alerts) > 4 else "")
+        return f"DRIFT ALERT: {against} differ in {shown} ({figures}); see drift.parquet"
+    return f"drift: no alert ({against}; {figures})"
+
+
+def _fig(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):.3f}"

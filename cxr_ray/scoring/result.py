@@ -1,0 +1,171 @@
+"""What a scoring run reports: ``ScoreResult`` (``OUT/summary.json``), the block-by-block
+accumulator that fills it, and the console summary (``format_summary``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from cxr_ray import metrics
+from cxr_ray.io import storage
+from cxr_ray.scoring.drift_io import drift_line
+from cxr_ray.scoring.estimate import estimate_line
+from cxr_ray.scoring.performance import performance_line
+from cxr_ray.scoring.evaluation import labelled_arrays
+
+#: Error rows kept in the summary as examples (image id and error text only).
+ERROR_EXAMPLES = 20
+#: Characters of ``driving_image_id`` (an image's sha256) that name a study in summaries.
+REF_CHARS = 12
+
+
+@dataclass
+class ScoreResult:
+    out: str
+    run_id: str
+    model_version: str
+    #: The engine the run asked for, resolved on the driver (``auto`` only for GPU actors,
+    #: which resolve it where they run); ``engines`` says what the actors really ran.
+    engine: str
+    engines: list[str] = field(default_factory=list)
+    images: int = 0
+    ok: int = 0
+    errors: int = 0
+    #: Rows deliberately not scored (outside the model's intended use), with the reason.
+    skipped: int = 0
+    flagged: int = 0
+    #: Studies (``studies.parquet``) and how many of them are flagged.
+    studies: int = 0
+    flagged_studies: int = 0
+    labelled: int = 0
+    seconds: float = 0.0
+    first_row_seconds: float = 0.0
+    #: The model card's pneumonia flag threshold (what ``flagged`` and the binary metrics use).
+    threshold: float = 0.5
+    #: The engine's numeric precision where it has a setting (onnxruntime, tensorrt, openvino).
+    precision: str | None = None
+    #: INT8 onnxruntime only: agreement with the fp32 model on the artifact's validation images.
+    int8_check: dict[str, Any] | None = None
+    #: What preparing the engine took: ``onnx_cache`` is ``hit`` when the exported (or
+    #: quantized) model came from the node's cache, ``built`` when this run made it.
+    engine_report: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+    #: The same metrics per study (labelled studies only), when labels exist.
+    study_metrics: dict[str, float] = field(default_factory=dict)
+    error_examples: list[dict[str, str]] = field(default_factory=list)
+    #: The drift check against the artifact's reference: ``status`` (``checked``,
+    #: ``no_reference``, ``disabled``, ``error``), ``alert`` and the key figures
+    #: (``DriftFigures.summary``); every figure is in ``drift.parquet``.
+    drift: dict[str, Any] = field(default_factory=dict)
+    #: The label-free estimate of this run's performance (``cxr_ray.scoring.estimate``).
+    performance_estimate: dict[str, Any] = field(default_factory=dict)
+    #: Labelled runs: measured performance against the model card's intervals.
+    performance_check: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    def to_json(self) -> str:
+        d = asdict(self) | {"images_per_s": self.images_per_s}
+        return json.dumps(d, indent=2, default=float) + "\n"
+
+
+class ScoreAccumulator:
+    """Counts, metric inputs and a few error examples, block by block."""
+
+    def __init__(self, result: ScoreResult) -> None:
+        self.r = result
+        self.y: list[np.ndarray] = []
+        self.p: list[np.ndarray] = []
+
+    def add(self, t: pa.Table) -> None:
+        r = self.r
+        r.images += t.num_rows
+        ok = pc.equal(t["status"], "ok")
+        n_ok = int(pc.sum(ok).as_py() or 0)
+        n_skipped = int(pc.sum(pc.equal(t["status"], "skipped")).as_py() or 0)
+        r.ok += n_ok
+        r.skipped += n_skipped
+        r.errors += t.num_rows - n_ok - n_skipped
+        r.flagged += int(pc.sum(pc.fill_null(t["flagged"], False)).as_py() or 0)
+        for name in pc.unique(t["engine"]).to_pylist():
+            if name not in r.engines:
+                r.engines.append(name)
+        room = ERROR_EXAMPLES - len(r.error_examples)
+        if room > 0:
+            bad = t.filter(pc.equal(t["status"], "error"))
+            # image_id and the error only: a uri can carry a patient identifier.
+            r.error_examples += bad.select(["image_id", "error"]).slice(0, room).to_pylist()
+        y, p = labelled_arrays(t)
+        if len(y):
+            self.y.append(y)
+            self.p.append(p)
+
+    def metrics(self, threshold: float) -> metrics.Metrics | None:
+        if not self.y:
+            return None
+        y, p = np.concatenate(self.y), np.concatenate(self.p)
+        self.r.labelled = len(y)
+        return metrics.classification_metrics(y, p, threshold=threshold)
+
+
+def flagged_studies(studies: pa.Table) -> pa.Table:
+    """The flagged rows of a ``studies.parquet`` table, most suspicious first (deterministic)."""
+    flagged = studies.filter(pc.fill_null(studies["flagged"], False))
+    return flagged.sort_by([("prob_pneumonia", "descending"), ("driving_image_id", "ascending")])
+
+
+def format_summary(r: ScoreResult) -> str:
+    """The console summary of a run: one line per topic, in this order."""
+    lines = [
+        _run_line(r),
+        f"{r.studies} studies, {r.flagged_studies} flagged",
+        _speed_line(r),
+        _outputs_line(r),
+    ]
+    drift = drift_line(r.drift)
+    if drift is not None:
+        lines.append(drift)
+    lines += [x for x in (performance_line(r.performance_check), estimate_line(r.performance_estimate)) if x]
+    if r.int8_check:
+        lines.append(_int8_line(r.int8_check))
+    for e in r.error_examples[:5]:
+        lines.append(f"  error: image {str(e['image_id'] or '(unreadable)')[:12]}: {e['error']}")
+    return "\n".join(lines)
+
+
+def _run_line(r: ScoreResult) -> str:
+    engines = ", ".join(r.engines) if r.engines and r.engines != [r.engine] else r.engine
+    cache = r.engine_report.get("onnx_cache")
+    return (
+        f"run {r.run_id}: {r.images} images, {r.ok} ok, {r.errors} errors, {r.skipped} skipped, "
+        f"{r.flagged} flagged ({engines}{' ' + r.precision if r.precision else ''}, model {r.model_version}"
+        + (f", ONNX cache {cache}" if cache else "")
+        + ")"
+    )
+
+
+def _speed_line(r: ScoreResult) -> str:
+    return f"{r.images_per_s:.1f} img/s over {r.seconds:.1f} s (first rows after {r.first_row_seconds:.1f} s)"
+
+
+def _outputs_line(r: ScoreResult) -> str:
+    return (
+        f"outputs: {storage.join(r.out, 'predictions.parquet')}, studies.parquet"
+        + (", metrics.parquet, confusion.parquet" if r.metrics else "")
+        + (", drift.parquet" if r.drift.get("status") == "checked" else "")
+    )
+
+
+def _int8_line(c: dict[str, Any]) -> str:
+    return (
+        f"INT8 model vs fp32 on {c['images']} validation images: argmax agreement "
+        f"{c['argmax_agreement']:.3f}, mean |probability change| {c['mean_abs_prob_change']:.4f}"
+    )
