@@ -238,7 +238,7 @@ class DriftAccumulator:
         return DriftFigures(rows, alert, self.n, self.ref.n, self.s.alpha, self._plot())
 
     def _row(self, check: str, stat: str, value: float | None, **kw: Any) -> dict[str, Any]:
-        row = {
+        row: dict[str, Any] = {
             "check": check,
             "statistic": stat,
             "value": finite(value),

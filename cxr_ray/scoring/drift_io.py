@@ -74,11 +74,25 @@ def drift_line(d: dict[str, Any]) -> str | None:
     if d.get("input_max_mean_shift") is not None:
         figures += f", largest input shift {_fig(d.get('input_max_mean_shift'))}"
     against = f"{d['n_images']} images vs {d['reference_n']} validation images"
+    tests = d.get("tests") or []
     if d.get("alert"):
-        alerts = d.get("alerts") or []
-        shown = ", ".join(alerts[:4]) + (f" (+{len(alerts) - 4} more)" if len(alerts) > 4 else "")
-        return f"DRIFT ALERT: {against} differ in {shown} ({figures}); see drift.parquet"
+        shown = "; ".join(
+            f"{t['check']} {t['statistic']} p {_p(t['p_value'])} (Holm {_p(t['p_adjusted'])}), "
+            f"effect {_fig(t['effect'])} >= {_fig(t['threshold'])}"
+            for t in tests
+            if t["alert"]
+        ) or ", ".join(d.get("alerts") or [])
+        causes = d.get("acquisition_differs") or []
+        also = f"; acquisition also differs: {', '.join(causes[:3])}" if causes else ""
+        return f"DRIFT ALERT: {against} differ in {shown} ({figures}{also}); see drift.parquet"
+    adjusted = [t["p_adjusted"] for t in tests if t.get("p_adjusted") is not None]
+    if adjusted:
+        figures += f"; smallest Holm p {_p(min(adjusted))} vs alpha {d.get('alpha')}"
     return f"drift: no alert ({against}; {figures})"
+
+
+def _p(v: Any) -> str:
+    return "n/a" if v is None else f"{float(v):.2g}"
 
 
 def _fig(v: Any) -> str:
