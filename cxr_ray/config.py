@@ -93,6 +93,10 @@ class DataSettings(_Section):
     bytes_column: str = "image"
     #: Optional column of a Parquet source holding the original file name (for labels).
     name_column: str | None = "path"
+    #: Where the URIs a manifest lists may point (local folders, ``s3://bucket/prefix``...).
+    #: Empty: the manifest's own folder and the source roots ``cxr-ray manifest`` recorded in
+    #: it. A row outside them (``file:///etc/passwd``) is an error row, never read or stat'ed.
+    allowed_roots: list[str] = []
 
 
 class ModelSettings(_Section):
@@ -218,6 +222,10 @@ class ScoreSettings(_Section):
     #: The HMAC key (at least 16 bytes): a secret, e.g. ``CXR_SCORE__PSEUDONYM_KEY``; never
     #: logged. Keep it: the same key gives the same pseudonyms in every later export.
     pseudonym_key: SecretStr | None = None
+    #: What pseudonymisation keeps (``cxr_ray.scoring.pseudonymize``): ``basic`` keys the
+    #: identifiers and uris; ``strict`` also shifts dates per patient, bands ages, keys
+    #: ``image_id`` and drops the remaining quasi-identifiers (sex, device, institution).
+    pseudonymize_level: Literal["basic", "strict"] = "basic"
     #: onnxruntime precision. ``int8``: static QDQ quantization calibrated on the artifact's
     #: training images (its ``split.parquet``), 2.2-2.6x the fp32 model's speed on VNNI CPUs;
     #: checked once against fp32 on the validation images (``summary.json`` reports it).
@@ -371,8 +379,16 @@ class DicomwebSettings(_Section):
     token: SecretStr | None = None
     username: str | None = None
     password: SecretStr | None = None
-    #: CA bundle file for ``dicomwebs://`` (a hospital CA); ``None``: the system's.
+    #: CA bundle file for ``dicomwebs://`` (a hospital CA); ``None``: the system's (or
+    #: ``REQUESTS_CA_BUNDLE``). When set it wins over ``REQUESTS_CA_BUNDLE``/``CURL_CA_BUNDLE``.
     ca_bundle: str | None = None
+    #: The DICOMweb services credentials may be sent to (``dicomweb://HOST:PORT/PATH``), on
+    #: top of a ``dicomweb://`` source given on the command line. A manifest row naming any
+    #: other service is an error row: never fetched, with or without credentials.
+    endpoints: Annotated[tuple[str, ...], NoDecode] = ()
+    #: Send credentials over plain ``dicomweb://`` (HTTP). Off: refused (use ``dicomwebs://``);
+    #: on: allowed, with one warning per endpoint.
+    allow_insecure_http: bool = False
     #: Requests in flight at once: listing studies' instances on the driver, and retrieving
     #: instances in each Ray read task (on top of the read tasks running in parallel).
     concurrency: int = Field(default=4, ge=1, le=64)
@@ -406,6 +422,13 @@ class DicomwebSettings(_Section):
             if bad:
                 raise ValueError(f"not DICOM modality codes: {bad} (e.g. CR, DX)")
         return v
+
+    @field_validator("endpoints", mode="before")
+    @classmethod
+    def _endpoint_list(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [e for e in v.replace(" ", "").split(",") if e]
+        return tuple(v) if isinstance(v, list | tuple) else v
 
     @field_validator("query")
     @classmethod

@@ -74,3 +74,89 @@ def test_vacuum_removes_the_files_of_an_aborted_compare_and_swap(tmp_path):
     assert len(removed) == 1 and len(_parquet_files(Path(uri))) == 2
     assert sorted(tables.read(tables.open_table(uri))["k"].to_pylist()) == ["a", "b"]
     assert os.path.isdir(os.path.join(uri, "_delta_log"))
+
+
+# -- the lease: lost when renewals keep failing, and the run stops before committing --------
+
+
+def _break_store(uri: Path) -> None:
+    """The lease table's store stops accepting anything: the folder replaced by a file."""
+    import shutil
+
+    shutil.move(uri, uri.with_name(uri.name + ".gone"))
+    uri.write_text("not a Delta table")
+
+
+def test_lease_is_lost_when_renewals_keep_failing(tmp_path):
+    import time
+
+    import pytest
+
+    from cxr_ray.io.lease import Lease, LeaseLostError
+
+    uri = tmp_path / "leases"
+    lease = Lease(str(uri), "nightly/m", ttl_s=1.5)
+    assert lease.acquire()
+    with lease.keep_alive():
+        time.sleep(0.8)  # a renewal lands
+        lease.ensure_held()
+        _break_store(uri)
+        deadline = time.monotonic() + 6
+        while not lease.lost and time.monotonic() < deadline:
+            time.sleep(0.05)
+        lost_after = time.monotonic() - (deadline - 6)
+    assert lease.lost and not lease.held and "renewals kept failing" in (lease.lost_reason or "")
+    assert lost_after < 2.0  # before the lease's expiry, when another run may take it
+    with pytest.raises(LeaseLostError, match="nothing of this run was recorded"):
+        lease.ensure_held()
+
+
+def test_lease_taken_over_after_expiry_is_lost(tmp_path):
+    import time
+
+    import pytest
+
+    from cxr_ray.io.lease import Lease, LeaseLostError
+
+    uri = str(tmp_path / "leases")
+    stalled, other = Lease(uri, "nightly/m", ttl_s=1.0), Lease(uri, "nightly/m", ttl_s=30)
+    assert stalled.acquire()
+    time.sleep(1.2)  # a stalled holder: no renewal before the expiry
+    with pytest.raises(LeaseLostError, match="expired"):
+        stalled.ensure_held()
+    assert other.acquire()
+    assert not stalled.renew() and stalled.lost
+    assert other.current() is not None and other.current().holder == other.holder
+
+
+def test_nightly_run_that_loses_its_lease_commits_nothing(ray_local, tiny_artifact, tmp_path):
+    import time
+
+    import pytest
+
+    from cxr_ray.config import load_settings
+    from cxr_ray.data.synthetic import jpeg_bytes, kermany_name
+    from cxr_ray.io.lease import LeaseLostError
+    from cxr_ray.scoring import ledger
+    from cxr_ray.scoring.nightly import NightlyOptions, run_nightly
+
+    src, root = tmp_path / "archive", tmp_path / "nightly"
+    src.mkdir()
+    for i in range(12):
+        (src / kermany_name("normal", i)).write_bytes(jpeg_bytes(120, 100, seed=3000 + i, label="normal"))
+    settings = load_settings(None, {"data": {"rows_per_block": 4}, "score": {"batch_size": 4}})
+    broken: list[float] = []
+
+    def outage(_block: pa.Table) -> None:
+        if not broken:
+            _break_store(root / ledger.LEASES)
+            broken.append(time.monotonic())
+            time.sleep(2.5)  # renewals fail past the lease's expiry
+
+    opts = NightlyOptions(lease_ttl_s=1.5)
+    with pytest.raises(LeaseLostError, match="stopping before any commit"):
+        run_nightly(str(src), str(tiny_artifact), str(root), settings, on_block=outage, options=opts)
+    assert broken
+    preds = tables.read(tables.open_table(str(root / ledger.PREDICTIONS)))
+    assert preds.num_rows == 0  # nothing committed
+    assert not (root / ledger.STUDIES).exists() and not (root / ledger.METRICS_HISTORY).exists()

@@ -8,6 +8,12 @@ with no other service. The holder renews it every ``ttl_s / 3`` seconds from a b
 thread; a holder that is killed stops renewing and its lease expires ``ttl_s`` seconds
 later, when another run may take it over.
 
+A holder whose renewals keep failing (the store unreachable or refusing writes) marks the
+lease *lost* as soon as it cannot renew before the expiry (two failed renewals in a row), as
+it does when it finds the lease taken over; ``ensure_held`` then raises ``LeaseLostError``,
+and a nightly run calls it before every block's bookkeeping and right before its commit, so
+a run that lost its lease stops and commits nothing.
+
 A lease avoids doing work twice; it is not what keeps the tables right. A holder that stalls
 past its expiry (a paused VM) may find its lease taken over: both then run, and the
 predictions commit (``cxr_ray.scoring.ledger.commit_new``) still records each image once.
@@ -30,6 +36,7 @@ import pyarrow as pa
 from deltalake import CommitProperties, DeltaTable, write_deltalake
 from deltalake.exceptions import CommitFailedError
 
+from cxr_ray.errors import CxrRayError
 from cxr_ray.io import tables
 
 logger = logging.getLogger(__name__)
@@ -45,6 +52,10 @@ LEASE_SCHEMA = pa.schema(
         pa.field("expires_at", pa.timestamp("us", tz="UTC"), nullable=False),
     ]
 )
+
+
+class LeaseLostError(CxrRayError):
+    """The lease was taken over, or could not be renewed before it expired: stop the work."""
 
 
 @dataclass(frozen=True)
@@ -86,8 +97,12 @@ class Lease:
         self.storage_options = storage_options
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.held = False
-        #: Set when a renewal found the lease taken over by another holder.
+        #: Set when a renewal found the lease taken over by another holder, or renewals
+        #: kept failing until the lease would expire (``lost_reason`` says which).
         self.lost = False
+        self.lost_reason: str | None = None
+        #: When the lease held by this holder expires (set by each successful take/renewal).
+        self.expires_at: datetime | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -112,6 +127,7 @@ class Lease:
         if live is not None and live.holder != self.holder:
             return "busy"
         now = _now()
+        expires = now + timedelta(seconds=self.ttl_s)
         row = pa.table(
             {
                 "scope": [self.scope],
@@ -120,7 +136,7 @@ class Lease:
                 "host": [socket.gethostname()],
                 "pid": [os.getpid()],
                 "acquired_at": [now],
-                "expires_at": [now + timedelta(seconds=self.ttl_s)],
+                "expires_at": [expires],
             },
             schema=LEASE_SCHEMA,
         )
@@ -133,6 +149,7 @@ class Lease:
                 custom_metadata={"lease": self.scope, "holder": self.holder}, max_commit_retries=0
             ),
         )
+        self.expires_at = expires
         return "held"
 
     def try_acquire(self) -> bool:
@@ -165,10 +182,23 @@ class Lease:
                 tables.backoff(attempt)
                 continue
             if state != "held":
-                self.lost, self.held = True, False
-                logger.warning("lease %s was taken over by another run after it expired", self.scope)
+                self._mark_lost("taken over by another run after it expired")
             return state == "held"
         return False
+
+    def _mark_lost(self, why: str) -> None:
+        self.lost, self.held, self.lost_reason = True, False, why
+        logger.warning("lease %s lost: %s", self.scope, why)
+
+    def ensure_held(self) -> None:
+        """Raise ``LeaseLostError`` unless this holder still holds an unexpired lease."""
+        if not self.lost and self.expires_at is not None and _now() >= self.expires_at:
+            self._mark_lost("it expired before a renewal landed")
+        if self.lost:
+            raise LeaseLostError(
+                f"the lease {self.scope} was lost ({self.lost_reason}): stopping before any commit; "
+                "nothing of this run was recorded, the next run scores its images"
+            )
 
     def release(self) -> None:
         """Hand the lease back (a no-op when another holder took it over)."""
@@ -190,12 +220,21 @@ class Lease:
         return _KeepAlive(self)
 
     def _run(self) -> None:
-        while not self._stop.wait(self.ttl_s / 3):
+        interval = self.ttl_s / 3
+        while not self._stop.wait(interval):
             try:
-                if not self.renew():
+                if self.renew():
+                    continue
+                if self.lost:
                     return
-            except Exception:  # a flaky store must not kill the run; the lease may lapse
-                logger.warning("lease %s: renewal failed", self.scope, exc_info=True)
+                failure = "the lease table kept changing"
+            except Exception as exc:  # a flaky store: retry while the lease is still valid
+                failure = type(exc).__name__
+                logger.warning("lease %s: renewal failed (%s)", self.scope, failure)
+            # The next try would come too late: another run may take the lease by then.
+            if self.expires_at is None or _now() + timedelta(seconds=interval) >= self.expires_at:
+                self._mark_lost(f"renewals kept failing ({failure})")
+                return
 
     def _stop_thread(self) -> None:
         self._stop.set()

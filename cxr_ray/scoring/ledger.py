@@ -6,7 +6,8 @@
                             (image_id, model_version), PREDICTIONS_SCHEMA (+ columns added later)
     ROOT/metrics_history/   Delta: one row per run per metric (metrics.metrics_table)
     ROOT/studies/           Delta: one row per study per run that added images of it
-                            (STUDIES_SCHEMA: the study as that run's images show it)
+                            (STUDIES_SCHEMA: the study as that run's committed images show it)
+    ROOT/drift_history/     Delta: one row per drift figure per run
     ROOT/leases/            Delta: who is running on this root (``cxr_ray.io.lease``)
     ROOT/runs/<run_id>/     each run's summary.json, metrics.parquet, confusion.parquet
 
@@ -17,6 +18,11 @@ scored). Rows are only ever added by ``commit_new``: one atomic commit per run, 
 the table did not change since the run checked which of its rows are new (else it checks
 again and retries), so concurrent runs never record an image twice and never drop each
 other's rows, and a run killed before its commit leaves nothing visible.
+
+The side tables (studies, metrics_history, drift_history) are derived from the committed
+rows, keyed and exactly once, by ``cxr_ray.scoring.side_tables``; nothing appends to them
+blindly. Each nightly commit records ``cxr_ray.run_id``, ``cxr_ray.model_version`` and
+``cxr_ray.listed_at`` (when the run began listing its source) in its commit metadata.
 
 The "is it new?" check (``PredictionsSeen`` inside the decode tasks, and ``commit_new``) is a
 DataFusion query ``model_version = V AND image_id IN (...)`` per block: partition pruning,
@@ -235,25 +241,6 @@ def staged_blocks(uri: str, rows_per_block: int = 65_536) -> Callable[[], Iterat
                 yield pa.Table.from_batches([batch])
 
     return gen
-
-
-def append_metrics(root: str, metrics: pa.Table, *, storage_options: tables.StorageOptions = None) -> None:
-    """Add a run's metrics rows to ROOT/metrics_history (created on first use)."""
-    uri = table(root, METRICS_HISTORY)
-    tables.ensure_table(
-        uri, metrics.schema, description="cxr-ray metrics per nightly run", storage_options=storage_options
-    )
-    tables.append(uri, metrics, storage_options=storage_options)
-
-
-def append_studies(root: str, studies: pa.Table, *, storage_options: tables.StorageOptions = None) -> None:
-    """Add a run's study rows to ROOT/studies: one row per study per run that added images of
-    it (the study as that run's images show it; ``run_id`` tells the runs apart)."""
-    uri = table(root, STUDIES)
-    tables.ensure_table(
-        uri, studies.schema, description="cxr-ray studies per nightly run", storage_options=storage_options
-    )
-    tables.append(uri, studies, storage_options=storage_options)
 
 
 TABLE_NAMES = (PREDICTIONS, METRICS_HISTORY, STUDIES, DRIFT_HISTORY, LEASES)
