@@ -21,7 +21,7 @@ import numpy as np
 from cxr_ray.calibration import fit_temperature, nll, softmax
 from cxr_ray.metrics import expected_calibration_error
 from cxr_ray.models.artifact import load_artifact
-from cxr_ray.models.splits import split_logits
+from cxr_ray.models.outputs import split_logits
 
 
 def brier(probs: np.ndarray, y: np.ndarray) -> float:

@@ -84,7 +84,7 @@ def agreement(art: Any, cache: str) -> dict[str, Any]:
     """OpenVINO (bf16, fp32) against onnxruntime fp32 on the artifact's validation images."""
     from cxr_ray.imaging.preprocess import to_model_input
     from cxr_ray.labels import LABELS
-    from cxr_ray.models.splits import split_images
+    from cxr_ray.models.outputs import split_images
 
     pixels, labels = split_images(art, "val")
     y = np.array([LABELS.index(lbl) if lbl in LABELS else -1 for lbl in labels])

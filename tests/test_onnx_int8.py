@@ -165,7 +165,7 @@ def test_split_logits_are_the_untempered_scores_of_the_recorded_split(int8_artif
     from cxr_ray.calibration import softmax
     from cxr_ray.labels import LABELS
     from cxr_ray.models.factory import LogitsAndFeatures
-    from cxr_ray.models.splits import split_images, split_logits, split_logits_and_features
+    from cxr_ray.models.outputs import split_images, split_logits, split_logits_and_features
 
     art = load_artifact(str(int8_artifact))
     logits, y = split_logits(art, "val")

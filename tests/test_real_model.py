@@ -97,7 +97,7 @@ def test_temperature_lowers_validation_ece_of_a_fully_trained_model(kermany224):
     from cxr_ray.calibration import nll, softmax
     from cxr_ray.metrics import expected_calibration_error
     from cxr_ray.models.artifact import load_artifact
-    from cxr_ray.models.splits import split_logits
+    from cxr_ray.models.outputs import split_logits
 
     trained = _trained_artifact()
     art = load_artifact(str(trained))

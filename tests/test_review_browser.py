@@ -269,7 +269,7 @@ def test_mark_reload_undo_export_and_calibrate_refuses_three(site_run, chromium,
         assert datetime.fromisoformat(row["reviewed_at"]).utcoffset() == timedelta(0)  # ISO-8601 UTC
 
     # calibrate reads it, and refuses a sample of two usable labels (one not assessable).
-    from cxr_ray.models.site_sample import read_labels_csv
+    from cxr_ray.site.sample import read_labels_csv
 
     labels, not_assessable = read_labels_csv(str(tmp_path / "labels.csv"))
     assert labels == {ids[0]: "normal", ids[2]: "viral"} and not_assessable == 1

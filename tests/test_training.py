@@ -216,9 +216,9 @@ def test_train_writes_a_complete_artifact(ray_local, synthetic_data, tmp_path):
     assert (tmp_path / "model" / "training_curve.png").read_bytes()[:4] == b"\x89PNG"
     split = pq.read_table(tmp_path / "model" / "split.parquet")
     assert set(split["split"].to_pylist()) == {"train", "val"} and split.num_rows == 72
-    from cxr_ray.models.splits import calibration_images
+    from cxr_ray.models.outputs import int8_calibration_images
 
-    calib = calibration_images(art, 8)  # INT8 calibration: train images only
+    calib = int8_calibration_images(art, 8)  # INT8 calibration: train images only
     assert calib.shape == (8, 64, 64) and calib.dtype == np.uint8
     md = (tmp_path / "model" / "model_card.md").read_text()
     assert "95% bootstrap" in md and "## Limitations" in md and card.version in md

@@ -34,7 +34,7 @@ from cxr_ray.engines.onnx_export import INPUT_NAME, cached_onnx, onnx_stem
 from cxr_ray.engines.options import EngineOptions
 from cxr_ray.imaging.preprocess import PreprocessSpec, to_model_input
 from cxr_ray.labels import LABELS
-from cxr_ray.models.splits import calibration_images, split_images
+from cxr_ray.models.outputs import int8_calibration_images, split_images
 
 if TYPE_CHECKING:
     from cxr_ray.models.artifact import Artifact
@@ -173,7 +173,7 @@ def _validation_input(art: Artifact, n: int, spec: PreprocessSpec) -> tuple[np.n
 
 
 def _train_count(art: Artifact) -> int:
-    """How many training images ``calibration_images`` has to draw from."""
+    """How many training images ``int8_calibration_images`` has to draw from."""
     import pyarrow.compute as pc
 
     from cxr_ray.io import storage
@@ -206,7 +206,7 @@ def cached_int8_onnx(
         if not path.is_file():
             hit = False
             logger.info("quantizing %s to INT8 (%d calibration images)", art.card.engine_key, n_cal)
-            pixels = calibration_images(art, n_cal, seed=seed, spec=spec, setting="onnx_precision")
+            pixels = int8_calibration_images(art, n_cal, seed=seed, spec=spec, setting="onnx_precision")
             quantize_int8(fp32, to_model_input(pixels), path)
         if not report.is_file():
             x, y = _validation_input(art, CHECK_IMAGES, spec)

@@ -306,9 +306,9 @@ def prepare(
     onnx, hit = cached_onnx(art, options.cache_dir)
     calibration = None
     if options.trt_precision == "int8":
-        from cxr_ray.models.splits import calibration_images
+        from cxr_ray.models.outputs import int8_calibration_images
 
-        calibration = calibration_images(art, options.trt_calibration_images, spec=spec)
+        calibration = int8_calibration_images(art, options.trt_calibration_images, spec=spec)
     payload = EnginePayload("tensorrt", art.card, options, onnx=onnx, calibration=calibration)
     return payload, PrepareReport("tensorrt", options.trt_precision, "hit" if hit else "built")
 

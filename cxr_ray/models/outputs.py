@@ -1,7 +1,10 @@
-"""The images an artifact was trained and validated on (its ``split.parquet``), read back.
+"""What an artifact's network outputs, and on which images: its own recorded splits, read back.
 
-INT8 calibration (TensorRT, onnxruntime), the INT8 check against fp32 and the calibration
-benchmark all need the artifact's own images, preprocessed exactly as scoring does.
+``network_outputs`` runs the network (raw logits and penultimate features, eager torch on the
+CPU) for the drift reference, site calibration and the split logits. The images an artifact
+was trained and validated on (its ``split.parquet``, not ``cxr_ray.data.splits``, which makes
+such splits) are read back preprocessed exactly as scoring does: INT8 calibration (TensorRT,
+onnxruntime), the INT8 check against fp32 and the calibration benchmark need them.
 """
 
 from __future__ import annotations
@@ -66,7 +69,7 @@ def split_images(
     return (np.stack(pixels) if pixels else np.zeros((0, h, w), np.uint8)), labels
 
 
-def calibration_images(
+def int8_calibration_images(
     art: Artifact,
     n: int,
     *,
@@ -74,7 +77,8 @@ def calibration_images(
     spec: PreprocessSpec | None = None,
     setting: str = "trt_precision",
 ) -> np.ndarray:
-    """``uint8 [n, H, W]`` training images through the shared preprocessing (INT8 calibration).
+    """``uint8 [n, H, W]`` training images through the shared preprocessing, to calibrate INT8
+    quantisation ranges (not probability calibration: that is ``cxr_ray.calibration``).
 
     Drawn from the artifact's own training split (``split.parquet``), so calibration sees the
     distribution the model was fitted on, and preprocessed exactly as scoring will.
