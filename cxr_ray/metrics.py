@@ -19,24 +19,48 @@ import pyarrow as pa
 
 from cxr_ray.labels import LABELS, NORMAL
 
+def _doc(name: str, typ: pa.DataType, description: str, *, nullable: bool = True) -> pa.Field:
+    # A leaf module: the same metadata keys as cxr_ray.io.columns (b"description").
+    return pa.field(name, typ, nullable=nullable, metadata={b"description": description.encode()})
+
+
+def _table_meta(table: str) -> dict[bytes, bytes]:
+    return {b"cxr_ray.table": table.encode(), b"cxr_ray.schema_version": b"1"}
+
+
+#: ``metrics.parquet`` and the metrics history: long format, one row per (metric, class).
 METRICS_SCHEMA = pa.schema(
     [
-        pa.field("run_id", pa.string()),
-        pa.field("model_version", pa.string()),
-        pa.field("metric", pa.string(), nullable=False),
-        pa.field("label", pa.string()),  # null for metrics over all classes
-        pa.field("value", pa.float64()),
-        pa.field("n", pa.int64()),  # images the metric is computed on
-    ]
+        _doc("run_id", pa.string(), "the scoring run"),
+        _doc("model_version", pa.string(), "the model that scored it (architecture + weights hash prefix)"),
+        _doc(
+            "metric",
+            pa.string(),
+            "accuracy, macro_f1, weighted_f1, macro_auroc, ece; per class precision, recall, f1, "
+            "support, auroc (one-vs-rest); binary_* for normal vs pneumonia",
+            nullable=False,
+        ),
+        _doc("label", pa.string(), "the class of a per-class metric; null for metrics over all classes"),
+        _doc("value", pa.float64(), "the metric's value (support: a count, also in the support column)"),
+        _doc("n", pa.int64(), "labelled images the run's metrics are computed on"),
+        _doc(
+            "support",
+            pa.int64(),
+            "per-class rows: labelled images of that class (integer); null for metrics over all classes",
+        ),
+    ],
+    metadata=_table_meta("metrics"),
 )
+#: ``confusion.parquet``: one row per (true class, predicted class).
 CONFUSION_SCHEMA = pa.schema(
     [
-        pa.field("run_id", pa.string()),
-        pa.field("model_version", pa.string()),
-        pa.field("true_label", pa.string(), nullable=False),
-        pa.field("pred_label", pa.string(), nullable=False),
-        pa.field("count", pa.int64(), nullable=False),
-    ]
+        _doc("run_id", pa.string(), "the scoring run"),
+        _doc("model_version", pa.string(), "the model that scored it"),
+        _doc("true_label", pa.string(), "the image's true class", nullable=False),
+        _doc("pred_label", pa.string(), "the class the model predicted (argmax)", nullable=False),
+        _doc("count", pa.int64(), "labelled images with this true and predicted class", nullable=False),
+    ],
+    metadata=_table_meta("confusion"),
 )
 
 
@@ -160,6 +184,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, *, threshold: 
 def metrics_table(m: Metrics, *, run_id: str | None = None, model_version: str | None = None) -> pa.Table:
     rows: list[dict[str, Any]] = []
 
+    support = {label: int(vals["support"]) for label, vals in m.per_class.items()}
+
     def add(metric: str, value: float, label: str | None = None) -> None:
         rows.append(
             {
@@ -169,6 +195,7 @@ def metrics_table(m: Metrics, *, run_id: str | None = None, model_version: str |
                 "label": label,
                 "value": value,
                 "n": m.n,
+                "support": support.get(label) if label is not None else None,
             }
         )
 
@@ -228,8 +255,12 @@ def format_metrics_summary(summary: dict[str, float], title: str = "validation")
         ("accuracy", "accuracy"),
         ("macro_f1", "macro-F1"),
         ("macro_auroc", "macro-AUROC"),
-        ("binary_sensitivity", "pneumonia sensitivity"),
-        ("binary_specificity", "specificity"),
+        # At the flag threshold (what ``flagged`` uses), not at argmax.
+        ("binary_sensitivity_at_threshold", "pneumonia sensitivity"),
+        ("binary_specificity_at_threshold", "specificity"),
         ("ece", "ECE"),
     )
-    return f"{title}: " + "  ".join(f"{name} {summary[k]:.4f}" for k, name in keys if k in summary)
+    line = "  ".join(f"{name} {summary[k]:.4f}" for k, name in keys if k in summary)
+    if "binary_threshold" in summary:
+        line += f" (sensitivity/specificity at the flag threshold {summary['binary_threshold']:.3f})"
+    return f"{title}: {line}"

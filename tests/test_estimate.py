@@ -75,7 +75,7 @@ def test_domain_auc_and_severe_shift():
     far = rng.normal(size=(400, 8)) + 3.0
     assert est.domain_auc(ref, same) < 0.6
     assert est.domain_auc(ref, far) > 0.99
-    probs, y = _calibrated(400, 3)
+    probs, _y = _calibrated(400, 3)
     e = est.estimate_arrays(probs, THRESHOLD, run_z=far, ref_probs=probs[:0], ref_z=ref)
     assert not e["reliable"] and "severe feature shift" in e["note"]
     # The systematic allowance grows with the shift: a wider interval than with no shift.

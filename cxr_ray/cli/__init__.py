@@ -5,7 +5,7 @@ variables and flags override the file. Invalid settings print one line per field
 The job entrypoints (``jobs/``) run the same commands through ``run_command(job_args(...))``.
 """
 
-from cxr_ray.cli import calibrate, data, drift, model, scoring, tables  # noqa: F401  (registers the commands)
+from cxr_ray.cli import calibrate, data, drift, model, scoring, site_check, tables  # noqa: F401  (registers the commands)
 from cxr_ray.cli._app import EXIT_USAGE, handle_errors, job_args, main, run_command
 
 __all__ = ["EXIT_USAGE", "handle_errors", "job_args", "main", "run_command"]

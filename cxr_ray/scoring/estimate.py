@@ -73,7 +73,7 @@ __all__ = [
 
 METHODS = ("cbpe", "atc", "iw")
 #: The method whose figures ``performance_estimate`` reports (chosen by measurement).
-DEFAULT_METHOD = "cbpe"
+DEFAULT_METHOD = "atc"
 METRICS = ("sensitivity", "specificity", "accuracy", "flag_rate")
 #: Fewer scored images than this: the estimate is given but marked unreliable.
 MIN_IMAGES = 100
@@ -506,3 +506,21 @@ class EstimateAccumulator:
 
 def _std(ref: DriftReference) -> np.ndarray:
     return np.maximum(ref.pca_std.astype(np.float64), 1e-6)
+
+
+def run_estimator(art: Artifact) -> EstimateAccumulator:
+    """The accumulator a scoring run of ``art`` feeds: CBPE always; ATC and the domain
+    classifier when the artifact has a drift reference (with its validation labels)."""
+    ref = None
+    labels = None
+    if art.reference is not None:
+        from cxr_ray.errors import ModelError
+        from cxr_ray.models.reference import read_reference
+
+        try:
+            ref = read_reference(art.reference)
+            labels = reference_labels(art, ref)
+        except (ModelError, OSError) as exc:
+            logger.warning("performance estimate without the drift reference: %s", exc)
+            ref = None
+    return EstimateAccumulator(art.card, ref, labels)

@@ -20,6 +20,7 @@ card, so the line reads like the card::
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -28,7 +29,9 @@ import numpy as np
 from cxr_ray.labels import LABELS, NORMAL
 from cxr_ray.models.card import ModelCard
 
-__all__ = ["card_counts", "check_performance", "performance_line", "run_counts"]
+__all__ = ["card_counts", "check_accumulated", "check_performance", "performance_line", "run_counts"]
+
+logger = logging.getLogger(__name__)
 
 ALPHA = 0.05
 MIN_DROP = 0.02
@@ -157,7 +160,7 @@ def check_performance(
         "n_labelled": len(y),
         "alpha": alpha,
         "min_drop": min_drop,
-        "test": "one-sided Fisher exact (run below validation), Holm across sensitivity, specificity, accuracy",
+        "test": "one-sided Fisher exact (run below validation), Holm over sensitivity, specificity, accuracy",
         "card_source": "lineage (site-calibrated card: figures of the parent's validation)"
         if card.lineage
         else "validation",
@@ -203,3 +206,14 @@ def performance_line(c: dict[str, Any]) -> str | None:
         return f"measured performance ({at}): {body} (the card has no validation figures to compare)"
     return f"measured performance ({at}, {c['n_labelled']} labelled): {body}: within the model card's"
 
+
+
+def check_accumulated(card: ModelCard, ys: list[np.ndarray], ps: list[np.ndarray]) -> dict[str, Any]:
+    """``check_performance`` of a scoring run's labelled rows (``ScoreAccumulator.y`` / ``.p``),
+    with one log warning when it alerts; ``{}`` when the run has no labels."""
+    if not ys:
+        return {}
+    c = check_performance(card, np.concatenate(ys), np.concatenate(ps))
+    if c.get("alert"):
+        logger.warning("%s", performance_line(c))
+    return c
