@@ -71,4 +71,7 @@ def test_site_check_alerts_estimates_and_recommends(site_folder, promising_model
     assert "estimated performance (no labels, cbpe" in text
     assert check.recommendation == "calibrate" and check.label_studies and check.label_studies >= 93
     assert check.line().startswith(f"recommendation: calibrate: label >= {check.label_studies} studies")
-    assert Path(check.report).exists() and "worklist at" in check.line()
+    assert check.report is not None and "worklist at" in check.line()
+    page = Path(check.report).read_text()
+    assert 'id="performance-check"' in page and "PERFORMANCE ALERT" in page  # the banner
+    assert 'id="performance-estimate"' in page

@@ -39,6 +39,7 @@ from cxr_ray.imaging.preprocess import PreprocessSpec, decode
 from cxr_ray.io import storage, uris
 from cxr_ray.reporting.drift_section import drift_section
 from cxr_ray.reporting.figures import img, levels_html, metrics_html, plots
+from cxr_ray.reporting.performance_section import performance_section
 from cxr_ray.reporting.review import review_html, worklist
 from cxr_ray.scoring.evaluation import labelled_arrays, summary_threshold
 from cxr_ray.scoring.result import REF_CHARS, flagged_studies
@@ -278,6 +279,7 @@ def render(
         f"<p>run {html.escape(str(summary.get('run_id', '')))} · model {html.escape(', '.join(versions))} · "
         f"engine {html.escape(', '.join(sorted(set(t['engine'].to_pylist()))))}</p>",
         _kpis_html(t, studies, summary),
+        performance_section(summary),
         drift_section(run_dir),
         *_metrics_parts(t, studies, summary_threshold(summary)),
         *_gallery_parts(t, studies, top),
