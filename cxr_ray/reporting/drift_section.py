@@ -36,17 +36,26 @@ def _fmt(v: Any) -> str:
     return f"{float(v):.3f}"
 
 
+def _pfmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "–"
+    return f"{float(v):.2g}"
+
+
 def _table(rows: list[dict[str, Any]]) -> str:
-    # Alerts first, then the rest in the order the check wrote them.
-    rows = sorted(rows, key=lambda r: not r["alert"])
+    # Alerts first, then the tested checks, then the rest in the order the check wrote them.
+    rows = sorted(rows, key=lambda r: (not r["alert"], r.get("role") != "test"))
     head = (
         '<table class="drift" id="drift-checks"><tr><th class=l>check</th><th class=l>statistic</th>'
-        "<th>value</th><th>threshold</th><th>alert</th><th class=l>note</th></tr>"
+        "<th>value</th><th>p</th><th>p (Holm)</th><th>effect</th><th>min effect</th><th>n</th>"
+        "<th>alert</th><th class=l>note</th></tr>"
     )
     body = "".join(
         f"<tr{' class=alert' if r['alert'] else ''}><td class=l>{html.escape(r['check'])}</td>"
         f"<td class=l>{html.escape(r['statistic'])}</td><td>{_fmt(r['value'])}</td>"
-        f"<td>{_fmt(r['threshold'])}</td><td>{'ALERT' if r['alert'] else ''}</td>"
+        f"<td>{_pfmt(r.get('p_value'))}</td><td>{_pfmt(r.get('p_adjusted'))}</td><td>{_fmt(r.get('effect'))}</td>"
+        f"<td>{_fmt(r['threshold'])}</td><td>{r.get('n_used') or r['n_images']}</td>"
+        f"<td>{'ALERT' if r['alert'] else ''}</td>"
         f"<td class=l>{html.escape(r['note'] or '')}</td></tr>"
         for r in rows
     )
@@ -120,7 +129,8 @@ def drift_section(out_dir: str) -> str:
     if alerts:
         status = (
             f'<p class="drift-alert" id="drift-status"><b>DRIFT ALERT</b>: these {n} images differ from the '
-            f"model's {ref_n} validation images in {html.escape(', '.join(alerts))}. The model's "
+            f"model's {ref_n} validation images in {html.escape(', '.join(alerts))} (two-sample tests, "
+            "Holm-adjusted p-values at the run's alpha, and a minimum effect size). The model's "
             "accuracy and its flag threshold may not hold here; consider a site calibration "
             "(<code>cxr-ray calibrate</code>) on a labelled sample of these images.</p>"
         )
