@@ -121,3 +121,32 @@ def test_no_labels_and_no_card_figures(card):
     c = check_performance(bare, y, probs)
     assert c["status"] == "no_card_figures" and c["specificity"]["value"] == pytest.approx(0.9)
     assert "no validation figures" in performance_line(c)
+
+
+def test_history_rows_join_the_drift_table(card, tmp_path):
+    """The estimate and the check become drift.parquet rows (nightly: ROOT/drift_history)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from cxr_ray.io import storage
+    from cxr_ray.scoring.drift_io import DRIFT_TABLE_SCHEMA
+    from cxr_ray.scoring.estimate import estimate_arrays
+    from cxr_ray.scoring.performance import append_history_rows
+    from cxr_ray.scoring.result import ScoreResult
+
+    y, probs = _run(234, 0.825, 390, 0.96, 0.779)
+    r = ScoreResult(str(tmp_path), "run-1", card.version, "onnxruntime", ok=len(y))
+    r.performance_check = check_performance(card, y, probs)
+    r.performance_estimate = estimate_arrays(probs, 0.779)
+    storage.write_table(DRIFT_TABLE_SCHEMA.empty_table(), str(tmp_path / "drift.parquet"), DRIFT_TABLE_SCHEMA)
+    append_history_rows(str(tmp_path), r)
+    t = pq.read_table(tmp_path / "drift.parquet")
+    assert t.schema.equals(DRIFT_TABLE_SCHEMA, check_metadata=False)
+    rows = {(x["check"], x["statistic"]): x for x in t.to_pylist()}
+    spec = rows[("performance_check", "specificity")]
+    assert spec["alert"] and spec["value"] == pytest.approx(0.825, abs=0.002) and spec["run_id"] == "run-1"
+    assert spec["threshold"] == pytest.approx(0.9896, abs=1e-3) and spec["p_adjusted"] < 1e-6
+    assert not rows[("performance_check", "sensitivity")]["alert"]
+    est = rows[("performance_estimate", "specificity")]
+    assert est["role"] == "info" and est["method"] == "cbpe" and not est["alert"]
+    assert len(t) == 7 and isinstance(t, pa.Table)

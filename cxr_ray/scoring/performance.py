@@ -217,3 +217,68 @@ def check_accumulated(card: ModelCard, ys: list[np.ndarray], ps: list[np.ndarray
     if c.get("alert"):
         logger.warning("%s", performance_line(c))
     return c
+
+
+def history_rows(
+    estimate: dict[str, Any], check: dict[str, Any], *, n_images: int, reference_n: int = 0
+) -> list[dict[str, Any]]:
+    """Rows in the drift table's schema (``drift.parquet``, hence nightly ``ROOT/drift_history``)
+    for the estimate (``check = performance_estimate``, ``role = info``) and a labelled run's
+    check (``check = performance_check``: ``value`` measured, ``threshold`` the card's value,
+    ``p_value`` / ``p_adjusted``, ``alert``), one per metric::
+
+        SELECT run_id, value FROM drift_history
+        WHERE "check" = 'performance_estimate' AND statistic = 'specificity'
+    """
+    rows: list[dict[str, Any]] = []
+    for m in ("sensitivity", "specificity", "accuracy", "flag_rate"):
+        v = (estimate or {}).get(m)
+        if not v or v.get("estimate") is None:
+            continue
+        rel = "" if estimate.get("reliable", True) else f"; unreliable: {estimate.get('note')}"
+        rows.append(
+            {
+                "check": "performance_estimate", "statistic": m, "value": v["estimate"], "threshold": None,
+                "alert": False, "n_images": n_images, "reference_n": reference_n, "role": "info",
+                "note": f"95% [{v['low']}, {v['high']}]{rel}", "method": estimate.get("method"),
+            }
+        )  # fmt: skip
+    if (check or {}).get("status") == "checked":
+        for m in CHECKED:
+            f = check[m]
+            rows.append(
+                {
+                    "check": "performance_check", "statistic": m, "value": f["value"], "threshold": f["card"],
+                    "alert": bool(f["alert"]), "n_images": f["n"], "reference_n": f["card_n"], "role": "test",
+                    "p_value": f["p_value"], "p_adjusted": f["p_holm"], "effect": _drop(f),
+                    "note": f"at the flag threshold {check['threshold']}", "method": "fisher-holm",
+                }
+            )  # fmt: skip
+    return rows
+
+
+def _drop(f: dict[str, Any]) -> float | None:
+    return None if f["value"] is None or f["card"] is None else round(f["card"] - f["value"], 4)
+
+
+def append_history_rows(out: str, result: Any) -> None:
+    """Add ``history_rows`` of a finished run (``ScoreResult``) to ``OUT/drift.parquet`` when the
+    run wrote one (nightly roots copy it into ``ROOT/drift_history``)."""
+    from cxr_ray.io import storage
+    from cxr_ray.scoring.drift_io import DRIFT_TABLE_SCHEMA
+
+    uri = storage.join(out, "drift.parquet")
+    rows = history_rows(
+        result.performance_estimate,
+        result.performance_check,
+        n_images=result.ok,
+        reference_n=int(result.drift.get("reference_n") or 0),
+    )
+    if not rows or not storage.exists(uri):
+        return
+    import pyarrow as pa
+
+    old = storage.read_table(uri)
+    ids = {"run_id": result.run_id, "model_version": result.model_version}
+    new = pa.Table.from_pylist([ids | r for r in rows], schema=DRIFT_TABLE_SCHEMA)
+    storage.write_table(pa.concat_tables([old.cast(DRIFT_TABLE_SCHEMA), new]), uri, DRIFT_TABLE_SCHEMA)

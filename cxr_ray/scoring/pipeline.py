@@ -49,9 +49,15 @@ from cxr_ray.scoring.drift import DriftAccumulator
 from cxr_ray.scoring.drift_io import drift_accumulator, write_drift
 from cxr_ray.scoring.estimate import EstimateAccumulator, run_estimator
 from cxr_ray.scoring.evaluation import write_metrics, write_studies
-from cxr_ray.scoring.performance import check_accumulated
+from cxr_ray.scoring.performance import append_history_rows, check_accumulated
 from cxr_ray.scoring.pseudonymize import pseudonymize_table
-from cxr_ray.scoring.result import ScoreAccumulator, ScoreResult
+from cxr_ray.scoring.result import (
+    ScoreAccumulator,
+    ScoreResult,
+    library_versions,
+    redacted_settings,
+    safe_uri,
+)
 from cxr_ray.scoring.schema import PREDICTIONS_SCHEMA, with_run_columns
 from cxr_ray.scoring.stages import CxrPredictor, SeenFilter, decode_stage
 from cxr_ray.scoring.studies import study_metrics
@@ -221,6 +227,7 @@ def score(
         )
     plan = plan_run(art, settings)
     result = _new_result(out, run_id or new_run_id(), art, plan)
+    result.source, result.settings = safe_uri(source), redacted_settings(settings)
     ds = build_dataset(source, art, plan, settings, out_dir=out, seen=seen)
     drift, result.drift = drift_accumulator(art, settings.drift)
     estimator = run_estimator(art)
@@ -229,7 +236,7 @@ def score(
     )
     _write_studies(result, art)
     result.seconds = time.perf_counter() - started
-    m = acc.metrics(result.threshold)
+    m = acc.metrics(result.flag_threshold)
     if m is not None:
         result.metrics = m.summary()
         write_metrics(out, m, run_id=result.run_id, model_version=result.model_version, history=history)
@@ -237,6 +244,8 @@ def score(
         result.drift = write_drift(out, drift, run_id=result.run_id, model_version=result.model_version)
     result.performance_estimate = estimator.finish()
     result.performance_check = check_accumulated(art.card, acc.y, acc.p)
+    append_history_rows(out, result)  # nightly ROOT/drift_history gets them with the drift rows
+    result.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
     storage.write_bytes(result.to_json().encode(), summary_uri)
     return result
 
@@ -244,14 +253,17 @@ def score(
 def _new_result(out: str, run_id: str, art: Artifact, plan: ScorePlan) -> ScoreResult:
     """The run's result before any row: what the driver resolved (engine, precision, cache)."""
     report = plan.report
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
     return ScoreResult(
         out,
         run_id,
         art.card.version,
         plan.engine,
-        threshold=art.card.pneumonia_threshold,
-        precision=report.precision,
+        flag_threshold=art.card.pneumonia_threshold,
+        engine_precision=report.precision,
         int8_check=report.int8_check,
+        started_at=started_at,
+        versions=library_versions(),
         engine_report={"engine": report.engine, "onnx_cache": report.onnx_cache}
         | ({"notes": list(report.notes)} if report.notes else {}),
     )
@@ -298,6 +310,6 @@ def _write_studies(result: ScoreResult, art: Artifact) -> None:
     studies = write_studies(result.out, art.card)
     result.studies = studies.num_rows
     result.flagged_studies = int(pc.sum(pc.fill_null(studies["flagged"], False)).as_py() or 0)
-    sm = study_metrics(studies, threshold=result.threshold)
+    sm = study_metrics(studies, threshold=result.flag_threshold)
     if sm is not None:
         result.study_metrics = sm.summary()
