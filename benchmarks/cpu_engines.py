@@ -165,7 +165,7 @@ def main() -> None:
                 print(
                     f"  e2e {name:<12} run {rep + 1}: {t.end_to_end:6.1f} img/s end to end, "
                     f"{t.steady:6.1f} steady, first rows {t.first_rows_s:5.1f} s, precision "
-                    f"{t.result.precision}, rows {t.result.images} ({t.result.ok} ok)"
+                    f"{t.result.engine_precision}, rows {t.result.images} ({t.result.ok} ok)"
                 )
         load_after = uptime()
 

@@ -7,7 +7,7 @@ The site: every validation image of ARTIFACT (the patient-grouped split in its
 ``split.parquet``, never trained on) re-rendered by ``cxr_ray.data.site_shift.render_site``
 under ``SITE`` below (each image with its own seed). For each split seed, 128 of them (whole
 patients, stratified by class) are the labelled sample given to site calibration
-(``cxr_ray.models.site.fit_site``: the same function ``cxr-ray calibrate`` runs); the rest
+(``cxr_ray.site.fit_site``: the same function ``cxr-ray calibrate`` runs); the rest
 are scored with the parent's calibration and with the derived one. Printed per seed and
 over seeds (mean, min-max): 3-class accuracy, macro-F1, NLL, ECE, sensitivity and specificity
 at each card's threshold, specificity at >= 95% sensitivity (threshold chosen on the rest
@@ -33,16 +33,18 @@ from typing import Any
 import numpy as np
 import pyarrow.compute as pc
 
-from cxr_ray import calibration as cal
 from cxr_ray.data.site_shift import SiteShift, render_site
 from cxr_ray.imaging.preprocess import decode
 from cxr_ray.io import storage
 from cxr_ray.labels import LABELS
 from cxr_ray.models.artifact import load_artifact
 from cxr_ray.models.card import spec_for
-from cxr_ray.models.site import derived_card, fit_site, head_weights
-from cxr_ray.models.site_sample import Sample
-from cxr_ray.models.splits import network_outputs
+from cxr_ray.models.outputs import network_outputs
+from cxr_ray.reporting.site_report import format_comparison
+from cxr_ray.site import Sample, derived_card, fit_site
+from cxr_ray.site.artifact import head_weights
+from cxr_ray.site.bootstrap import compare, point_metrics
+from cxr_ray.vocabulary import SITE_METHODS
 
 #: The constructed site (see docs/TRAINING.md, "Site calibration"). Milder than the
 #: ``SiteShift`` defaults, which took the parent's specificity to ~0.1 (far beyond the
@@ -108,7 +110,7 @@ def evaluate(
     n_boot: int,
 ) -> dict[str, Any]:
     models: dict[str, tuple[np.ndarray, float | np.ndarray]] = {"parent": parent, "calibrated": calibrated}
-    return cal.compare(y, models, groups=groups, n_boot=n_boot, seed=0, target_sensitivity=TARGET)
+    return compare(y, models, groups=groups, n_boot=n_boot, seed=0, target_sensitivity=TARGET)
 
 
 def one_split(site: dict[str, Any], art: Any, seed: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -177,7 +179,7 @@ def probe(art: Any, work: Path) -> None:
     ):
         s = shifted_site(art, shift, work)
         p = art.card.probabilities(s["logits"])
-        m = cal._point_metrics(s["labels"], p, np.asarray(art.card.pneumonia_threshold), TARGET)
+        m = point_metrics(s["labels"], p, np.asarray(art.card.pneumonia_threshold), TARGET)
         print(name, {k: round(v, 3) for k, v in m.items()})
 
 
@@ -208,7 +210,7 @@ def end_to_end(site: dict[str, Any], art: Any, args: argparse.Namespace, work: P
         for name, model in (("parent", art.uri), ("calibrated", str(a2))):
             res = score(str(root / "rest"), model, str(root / f"scores_{name}"), Settings())
             table = storage.read_table(str(root / f"scores_{name}" / "predictions.parquet"))
-            m = evaluate_table(table, res.threshold)
+            m = evaluate_table(table, res.flag_threshold)
             print(f"end to end, {name}: {table.num_rows} rows", m.summary() if m else None)
     finally:
         ray.shutdown()
@@ -219,7 +221,7 @@ def main() -> None:
     ap.add_argument("--model", required=True, help="Artifact with a split.parquet listing real images.")
     ap.add_argument("--seeds", type=int, default=5)
     ap.add_argument("--n-cal", type=int, default=128)
-    ap.add_argument("--method", default="bias", choices=cal.SITE_METHODS)
+    ap.add_argument("--method", default="bias", choices=SITE_METHODS)
     ap.add_argument("--head", action="store_true", help="Also try the head refit (kept if it helps).")
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--work", default=None, help="Cache folder (default: a temp dir).")
@@ -247,7 +249,7 @@ def main() -> None:
             f"\nseed {seed}: calibrate on {r['n_cal']} {r['per_class_cal']}, kept {r['kept']}, "
             f"fitted {json.dumps(r['fitted'])}\nscored rest ({r['n_rest']} images), patient bootstrap 95%:"
         )
-        print(cal.format_comparison(r["rest"]))
+        print(format_comparison(r["rest"]))
     print()
     print(summarise(runs, "rest"))
     print()

@@ -19,6 +19,7 @@ import pyarrow as pa
 
 from cxr_ray.labels import LABELS, NORMAL
 
+
 def _doc(name: str, typ: pa.DataType, description: str, *, nullable: bool = True) -> pa.Field:
     # A leaf module: the same metadata keys as cxr_ray.io.columns (b"description").
     return pa.field(name, typ, nullable=nullable, metadata={b"description": description.encode()})

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from cxr_ray.cli import job_args, run_command
+from cxr_ray.cli import job_main
 
 if __name__ == "__main__":
-    sys.exit(run_command(job_args("train", sys.argv[1:])))
+    sys.exit(job_main("train", sys.argv[1:], prog="python -m jobs.retrain"))

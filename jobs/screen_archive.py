@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from cxr_ray.cli import job_args, run_command
+from cxr_ray.cli import job_main
 
 if __name__ == "__main__":
-    sys.exit(run_command(job_args("screen", sys.argv[1:])))
+    sys.exit(job_main("screen", sys.argv[1:], prog="python -m jobs.screen_archive"))

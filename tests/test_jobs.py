@@ -110,6 +110,8 @@ def test_retrain_takes_every_train_option():
         timeout=120,
     )
     assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("Usage: python -m jobs.retrain [OPTIONS] DATA"), out.stdout[:200]
+    assert "cxr-ray train" not in out.stdout and "--config" in out.stdout and "-v, --verbose" in out.stdout
     for param in main.commands["train"].params:
         for opt in param.opts:
             if opt.startswith("--"):

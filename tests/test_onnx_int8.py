@@ -157,7 +157,7 @@ def test_cli_scoring_with_int8_keeps_every_row_and_reports_the_check(ray_local, 
     assert t.num_rows == n == 10
     assert t["status"].to_pylist().count("error") == 1
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["precision"] == "int8" and summary["engine"] == "onnxruntime"
+    assert summary["engine_precision"] == "int8" and summary["engine"] == "onnxruntime"
     assert summary["int8_check"]["images"] == 8 and summary["int8_check"]["calibration_images"] == 8
 
 

@@ -137,7 +137,7 @@ def test_scoring_with_openvino_bf16_keeps_every_row_and_records_the_precision(
     assert set(t["engine"].to_pylist()) == {"openvino"}
     assert t["status"].to_pylist().count("error") == 1
     assert summary["engine"] == "openvino"
-    assert summary["precision"] == ("bf16" if ove.native_bf16() else "fp32")
+    assert summary["engine_precision"] == ("bf16" if ove.native_bf16() else "fp32")
 
 
 @pytest.mark.slow
@@ -149,7 +149,8 @@ def test_scoring_fp32_and_bf16_agree_and_say_which_ran(
     for precision in ("fp32", "bf16"):
         _, t, summary = _score(root, tiny_artifact, tmp_path / precision, cache, precision)
         assert t.num_rows == n and summary["engine"] == "openvino"
-        assert summary["precision"] == (precision if precision == "fp32" or ove.native_bf16() else "fp32")
+        expected = precision if precision == "fp32" or ove.native_bf16() else "fp32"
+        assert summary["engine_precision"] == expected
         ok = np.array([s == "ok" for s in t["status"].to_pylist()])
         probs[precision] = np.array(t["prob_normal"].to_pylist(), dtype=float)[ok]
     assert len(probs["fp32"]) == n - 1

@@ -351,7 +351,7 @@ def test_evaluate_and_report_use_the_runs_flag_threshold(ray_local, tmp_path):
     out = tmp_path / "run"
     res = CliRunner().invoke(main, ["score", str(root), "--model", str(model), "--out", str(out)], env=env)
     assert res.exit_code == 0, res.output
-    assert json.loads((out / "summary.json").read_text())["threshold"] == pytest.approx(0.731)
+    assert json.loads((out / "summary.json").read_text())["flag_threshold"] == pytest.approx(0.731)
     t = pq.read_table(out / "predictions.parquet")
     flagged = np.array(t["prob_pneumonia"].to_numpy()) >= 0.731
     assert t["flagged"].to_pylist() == flagged.tolist()
@@ -361,6 +361,45 @@ def test_evaluate_and_report_use_the_runs_flag_threshold(ray_local, tmp_path):
     res = CliRunner().invoke(main, ["evaluate", str(out / "predictions.parquet"), "--threshold", "0.2"])
     assert "at threshold 0.200" in res.output
     assert "flag threshold 0.731" in render(str(out))
+
+
+def test_a_runs_outputs_describe_themselves(ray_local, tiny_artifact, tmp_path):
+    """summary.json says what was scored, when, with which versions and settings (no secret),
+    and every Parquet output carries its column descriptions and schema version."""
+    from cxr_ray.io.columns import SCHEMA_VERSION, description, undescribed
+
+    root = imaging.kermany_folder(tmp_path / "in", per_class=2)
+    key = "k" * 24  # a pseudonym key: must never reach summary.json
+    env = {
+        "CXR_SCORE__CACHE_DIR": str(tmp_path / "cache"),
+        "CXR_SCORE__PSEUDONYMIZE": "true",
+        "CXR_SCORE__PSEUDONYM_KEY": key,
+    }
+    out = tmp_path / "run"
+    res = CliRunner().invoke(
+        main, ["score", str(root), "--model", str(tiny_artifact), "--out", str(out)], env=env
+    )
+    assert res.exit_code == 0, res.output
+    text = (out / "summary.json").read_text()
+    assert key not in text
+    summary = json.loads(text)
+    assert summary["source"] == str(root)
+    assert summary["started_at"] <= summary["finished_at"] and summary["finished_at"].endswith("+00:00")
+    assert {"cxr_ray", "ray", "pyarrow", "onnxruntime"} <= set(summary["versions"])
+    assert summary["settings"]["score"]["pseudonym_key"] == "<redacted>"
+    assert summary["settings"]["score"]["cache_dir"] == str(tmp_path / "cache")
+    assert "flag_threshold" in summary and "engine_precision" in summary
+    assert "threshold" not in summary and "precision" not in summary
+    for name in ("predictions", "studies", "metrics", "confusion", "drift"):
+        path = out / f"{name}.parquet"
+        if name == "drift" and not path.exists():
+            continue
+        schema = pq.read_schema(path)
+        assert undescribed(schema) == [], name
+        assert schema.metadata[SCHEMA_VERSION] == b"1", name
+    preds = pq.read_schema(out / "predictions.parquet")
+    assert "PatientAge" in description(preds.field("patient_age_years"))
+    assert preds.field("patient_age_years").metadata[b"unit"] == b"years"
 
 
 def test_cli_score_unknown_engine_exits_2(tiny_artifact, tmp_path):

@@ -6,6 +6,6 @@ The job entrypoints (``jobs/``) run the same commands through ``run_command(job_
 """
 
 from cxr_ray.cli import calibrate, data, drift, model, scoring, site_check, tables  # noqa: F401  (registers the commands)
-from cxr_ray.cli._app import EXIT_USAGE, handle_errors, job_args, main, run_command
+from cxr_ray.cli._app import EXIT_USAGE, handle_errors, job_args, job_main, main, run_command
 
-__all__ = ["EXIT_USAGE", "handle_errors", "job_args", "main", "run_command"]
+__all__ = ["EXIT_USAGE", "handle_errors", "job_args", "job_main", "main", "run_command"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import sys
+import typing
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -26,6 +27,16 @@ logger = logging.getLogger("cxr_ray")
 
 #: Exit codes: 2 for bad usage/settings/inputs the user must fix, 1 for other failures.
 EXIT_USAGE = 2
+
+
+def literal_choice(owner: type, name: str) -> click.Choice:
+    """A click choice of the values a settings (or options) class's ``Literal`` field allows,
+    so a flag never retypes them: ``literal_choice(ScoreSettings, "explain")``."""
+    hints = typing.get_type_hints(owner)
+    values = [a for a in typing.get_args(hints[name]) if isinstance(a, str)]
+    if not values:
+        raise TypeError(f"{owner.__name__}.{name} is not a Literal of strings")
+    return click.Choice(values)
 
 
 def _fail(msg: str, code: int) -> None:
@@ -157,3 +168,28 @@ def run_command(args: list[str]) -> int:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else 1)
     return 0
+
+
+def job_help(command: str, prog: str) -> str:
+    """``--help`` of a job entrypoint: the command's own help under the job's name (``prog``,
+    e.g. ``python -m jobs.retrain``), with the group options a job also takes anywhere."""
+    cmd = main.commands[command]
+    group = [p for p in main.params if p.name in ("config", "verbose")]
+    job = click.Command(
+        prog,
+        params=[*cmd.params, *group],
+        help=cmd.help,
+        context_settings={"help_option_names": ["-h", "--help"]},
+    )
+    with click.Context(job, info_name=prog, max_content_width=100, help_option_names=["-h", "--help"]) as ctx:
+        return job.get_help(ctx)
+
+
+def job_main(command: str, argv: list[str], prog: str) -> int:
+    """A job entrypoint: ``cxr-ray COMMAND`` with ``argv`` (``--config``/``-v`` anywhere), or
+    its help under the job's own name."""
+    before = argv[: argv.index("--")] if "--" in argv else argv
+    if "-h" in before or "--help" in before:
+        click.echo(job_help(command, prog))
+        return 0
+    return run_command(job_args(command, argv))

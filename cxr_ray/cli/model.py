@@ -6,8 +6,18 @@ from typing import Any
 
 import click
 
-from cxr_ray.cli._app import handle_errors, load_model, main, require_source, settings_from, verbosity
+from cxr_ray.cli._app import (
+    handle_errors,
+    literal_choice,
+    load_model,
+    main,
+    require_source,
+    settings_from,
+    verbosity,
+)
+from cxr_ray.config import TrainSettings
 from cxr_ray.errors import CxrRayError
+from cxr_ray.labels import LABELS
 from cxr_ray.vocabulary import ARCHITECTURES, INTENSITY_MODES
 
 
@@ -32,7 +42,7 @@ from cxr_ray.vocabulary import ARCHITECTURES, INTENSITY_MODES
 @click.option("--seed", type=int, default=None, help="Training seed.")
 @click.option(
     "--precision",
-    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    type=literal_choice(TrainSettings, "precision"),
     default=None,
     help="Training precision; auto: bf16 autocast on GPUs and on CPUs with native bf16, else fp32.",
 )
@@ -114,7 +124,7 @@ def export_cmd(ctx: click.Context, artifact: str, fmt: str, out: str | None) -> 
 @click.option("--out", default="heatmaps", show_default=True, help="Folder for the overlay PNGs.")
 @click.option(
     "--target",
-    type=click.Choice(["predicted", "normal", "bacterial", "viral"]),
+    type=click.Choice(["predicted", *LABELS]),
     default="predicted",
     show_default=True,
     help="Class whose evidence the heatmap shows.",
@@ -203,7 +213,7 @@ def demo(ctx: click.Context, out: str, data_dir: str | None) -> None:
     from cxr_ray.scoring.evaluation import evaluate_table
 
     m = evaluate_table(
-        storage.read_table(str(Path(out) / "scores" / "predictions.parquet")), result.scored.threshold
+        storage.read_table(str(Path(out) / "scores" / "predictions.parquet")), result.scored.flag_threshold
     )
     if m is not None:
         click.echo(metrics.format_metrics(m))

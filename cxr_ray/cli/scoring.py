@@ -10,12 +10,15 @@ import click
 from cxr_ray.cli._app import (
     DataError,
     handle_errors,
+    literal_choice,
     load_model,
     main,
     require_source,
     settings_from,
     verbosity,
 )
+from cxr_ray.config import ScoreSettings
+from cxr_ray.scoring.nightly import NightlyOptions
 from cxr_ray.vocabulary import ENGINES
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -33,13 +36,13 @@ def _engine_flags(fn: F) -> F:
         click.option("--cpus-per-actor", type=float, default=None, help="CPUs reserved per predictor actor."),
         click.option(
             "--onnx-precision",
-            type=click.Choice(["fp32", "int8"]),
+            type=literal_choice(ScoreSettings, "onnx_precision"),
             default=None,
             help="onnxruntime precision; int8 is quantized from the artifact's training images (opt-in).",
         ),
         click.option(
             "--openvino-precision",
-            type=click.Choice(["auto", "bf16", "fp32"]),
+            type=literal_choice(ScoreSettings, "openvino_precision"),
             default=None,
             help="openvino engine precision; auto: bf16 where the CPU has it natively, else fp32.",
         ),
@@ -118,7 +121,7 @@ def _score_overrides(flags: dict[str, Any]) -> dict[str, Any]:
 @_engine_flags
 @click.option(
     "--explain",
-    type=click.Choice(["none", "flagged", "all"]),
+    type=literal_choice(ScoreSettings, "explain"),
     default=None,
     help="Grad-CAM overlays (torch stage) for flagged or all studies; shown in the report.",
 )
@@ -141,11 +144,19 @@ def score(
 ) -> None:
     """Score every image of SOURCE with a model artifact; write predictions and metrics.
 
-    One row per input file in OUT/predictions.parquet (broken files included, as
-    status=error rows). When SOURCE carries labels (Kermany names or folders), per-class
-    metrics go to OUT/metrics.parquet and OUT/confusion.parquet and are appended to the
-    history table. Ends with a summary: images, ok, errors, flagged, img/s. An OUT that
-    already holds a run is refused unless --overwrite.
+    \b
+    Writes into OUT (columns described in docs/OUTPUTS.md and in each file's schema):
+      predictions.parquet  one row per input file (broken files as status=error rows)
+      studies.parquet      one row per study, from its driving image
+      metrics.parquet      per-class and overall metrics (labelled runs; also appended
+                           to the history table)
+      confusion.parquet    the confusion matrix (labelled runs)
+      drift.parquet        the drift check against the model's reference, drift_plot.json
+      summary.json         counts, flag threshold, versions, settings; written last
+      report.html          the HTML report (labelled runs; `cxr-ray report` for any run)
+
+    Ends with a summary: images, ok, errors, flagged, img/s. An OUT that already holds a
+    run is refused unless --overwrite.
     """
     s = settings_from(ctx, _score_overrides(flags))
     require_source(source)
@@ -183,7 +194,8 @@ def screen(
 ) -> None:
     """Screen a whole archive retrospectively: score everything, rank the flagged studies.
 
-    Writes what `score` writes plus OUT/flagged.parquet (the flagged rows of studies.parquet,
+    Writes what `score` writes (predictions, studies, metrics, confusion, drift and
+    summary.json) plus OUT/flagged.parquet (the flagged rows of studies.parquet,
     one per study, most suspicious first) and OUT/report.html, and prints the images ok /
     skipped / errors, studies per predicted class and the TOP flagged studies, each named by
     its driving image's id (never study UIDs, patient ids or file names).
@@ -213,7 +225,7 @@ def screen(
 @_engine_flags
 @click.option(
     "--on-busy",
-    type=click.Choice(["wait", "exit"]),
+    type=literal_choice(NightlyOptions, "on_busy"),
     default="wait",
     show_default=True,
     help="When another run holds this root's lease: wait for it, or exit 0 at once.",
@@ -242,11 +254,12 @@ def nightly(
 ) -> None:
     """Incremental scoring: only the images of SOURCE this model version has not scored yet.
 
-    Everything goes under ROOT as Delta Lake tables (predictions, studies, metrics history)
-    plus each run's summary: each (image, model version) is recorded exactly once, also when
-    runs overlap; a rerun over the same SOURCE adds nothing, and a run killed mid-way leaves
-    no rows and is finished by the next one. A run that finds another one active on ROOT
-    waits for it (or, with --on-busy exit, exits 0 at once). For a DICOMweb SOURCE without
+    Everything goes under ROOT as Delta Lake tables (predictions, studies, metrics_history,
+    drift_history) plus each run's folder ROOT/runs/RUN_ID (what `score` writes): each
+    (image, model version) is recorded exactly once, also when runs overlap; a rerun over
+    the same SOURCE adds nothing, and a run killed mid-way leaves no rows and is finished by
+    the next one. A run that finds another one active on ROOT waits for it (or, with
+    --on-busy exit, exits 0 at once). For a DICOMweb SOURCE without
     --study-date, only studies dated since the last committed run are listed.
     """
     s = settings_from(ctx, _score_overrides(flags))

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import logging
+import posixpath
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,9 +23,12 @@ import pyarrow.compute as pc
 from cxr_ray import labels as labels_mod
 from cxr_ray.config import DataSettings, DicomwebSettings
 from cxr_ray.data import dicomweb as dicomweb_mod
-from cxr_ray.data.sources import ReadOptions, ReadUnit, list_source, units_from_uris
+from cxr_ray.data.sources import ImageRef, ReadOptions, ReadUnit, chunk_refs, list_source, units_from_uris
 from cxr_ray.errors import DataError, DecodeError
 from cxr_ray.imaging.preprocess import PreprocessSpec, decode
+from cxr_ray.io import uris
+from cxr_ray.io.columns import described
+from cxr_ray.vocabulary import Status
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +46,27 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("error", pa.string()),
     ]
 )
+#: ``cxr-ray manifest`` output: one row per listed image, each column described.
+MANIFEST_SCHEMA = described(
+    MANIFEST_SCHEMA,
+    {
+        "uri": "where the image is: path, s3:// URI, archive member, table row or dicomweb:// instance",
+        "image_id": "SHA-256 of the file bytes (null if unreadable)",
+        "label": "ground truth parsed from the file name or folder, when known",
+        "patient_id": "patient id parsed from the file name, when known",
+        "format": "the image format the decoder found in the bytes (not the file extension)",
+        "width": ("decoded image width", "pixels"),
+        "height": ("decoded image height", "pixels"),
+        "bytes": ("file size", "bytes"),
+        "status": "ok, or error (unreadable, undecodable)",
+        "error": "what was wrong (null when ok)",
+    },
+    table="manifest",
+    version=1,
+)
+
+#: Schema metadata key: the source roots a manifest's URIs were listed under (JSON list).
+ROOTS_KEY = b"cxr_ray.roots"
 
 #: Decoding for validation only: a small draft size keeps the manifest fast.
 _CHECK_SIZE = 64
@@ -85,7 +111,7 @@ def inspect_block(batch: pa.Table, *, max_pixels: int) -> pa.Table:
             "width": width,
             "height": height,
             "bytes": None if data is None else len(data),
-            "status": "error" if error else "ok",
+            "status": Status.ERROR.value if error else Status.OK.value,
             "error": error,
         }
         for k, v in values.items():
@@ -159,12 +185,47 @@ def source_units(source: str, options: ReadOptions) -> list[ReadUnit]:
     return list_source(source, options)
 
 
-def uri_units(items: Iterable[tuple[str, str | None, str | None]], rows_per_block: int) -> list[ReadUnit]:
-    """Read units for known ``(uri, name, label)``: DICOMweb instances and everything else."""
+def uri_units(
+    items: Iterable[tuple[str, str | None, str | None]],
+    rows_per_block: int,
+    *,
+    roots: tuple[str, ...] | None = None,
+    dicomweb: DicomwebSettings | None = None,
+) -> list[ReadUnit]:
+    """Read units for known ``(uri, name, label)``: DICOMweb instances and everything else.
+
+    Every URI is checked before any unit exists (``uris.check_listed_uri``): a scheme cxr-ray
+    does not read, a relative path, or (with ``roots``) a location outside them becomes an
+    error row that no reader opens; DICOMweb rows must name a service in
+    ``dicomweb.endpoints``.
+    """
     items = list(items)
     pacs = [it for it in items if dicomweb_mod.is_dicomweb(it[0])]
-    rest = [it for it in items if not dicomweb_mod.is_dicomweb(it[0])]
-    return units_from_uris(rest, rows_per_block) + dicomweb_mod.units_for_uris(pacs, rows_per_block)
+    rest, refused = [], []
+    for it in items:
+        if dicomweb_mod.is_dicomweb(it[0]):
+            continue
+        problem = uris.check_listed_uri(it[0], roots)
+        if problem is None:
+            rest.append(it)
+        else:
+            refused.append((ImageRef(it[0], it[1] or "refused", error=problem, label=it[2]), 0))
+    endpoints = dicomweb_mod.configured_endpoints(dicomweb)
+    return (
+        chunk_refs(refused, rows_per_block)
+        + units_from_uris(rest, rows_per_block)
+        + dicomweb_mod.units_for_uris(pacs, rows_per_block, endpoints)
+    )
+
+
+def allowed_roots(table: pa.Table, settings: DataSettings) -> tuple[str, ...] | None:
+    """Where a manifest-like table's URIs may point: ``data.allowed_roots`` when set, else the
+    roots ``read_manifest`` recorded (the manifest's folder and its listed sources), else
+    ``None`` (a table cxr-ray built itself from a listing: no root restriction)."""
+    if settings.allowed_roots:
+        return tuple(settings.allowed_roots)
+    raw = (table.schema.metadata or {}).get(ROOTS_KEY)
+    return tuple(json.loads(raw)) if raw else None
 
 
 def uri_dataset(
@@ -180,7 +241,8 @@ def uri_dataset(
     names = table.column("name").to_pylist() if "name" in table.column_names else none
     labels = table.column("label").to_pylist() if "label" in table.column_names else none
     items = zip(table.column("uri").to_pylist(), names, labels, strict=True)
-    return image_dataset(uri_units(items, options.rows_per_block), options, read_cpus=read_cpus)
+    units = uri_units(items, options.rows_per_block, roots=allowed_roots(table, settings), dicomweb=dicomweb)
+    return image_dataset(units, options, read_cpus=read_cpus)
 
 
 def iter_manifest(
@@ -220,7 +282,14 @@ def write_manifest(
     from cxr_ray.io.storage import atomic_parquet_writer
 
     summary = ManifestSummary(out)
-    with atomic_parquet_writer(out, MANIFEST_SCHEMA) as writer:
+    schema = MANIFEST_SCHEMA
+    if not dicomweb_mod.is_dicomweb(source):
+        fs, path = uris.resolve(source)
+        meta = dict(schema.metadata or {}) | {
+            ROOTS_KEY: json.dumps([uris.display(path, fs, source)]).encode()
+        }
+        schema = schema.with_metadata(meta)
+    with atomic_parquet_writer(out, schema) as writer:
         for block in iter_manifest(source, settings, dicomweb):
             writer.write_table(block)
             summary.add(block)
@@ -238,4 +307,11 @@ def read_manifest(uri: str) -> pa.Table:
     missing = {"uri", "image_id", "label", "patient_id", "status"} - set(table.column_names)
     if missing:
         raise DataError(f"{uri!r} is not a cxr-ray manifest: missing columns {sorted(missing)}")
-    return table
+    # The roots its rows may point to travel with the table (``allowed_roots``): the sources
+    # ``write_manifest`` listed and the manifest's own folder.
+    meta = dict(table.schema.metadata or {})
+    recorded = json.loads(meta.get(ROOTS_KEY, b"[]"))
+    fs, path = uris.resolve(uri)
+    own = uris.display(posixpath.dirname(path), fs, uri)
+    meta[ROOTS_KEY] = json.dumps([*recorded, own]).encode()
+    return table.replace_schema_metadata(meta)

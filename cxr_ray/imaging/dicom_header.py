@@ -21,6 +21,7 @@ from typing import Any
 import pyarrow as pa
 
 from cxr_ray.errors import DecodeError
+from cxr_ray.io.columns import column
 
 __all__ = [
     "DICOM_FIELDS",
@@ -117,9 +118,21 @@ _COLUMNS: tuple[tuple[str, pa.DataType, str], ...] = (
     ("number_of_frames", pa.int32(), "NumberOfFrames (0028,0008); null for single-frame objects"),
 )
 
-#: The DICOM columns of the manifest and predictions tables (all nullable; null for JPEG/PNG).
-DICOM_FIELDS: list[pa.Field] = [pa.field(name, typ) for name, typ, _ in _COLUMNS]
-#: ``column -> description`` of ``DICOM_FIELDS`` (for the README and reports).
+#: Units of the DICOM columns that have one.
+_UNITS = {
+    "patient_age_years": "years",
+    "pixel_spacing_row_mm": "mm",
+    "pixel_spacing_col_mm": "mm",
+    "rows": "pixels",
+    "columns": "pixels",
+    "bits_stored": "bits",
+}
+#: The DICOM columns of the manifest and predictions tables (all nullable; null for JPEG/PNG),
+#: each carrying its description (and unit) as field metadata (``cxr_ray.io.columns``).
+DICOM_FIELDS: list[pa.Field] = [
+    column(name, typ, (doc, _UNITS[name]) if name in _UNITS else doc) for name, typ, doc in _COLUMNS
+]
+#: ``column -> description`` of ``DICOM_FIELDS`` (for the docs and reports).
 DICOM_FIELD_DOCS: dict[str, str] = {name: doc for name, _, doc in _COLUMNS}
 
 

@@ -41,7 +41,7 @@ from deltalake import (
 from deltalake.exceptions import CommitFailedError, DeltaError, TableNotFoundError
 
 from cxr_ray.errors import DataError
-from cxr_ray.io import uris
+from cxr_ray.io import columns, uris
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +124,10 @@ def ensure_table(
                 mode="error",
                 partition_by=partition_by,
                 description=description,
-                configuration=configuration,
+                # The schema's cxr_ray.table / cxr_ray.schema_version (Delta keeps no schema-level
+                # Arrow metadata; field descriptions it keeps in its own schema).
+                configuration=columns.table_properties(schema) | dict(configuration or {}),
+                raise_if_key_not_exists=False,
                 storage_options=opts,
             )
         except (CommitFailedError, DeltaError) as exc:
@@ -357,3 +360,4 @@ def vacuum(
     return dt.vacuum(
         retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False, full=True
     )
+

@@ -44,6 +44,7 @@ from cxr_ray.reporting.review import review_html, worklist
 from cxr_ray.scoring.evaluation import labelled_arrays, summary_threshold
 from cxr_ray.scoring.result import REF_CHARS, flagged_studies
 from cxr_ray.scoring.studies import STUDIES_SCHEMA, study_metrics
+from cxr_ray.vocabulary import Status
 
 #: Side of the gallery's thumbnails of original images (when a study has no heatmap).
 THUMB_PX = 240
@@ -169,7 +170,7 @@ def _column_or_nulls(t: pa.Table, name: str) -> pa.ChunkedArray | pa.Array:
 def _intended_use_html(t: pa.Table) -> str:
     """Skipped images counted per reason, and scored images whose intended use has a note."""
     status = t["status"]
-    reasons = Counter(t.filter(pc.equal(status, "skipped"))["error"].to_pylist())
+    reasons = Counter(t.filter(pc.equal(status, Status.SKIPPED))["error"].to_pylist())
     parts = [f"<h2>Skipped images ({sum(reasons.values())})</h2>"]
     if reasons:
         parts.append(
@@ -182,7 +183,7 @@ def _intended_use_html(t: pa.Table) -> str:
         )
     else:
         # "Inside the intended use" only where tags were checked: JPEG/PNG rows are "unchecked".
-        uses = Counter(_column_or_nulls(t.filter(pc.equal(status, "ok")), "intended_use").to_pylist())
+        uses = Counter(_column_or_nulls(t.filter(pc.equal(status, Status.OK)), "intended_use").to_pylist())
         scored, unchecked = sum(uses.values()), uses.get("unchecked", 0)
         if scored and unchecked == scored:
             text = (
@@ -199,7 +200,7 @@ def _intended_use_html(t: pa.Table) -> str:
         else:
             text = "None: every image was inside the model's intended use or unreadable."
         parts.append(f'<p class="note" id="use-summary">{html.escape(text)}</p>')
-    ok = t.filter(pc.equal(status, "ok"))
+    ok = t.filter(pc.equal(status, Status.OK))
     use, note = _column_or_nulls(ok, "intended_use"), _column_or_nulls(ok, "intended_use_note")
     noted = Counter(
         (u, n)
@@ -221,7 +222,7 @@ def _intended_use_html(t: pa.Table) -> str:
 
 def _errors_html(t: pa.Table, n_errors: int) -> str:
     columns = [c for c in ("image_id", "error", *_IDENTIFIER_COLUMNS) if c in t.column_names]
-    errors = t.filter(pc.equal(t["status"], "error")).select(columns).slice(0, 200).to_pylist()
+    errors = t.filter(pc.equal(t["status"], Status.ERROR)).select(columns).slice(0, 200).to_pylist()
     parts = [f"<h2>Error rows ({n_errors})</h2>"]
     if not errors:
         parts.append('<p class="note">None.</p>')
@@ -286,7 +287,8 @@ def render(
     ]
     run_id = str(summary.get("run_id") or next((r for r in t["run_id"].to_pylist() if r), ""))
     work = worklist(studies, t, sample=review_sample, limit=review_limit, seed=review_seed)
-    n_errors = t.num_rows - int(pc.sum(pc.is_in(t["status"], pa.array(["ok", "skipped"]))).as_py() or 0)
+    counted = pc.is_in(t["status"], pa.array([Status.OK, Status.SKIPPED], pa.string()))
+    n_errors = t.num_rows - int(pc.sum(counted).as_py() or 0)
     parts += [
         review_html(work, run_dir=run_dir, run_id=run_id),
         _intended_use_html(t),
@@ -301,8 +303,8 @@ def render(
 def _kpis_html(t: pa.Table, studies: pa.Table | None, summary: dict[str, Any]) -> str:
     """The run's counts in one row: images, ok, skipped, errors, studies, flagged, speed."""
     n = t.num_rows
-    ok = int(pc.sum(pc.equal(t["status"], "ok")).as_py() or 0)
-    skipped = int(pc.sum(pc.equal(t["status"], "skipped")).as_py() or 0)
+    ok = int(pc.sum(pc.equal(t["status"], Status.OK)).as_py() or 0)
+    skipped = int(pc.sum(pc.equal(t["status"], Status.SKIPPED)).as_py() or 0)
     flagged = int(pc.sum(pc.fill_null(t["flagged"], False)).as_py() or 0)
     kpis: list[tuple[str, Any]] = [
         ("images", n),

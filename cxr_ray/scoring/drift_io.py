@@ -20,11 +20,37 @@ from typing import Any
 from cxr_ray.config import DriftSettings
 from cxr_ray.errors import ModelError
 from cxr_ray.io import storage
+from cxr_ray.io.columns import described
 from cxr_ray.models.artifact import Artifact
 from cxr_ray.models.reference import read_reference
-from cxr_ray.scoring.drift import DriftAccumulator
+from cxr_ray.scoring.drift import DRIFT_SCHEMA, DriftAccumulator
 
 logger = logging.getLogger(__name__)
+
+#: ``drift.parquet`` and ROOT/drift_history: ``DRIFT_SCHEMA`` with its columns described.
+DRIFT_TABLE_SCHEMA = described(
+    DRIFT_SCHEMA,
+    {
+        "run_id": "the scoring run",
+        "model_version": "the model whose reference the run is compared with",
+        "check": "what is compared: p_pneumonia, features, input:<statistic>, class mix, a DICOM category...",
+        "statistic": "the figure's statistic (ks, psi, hotelling_t2, chi2, mean_shift, ...)",
+        "value": "the statistic's value; null when not computable (e.g. no DICOM tags in the reference)",
+        "threshold": "tested checks: the minimum effect size for an alert",
+        "alert": "whether this figure alerts (Holm-adjusted p below drift.alpha and effect >= threshold)",
+        "n_images": ("images of this run in the check", "images"),
+        "reference_n": ("images of the artifact's reference (its validation split)", "images"),
+        "note": "why a figure could not be computed, or what it means",
+        "role": "test (in the Holm family, may alert) or info (informational, never alerts)",
+        "p_value": ("the test's p-value", "probability"),
+        "p_adjusted": ("Holm-adjusted p-value across the run's tested checks", "probability"),
+        "effect": "the effect size compared with threshold",
+        "n_used": ("run rows the statistic used (e.g. the reservoir sample)", "images"),
+        "method": "how the statistic and p-value were computed",
+    },
+    table="drift",
+    version=1,
+)
 
 
 def drift_accumulator(
@@ -49,7 +75,9 @@ def write_drift(out: str, drift: DriftAccumulator, *, run_id: str, model_version
     plots need) and the summary's ``drift`` entry; one warning line when the run alerts."""
     figures = drift.figures()
     storage.write_table(
-        figures.table(run_id=run_id, model_version=model_version), storage.join(out, "drift.parquet")
+        figures.table(run_id=run_id, model_version=model_version),
+        storage.join(out, "drift.parquet"),
+        DRIFT_TABLE_SCHEMA,
     )
     plot = {"run_id": run_id, "model_version": model_version, **figures.plot}
     storage.write_bytes(json.dumps(plot).encode(), storage.join(out, "drift_plot.json"))

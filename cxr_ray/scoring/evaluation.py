@@ -21,6 +21,7 @@ from cxr_ray.io import storage
 from cxr_ray.labels import LABELS
 from cxr_ray.models.card import ModelCard
 from cxr_ray.scoring.studies import STUDIES_SCHEMA, STUDY_INPUT_COLUMNS, study_table
+from cxr_ray.vocabulary import Status
 
 #: What a run without a summary.json is evaluated at.
 DEFAULT_THRESHOLD = 0.5
@@ -28,7 +29,7 @@ DEFAULT_THRESHOLD = 0.5
 
 def labelled_arrays(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """(class indices, probabilities) of the ok rows of a predictions table with a known label."""
-    ok = pc.and_(pc.equal(t["status"], "ok"), pc.is_in(t["label"], pa.array(LABELS)))
+    ok = pc.and_(pc.equal(t["status"], Status.OK), pc.is_in(t["label"], pa.array(LABELS)))
     t = t.filter(pc.fill_null(ok, False))
     y = np.array([LABELS.index(v) for v in t["label"].to_pylist()], dtype=np.int64)
     p = np.stack([t[f"prob_{k}"].to_numpy() for k in LABELS], axis=1).astype(np.float64)

@@ -4,20 +4,26 @@ accumulator that fills it, and the console summary (``format_summary``).
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import platform
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from cxr_ray import metrics
+from cxr_ray import __version__, metrics
+from cxr_ray.config import Settings
 from cxr_ray.io import storage
 from cxr_ray.scoring.drift_io import drift_line
 from cxr_ray.scoring.estimate import estimate_line
-from cxr_ray.scoring.performance import performance_line
 from cxr_ray.scoring.evaluation import labelled_arrays
+from cxr_ray.scoring.performance import performance_line
+from cxr_ray.vocabulary import Status
 
 #: Error rows kept in the summary as examples (image id and error text only).
 ERROR_EXAMPLES = 20
@@ -46,10 +52,20 @@ class ScoreResult:
     labelled: int = 0
     seconds: float = 0.0
     first_row_seconds: float = 0.0
-    #: The model card's pneumonia flag threshold (what ``flagged`` and the binary metrics use).
-    threshold: float = 0.5
+    #: The model card's pneumonia flag threshold: ``flagged`` is ``prob_pneumonia >=`` it, and
+    #: the binary metrics ``*_at_threshold`` use it.
+    flag_threshold: float = 0.5
     #: The engine's numeric precision where it has a setting (onnxruntime, tensorrt, openvino).
-    precision: str | None = None
+    engine_precision: str | None = None
+    #: What was scored (credentials and query strings cut out of a URI).
+    source: str = ""
+    #: When the run started and finished (UTC, ISO 8601).
+    started_at: str = ""
+    finished_at: str = ""
+    #: cxr-ray, Ray, Python and the engines' library versions of the driver.
+    versions: dict[str, str] = field(default_factory=dict)
+    #: The settings the run used (``model_dump``), secrets redacted (``redacted_settings``).
+    settings: dict[str, Any] = field(default_factory=dict)
     #: INT8 onnxruntime only: agreement with the fp32 model on the artifact's validation images.
     int8_check: dict[str, Any] | None = None
     #: What preparing the engine took: ``onnx_cache`` is ``hit`` when the exported (or
@@ -77,6 +93,50 @@ class ScoreResult:
         return json.dumps(d, indent=2, default=float) + "\n"
 
 
+#: Settings names whose values are never written out (the value becomes ``REDACTED``).
+_SECRET = re.compile(r"(^|_)(key|token|password|passwd|secret|credentials?)($|_)", re.IGNORECASE)
+REDACTED = "<redacted>"
+#: Libraries whose versions a run records (those installed on the driver).
+VERSIONED = ("ray", "pyarrow", "onnxruntime", "torch", "openvino", "tensorrt", "deltalake")
+
+
+def redacted_settings(settings: Settings) -> dict[str, Any]:
+    """``settings`` as JSON-ready dicts with every secret value (a field named like a key,
+    token, password or secret; every ``SecretStr``) replaced by ``REDACTED`` and
+    credentials cut out of URIs."""
+
+    def walk(value: Any, name: str = "") -> Any:
+        if isinstance(value, dict):
+            return {k: walk(v, k) for k, v in value.items()}
+        if isinstance(value, list):
+            return [walk(v, name) for v in value]
+        if value is not None and value != "" and _SECRET.search(name):
+            return REDACTED
+        return safe_uri(value) if isinstance(value, str) else value
+
+    return walk(settings.model_dump(mode="json"))
+
+
+def safe_uri(uri: str) -> str:
+    """``uri`` without user:password@ and query string (where signatures and tokens go)."""
+    parts = urlsplit(uri)
+    if not parts.scheme or not parts.netloc:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[-1]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
+
+
+def library_versions() -> dict[str, str]:
+    """cxr-ray's, Python's and the installed ``VERSIONED`` libraries' versions."""
+    out = {"cxr_ray": __version__, "python": platform.python_version()}
+    for name in VERSIONED:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    return out
+
+
 class ScoreAccumulator:
     """Counts, metric inputs and a few error examples, block by block."""
 
@@ -88,9 +148,9 @@ class ScoreAccumulator:
     def add(self, t: pa.Table) -> None:
         r = self.r
         r.images += t.num_rows
-        ok = pc.equal(t["status"], "ok")
+        ok = pc.equal(t["status"], Status.OK)
         n_ok = int(pc.sum(ok).as_py() or 0)
-        n_skipped = int(pc.sum(pc.equal(t["status"], "skipped")).as_py() or 0)
+        n_skipped = int(pc.sum(pc.equal(t["status"], Status.SKIPPED)).as_py() or 0)
         r.ok += n_ok
         r.skipped += n_skipped
         r.errors += t.num_rows - n_ok - n_skipped
@@ -100,7 +160,7 @@ class ScoreAccumulator:
                 r.engines.append(name)
         room = ERROR_EXAMPLES - len(r.error_examples)
         if room > 0:
-            bad = t.filter(pc.equal(t["status"], "error"))
+            bad = t.filter(pc.equal(t["status"], Status.ERROR))
             # image_id and the error only: a uri can carry a patient identifier.
             r.error_examples += bad.select(["image_id", "error"]).slice(0, room).to_pylist()
         y, p = labelled_arrays(t)
@@ -144,9 +204,10 @@ def format_summary(r: ScoreResult) -> str:
 def _run_line(r: ScoreResult) -> str:
     engines = ", ".join(r.engines) if r.engines and r.engines != [r.engine] else r.engine
     cache = r.engine_report.get("onnx_cache")
+    precision = f" {r.engine_precision}" if r.engine_precision else ""
     return (
         f"run {r.run_id}: {r.images} images, {r.ok} ok, {r.errors} errors, {r.skipped} skipped, "
-        f"{r.flagged} flagged ({engines}{' ' + r.precision if r.precision else ''}, model {r.model_version}"
+        f"{r.flagged} flagged ({engines}{precision}, model {r.model_version}"
         + (f", ONNX cache {cache}" if cache else "")
         + ")"
     )

@@ -16,31 +16,81 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxr_ray.imaging.dicom import DICOM_FIELDS
+from cxr_ray.io.columns import column, described
 from cxr_ray.models.intended_use import INTENDED_USE_FIELDS
+from cxr_ray.vocabulary import Status
 
-PREDICTIONS_SCHEMA = pa.schema(
-    [
-        pa.field("image_id", pa.string()),  # sha256 of the file bytes; null if unreadable
-        pa.field("uri", pa.string(), nullable=False),
-        pa.field("patient_id", pa.string()),  # the PatientID tag, else parsed from the file name
-        pa.field("label", pa.string()),  # ground truth when the source says it
-        pa.field("pred_label", pa.string()),
-        pa.field("prob_normal", pa.float32()),
-        pa.field("prob_bacterial", pa.float32()),
-        pa.field("prob_viral", pa.float32()),
-        pa.field("prob_pneumonia", pa.float32()),  # bacterial + viral
-        pa.field("flagged", pa.bool_()),  # prob_pneumonia >= the model card's threshold
-        pa.field("model_version", pa.string(), nullable=False),
-        pa.field("engine", pa.string(), nullable=False),
-        pa.field("run_id", pa.string(), nullable=False),
-        pa.field("scored_at", pa.timestamp("us", tz="UTC"), nullable=False),
-        pa.field("status", pa.string(), nullable=False),  # ok | error | skipped
-        pa.field("error", pa.string()),  # why the row is an error or skipped
-        pa.field("heatmap_uri", pa.string()),  # Grad-CAM overlay PNG, when explained
-        # DICOM header (null for JPEG/PNG) and the intended-use check of each image.
-        *DICOM_FIELDS,
-        *INTENDED_USE_FIELDS,
-    ]
+#: Bump when a column is added (columns are never renamed or retyped).
+PREDICTIONS_VERSION = 1
+
+_OK_ONLY = "null unless status is ok"
+PREDICTIONS_SCHEMA = described(
+    pa.schema(
+        [
+            column(
+                "image_id", pa.string(), "SHA-256 of the file bytes (null if the bytes could not be read)"
+            ),
+            column(
+                "uri",
+                pa.string(),
+                "where the image came from: path, s3:// URI, archive.zip!/member, table.parquet!/row "
+                "or dicomweb://host/path/studies/S/series/R/instances/I",
+                nullable=False,
+            ),
+            column("patient_id", pa.string(), "the DICOM PatientID tag, else parsed from the file name"),
+            column("label", pa.string(), "ground truth from the file name, folder or manifest, when known"),
+            column("pred_label", pa.string(), f"predicted class: normal, bacterial or viral ({_OK_ONLY})"),
+            column(
+                "prob_normal",
+                pa.float32(),
+                (f"P(normal) after the card's temperature ({_OK_ONLY})", "probability"),
+            ),
+            column("prob_bacterial", pa.float32(), (f"P(bacterial pneumonia) ({_OK_ONLY})", "probability")),
+            column("prob_viral", pa.float32(), (f"P(viral pneumonia) ({_OK_ONLY})", "probability")),
+            column("prob_pneumonia", pa.float32(), ("prob_bacterial + prob_viral", "probability")),
+            column(
+                "flagged",
+                pa.bool_(),
+                "prob_pneumonia >= the flag threshold (summary.json flag_threshold, the model card's "
+                f"pneumonia threshold; {_OK_ONLY})",
+            ),
+            column(
+                "model_version", pa.string(), "the model: architecture + weights hash prefix", nullable=False
+            ),
+            column(
+                "engine",
+                pa.string(),
+                "the engine that scored the row (onnxruntime, torch, ...)",
+                nullable=False,
+            ),
+            column("run_id", pa.string(), "the scoring run that wrote the row", nullable=False),
+            column(
+                "scored_at", pa.timestamp("us", tz="UTC"), ("when the row was written", "UTC"), nullable=False
+            ),
+            column(
+                "status",
+                pa.string(),
+                "ok; error (unreadable, undecodable); skipped (outside the model's intended use, "
+                "never scored)",
+                nullable=False,
+            ),
+            column("error", pa.string(), "why the row is an error or skipped (null when ok)"),
+            column("heatmap_uri", pa.string(), "the Grad-CAM overlay PNG, when explained"),
+            # DICOM header (null for JPEG/PNG; described in cxr_ray.imaging.dicom_header) and
+            # the intended-use check of each image.
+            *DICOM_FIELDS,
+            *INTENDED_USE_FIELDS,
+        ]
+    ),
+    {
+        "intended_use": "in_scope; out_of_scope (the row is skipped); unchecked (tags missing, or not "
+        "DICOM: scored); overridden (outside, scored by the research override); unparseable (a "
+        "checked tag malformed: skipped unless opted in)",
+        "intended_use_note": "which tags were missing, what was outside under the override, or "
+        "which tag was malformed",
+    },
+    table="predictions",
+    version=PREDICTIONS_VERSION,
 )
 
 #: The columns that only a scored (``ok``) row has; null on error and skipped rows.
@@ -66,7 +116,7 @@ def with_run_columns(batch: pa.Table, *, version: str, run_id: str) -> pa.Table:
     cols["run_id"] = pa.array([run_id] * n, pa.string())
     cols["scored_at"] = pa.array([now] * n, pa.timestamp("us", tz="UTC"))
     # Error rows carry no prediction: null, not the NaN / False placeholders of the batch.
-    ok = pc.fill_null(pc.equal(cols["status"], "ok"), False)
+    ok = pc.fill_null(pc.equal(cols["status"], Status.OK), False)
     for name in PREDICTION_COLUMNS:
         typ = PREDICTIONS_SCHEMA.field(name).type
         cols[name] = pc.if_else(ok, cols[name].cast(typ), pa.scalar(None, typ))

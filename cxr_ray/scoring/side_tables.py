@@ -35,7 +35,7 @@ import pyarrow as pa
 from cxr_ray import metrics
 from cxr_ray.io import storage, tables
 from cxr_ray.scoring import ledger
-from cxr_ray.scoring.drift import DRIFT_SCHEMA
+from cxr_ray.scoring.drift_io import DRIFT_TABLE_SCHEMA as DRIFT_SCHEMA
 from cxr_ray.scoring.evaluation import evaluate_table, run_threshold
 from cxr_ray.scoring.studies import STUDIES_SCHEMA, STUDY_INPUT_COLUMNS, study_table
 

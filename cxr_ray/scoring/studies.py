@@ -33,6 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cxr_ray.io.columns import described
 from cxr_ray.labels import LABELS
 from cxr_ray.metrics import Metrics, classification_metrics
 
@@ -42,7 +43,7 @@ __all__ = ["KEY_KINDS", "STUDIES_SCHEMA", "STUDY_INPUT_COLUMNS", "study_metrics"
 KEY_KINDS: tuple[str, ...] = ("study_instance_uid", "patient_id", "image_id", "uri")
 _PROBS = tuple(f"prob_{label}" for label in LABELS)
 
-STUDIES_SCHEMA = pa.schema(
+_STUDIES_FIELDS = pa.schema(
     [
         pa.field("study_key", pa.string(), nullable=False),  # the value the images were grouped by
         pa.field("study_key_kind", pa.string(), nullable=False),  # one of KEY_KINDS
@@ -64,6 +65,35 @@ STUDIES_SCHEMA = pa.schema(
         pa.field("model_version", pa.string()),
         pa.field("run_id", pa.string()),
     ]
+)
+_DRIVING = "the driving image's"
+#: ``studies.parquet``, ``flagged.parquet`` and ROOT/studies: one row per study.
+STUDIES_SCHEMA = described(
+    _STUDIES_FIELDS,
+    {
+        "study_key": "what the images were grouped by: the StudyInstanceUID, else the patient id, "
+        "else the image id",
+        "study_key_kind": f"which of those study_key is: {', '.join(KEY_KINDS)}",
+        "study_instance_uid": "StudyInstanceUID (0020,000D)",
+        "patient_id": "the DICOM PatientID tag, else parsed from the file name",
+        "accession_number": "AccessionNumber (0008,0050)",
+        "study_date": "StudyDate (0008,0020)",
+        "images": "rows of the study in predictions.parquet",
+        "scored": "of them, status ok",
+        "skipped": "of them, status skipped (outside the intended use)",
+        "errors": "of them, status error",
+        "label": "ground truth, when every labelled image of the study agrees",
+        "pred_label": f"{_DRIVING} predicted class",
+        **{name: (f"{_DRIVING} {name}", "probability") for name in _PROBS},
+        "prob_pneumonia": (f"{_DRIVING} prob_pneumonia", "probability"),
+        "flagged": f"{_DRIVING} flagged: prob_pneumonia >= the flag threshold",
+        "driving_image_id": "image_id of the in-scope frontal (PA/AP) image with the highest P(pneumonia)",
+        "driving_uri": "uri of the driving image",
+        "model_version": "the model that scored the study",
+        "run_id": "the scoring run",
+    },
+    table="studies",
+    version=1,
 )
 
 _IDENTIFIERS = (
