@@ -33,7 +33,9 @@ from tests.orthanc_server import orthanc_auth as orthanc_auth
 
 def _options(rows: int = 64, **dw) -> ReadOptions:
     # Fast retries: the tests stop Orthanc on purpose.
-    dw = {"retries": 5, "backoff_s": 0.2, "max_backoff_s": 2.0, "connect_timeout_s": 2.0, **dw}
+    # The test Orthanc speaks plain HTTP: credentials there need the explicit opt-in.
+    dw = {"retries": 5, "backoff_s": 0.2, "max_backoff_s": 2.0, "connect_timeout_s": 2.0,
+          "allow_insecure_http": True, **dw}
     return ReadOptions(rows_per_block=rows, dicomweb=DicomwebSettings(**dw))
 
 
@@ -251,7 +253,9 @@ def test_manifest_of_a_dicomweb_source_and_its_re_read(pacs, ray_local, tmp_path
     by_sop = {i.tags.sop_instance_uid: i.data for i in instances}
     assert sorted(_sop(u) for u in table.column("uri").to_pylist()) == sorted(by_sop)
     # A manifest of DICOMweb URIs reads again, grouped by study.
-    units = uri_units(((u, None, None) for u in table.column("uri").to_pylist()), 4)
+    # Only from a configured endpoint (dicomweb.endpoints): others are refused rows.
+    configured = DicomwebSettings(endpoints=(pacs.source,))
+    units = uri_units(((u, None, None) for u in table.column("uri").to_pylist()), 4, dicomweb=configured)
     assert {u.kind for u in units} == {"dicomweb"}
     again = [r for u in units for b in read_unit(u, _options()) for r in b.to_pylist()]
     assert {r["uri"]: r["data"] for r in again} == {

@@ -51,8 +51,21 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from cxr_ray.config import DicomwebSettings
+from cxr_ray.data.dicomweb_http import Caller, describe, make_client, retriable, server_gone
 from cxr_ray.data.sources import ImageRef, ReadOptions, ReadUnit
 from cxr_ray.errors import DataError
+
+__all__ = [
+    "Caller",
+    "describe",
+    "endpoint",
+    "is_dicomweb",
+    "list_units",
+    "make_client",
+    "read_instances",
+    "retriable",
+    "units_for_uris",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -64,7 +77,10 @@ _INSTANCE = re.compile(
 _STUDY_UID, _SERIES_UID, _SOP_UID, _MODALITY = "0020000D", "0020000E", "00080018", "00080060"
 # Retrieve in the stored transfer syntax: no transcoding on the server, no quality loss.
 _AS_STORED = (("application/dicom", "*"),)
-_RETRIABLE_STATUS = {408, 429}
+NOT_CONFIGURED = (
+    "endpoint_not_configured: the manifest names a DICOMweb service that is not in "
+    "dicomweb.endpoints; not contacted (credentials go only to configured services)"
+)
 
 T = TypeVar("T")
 
@@ -121,116 +137,8 @@ def parse_instance_uri(uri: str) -> tuple[str, str, str, str] | None:
     return None if m is None else (m["base"], m["study"], m["series"], m["sop"])
 
 
-# ----------------------------------------------------------------------------- HTTP
-
-
-def make_client(url: str, settings: DicomwebSettings, session: Any = None) -> Any:
-    """A ``dicomweb_client.DICOMwebClient`` with our auth, TLS and timeouts.
-
-    ``session``: a ``requests.Session`` to use (e.g. with response hooks); a new one if ``None``.
-    """
-    import requests
-    from dicomweb_client import DICOMwebClient
-
-    session = session if session is not None else requests.Session()
-    if settings.token is not None:
-        session.headers["Authorization"] = f"Bearer {settings.token.get_secret_value()}"
-    elif settings.username is not None:
-        password = settings.password.get_secret_value() if settings.password is not None else ""
-        session.auth = (settings.username, password)
-    if settings.ca_bundle is not None:
-        session.verify = settings.ca_bundle
-    client = DICOMwebClient(
-        url, session=session, timeout=(settings.connect_timeout_s, settings.read_timeout_s)
-    )
-    # One retry policy, ours: the client's own retries only cover a few status codes, not
-    # connection errors or 500s.
-    client.set_http_retry_params(retry=False)
-    # dicomweb-client logs every request's UIDs at INFO, and its `retrying` dependency a
-    # traceback per failed request at WARNING (even with retries off): identifiers stay out
-    # of logs and our retry lines say what happened. Levels set explicitly are left alone.
-    for name, level in (("dicomweb_client", logging.WARNING), ("retrying", logging.ERROR)):
-        library_logger = logging.getLogger(name)
-        if library_logger.level == logging.NOTSET:
-            library_logger.setLevel(level)
-    return client
-
-
-def _status(exc: BaseException) -> int | None:
-    response = getattr(exc, "response", None)
-    return getattr(response, "status_code", None)
-
-
-def retriable(exc: BaseException) -> bool:
-    """Timeouts, connection errors (incl. a body cut short) and HTTP 5xx/408/429."""
-    import requests
-
-    if isinstance(exc, requests.HTTPError):
-        status = _status(exc)
-        return status is not None and (status >= 500 or status in _RETRIABLE_STATUS)
-    return isinstance(
-        exc, requests.ConnectionError | requests.Timeout | requests.exceptions.ChunkedEncodingError
-    )
-
-
-def describe(exc: BaseException) -> str:
-    """What went wrong, without URLs (they hold UIDs) or credentials."""
-    import requests
-
-    status = _status(exc)
-    if status in (401, 403):
-        return (
-            f"the DICOMweb server refused the credentials (HTTP {status}): check dicomweb.username "
-            "and dicomweb.password, or dicomweb.token"
-        )
-    if isinstance(exc, requests.HTTPError) and status is not None:
-        reason = getattr(getattr(exc, "response", None), "reason", "") or ""
-        return f"HTTP {status} {reason}".strip()
-    if isinstance(exc, requests.exceptions.ConnectTimeout):
-        return "connecting to the DICOMweb server timed out"
-    if isinstance(exc, requests.Timeout):
-        return "the DICOMweb server did not answer in time (dicomweb.read_timeout_s)"
-    if isinstance(exc, requests.ConnectionError | requests.exceptions.ChunkedEncodingError):
-        errno = re.search(r"\[Errno -?\d+\] [^'\")\]]+", str(exc))
-        return f"cannot reach the DICOMweb server ({errno.group(0) if errno else type(exc).__name__})"
-    return f"{type(exc).__name__}: {exc}"
-
-
-class _Caller:
-    """Runs requests with retries and backoff, remembering whether the server looks down."""
-
-    def __init__(self, settings: DicomwebSettings) -> None:
-        self.settings = settings
-        self.server_down = False
-        self.retried = 0
-
-    def __call__(self, what: str, fn: Callable[[], T]) -> T:
-        s = self.settings
-        attempts = 1 if self.server_down else s.retries + 1
-        for attempt in range(attempts):
-            try:
-                result = fn()
-            except Exception as exc:
-                if not retriable(exc):
-                    raise
-                if attempt + 1 >= attempts:
-                    self.server_down = True
-                    raise
-                delay = min(s.max_backoff_s, s.backoff_s * 2**attempt)
-                self.retried += 1
-                logger.warning(
-                    "DICOMweb %s failed (%s); retry %d of %d in %.1f s",
-                    what,
-                    describe(exc),
-                    attempt + 1,
-                    s.retries,
-                    delay,
-                )
-                time.sleep(delay)
-            else:
-                self.server_down = False
-                return result
-        raise AssertionError("unreachable")
+# HTTP (client, credentials, TLS, retries, messages): ``cxr_ray.data.dicomweb_http``.
+_Caller = Caller
 
 
 # ----------------------------------------------------------------------------- listing
@@ -351,8 +259,6 @@ def _threaded(
 
 def list_units(source: str, options: ReadOptions) -> list[ReadUnit]:
     """Every instance of the studies matching the filters, packed by study into read units."""
-    import requests
-
     settings = options.dicomweb or DicomwebSettings()
     ep = endpoint(source)
     call = _Caller(settings)
@@ -372,10 +278,13 @@ def list_units(source: str, options: ReadOptions) -> list[ReadUnit]:
     failed = 0
     results = _threaded(studies, one, lambda: make_client(ep.url, settings), settings.concurrency)
     for i, (study, refs) in enumerate(zip(studies, results, strict=False)):
-        if isinstance(refs, requests.HTTPError):
+        if isinstance(refs, Exception) and not server_gone(refs):
+            # An HTTP error for this study, or a study the client refuses to ask for (a
+            # non-conformant UID: dicomweb-client's ValueError): one error row, the rest is
+            # scored. The UID stays in the row's uri; the message never has it.
             failed += 1
-            reason = f"cannot list the study's instances: {describe(refs)}"
-            by_study.append([ImageRef(f"{ep.source}/studies/{study}", f"{study}.dcm", error=reason)])
+            reason = f"study_unlisted: cannot list the study's instances: {describe(refs)}"
+            by_study.append([ImageRef(f"{ep.source}/studies/{study}", "study.dcm", error=reason)])
         elif isinstance(refs, Exception):
             # The server itself went away (after every retry): nothing is scored yet, so
             # stopping here beats thousands of error rows. Rerun when it is back.
@@ -422,13 +331,36 @@ def _unit(base: str, refs: list[ImageRef]) -> ReadUnit:
     return ReadUnit("dicomweb", base, list(refs), num_rows=len(refs))
 
 
-def units_for_uris(items: Iterable[tuple[str, str | None, str | None]], rows: int) -> list[ReadUnit]:
+def configured_endpoints(settings: DicomwebSettings | None) -> frozenset[str]:
+    """``dicomweb.endpoints`` as ``endpoint().source`` strings (the form row URIs start with)."""
+    return frozenset(endpoint(e).source for e in (settings.endpoints if settings else ()))
+
+
+def _base_allowed(base: str, allowed: frozenset[str]) -> bool:
+    try:
+        return endpoint(base).source in allowed
+    except DataError:
+        return False
+
+
+def units_for_uris(
+    items: Iterable[tuple[str, str | None, str | None]],
+    rows: int,
+    endpoints: frozenset[str] | None = None,
+) -> list[ReadUnit]:
     """Read units for known ``(uri, name, label)`` of instances (a manifest re-read), grouped
-    by server and study."""
+    by server and study.
+
+    ``endpoints``: the services these rows may be fetched from (``configured_endpoints``);
+    a row naming another becomes an error row here, so nothing ever contacts it.
+    """
+    allowed = endpoints or frozenset()
     grouped: dict[str, dict[str, list[ImageRef]]] = {}
     for uri, name, label in items:
         ref = ImageRef(uri, name or uri.rsplit("/", 1)[-1] + ".dcm", label=label)
         parsed = parse_instance_uri(ref.uri)
+        if not _base_allowed(parsed[0] if parsed else uri, allowed):
+            ref = ImageRef(uri, ref.name, error=NOT_CONFIGURED, label=label)
         base, study = (parsed[0], parsed[1]) if parsed else (ref.uri, "")
         grouped.setdefault(base, {}).setdefault(study, []).append(ref)
     units = []
@@ -446,11 +378,16 @@ def read_instances(
     """WADO-RS retrieval of every instance of ``unit``: ``(uri, name, data, error)`` each."""
     settings = options.dicomweb or DicomwebSettings()
     assert unit.container is not None
+    if all(ref.error for ref in unit.refs):  # e.g. a service not configured: never contacted
+        for ref in unit.refs:
+            yield ref.uri, ref.name, None, ref.error
+        return
     try:
         url = endpoint(unit.container).url
+        make_client(url, settings)  # refuses credentials over plain HTTP without the opt-in
     except DataError as exc:
         for ref in unit.refs:
-            yield ref.uri, ref.name, None, ref.error or str(exc)
+            yield ref.uri, ref.name, None, ref.error or f"dicomweb_refused: {exc}"
         return
     call = _Caller(settings)
 
@@ -477,13 +414,16 @@ def _retrieve(client: Any, uri: str, call: _Caller, options: ReadOptions) -> tup
             functools.partial(client.retrieve_instance, study, series, sop, media_types=_AS_STORED),
         )
     except Exception as exc:
-        return None, f"cannot retrieve the instance: {describe(exc)}"
+        return None, f"unretrievable: cannot retrieve the instance: {describe(exc)}"
     try:
         buf = io.BytesIO()
         pydicom.dcmwrite(buf, ds)
         data = buf.getvalue()
     except Exception as exc:
-        return None, f"the server sent an instance pydicom cannot write: {exc}"
+        return (
+            None,
+            f"unwritable_instance: the server sent an instance pydicom cannot write ({type(exc).__name__})",
+        )
     if len(data) > options.max_file_bytes:
         return None, f"instance is {len(data)} bytes, over the {options.max_file_bytes}-byte limit"
     return data, None

@@ -19,6 +19,10 @@ from cxr_ray.data.sources import RAW_SCHEMA, ReadOptions, ReadUnit, list_tar, me
 from cxr_ray.io import uris
 
 
+#: Parquet read buffer: column chunks are read in pieces this size, not whole (memory).
+_BUFFER = 1 << 20
+
+
 class _Rows:
     """Accumulates rows and emits Arrow blocks of a bounded number of rows."""
 
@@ -60,12 +64,19 @@ def read_unit(unit: ReadUnit, options: ReadOptions) -> Iterator[pa.Table]:
                 yield rows.take()
     except Exception as exc:
         # The container itself broke mid-way (truncated tar, bad zip): every entry not yet
-        # produced becomes an error row so no image is silently lost.
-        reason = f"cannot read {unit.kind} {unit.container or ''}: {exc}".replace("  ", " ")
+        # produced becomes an error row so no image is silently lost. The exception's text
+        # can quote the container's path or a member name: only its type is kept.
+        reason = f"unreadable_container: cannot read the {unit.kind} source ({type(exc).__name__})"
         for ref in unit.refs:
             if ref.uri not in done:
                 rows.add(ref.uri, ref.name, None, reason, ref.label)
-        if not unit.refs:
+        if unit.kind == "parquet" and unit.container is not None:
+            # A row group's rows are known by index: one error row for each one not produced.
+            for i in range(unit.first_row, unit.first_row + unit.num_rows):
+                uri = uris.member_uri(unit.container, str(i))
+                if uri not in done:
+                    rows.add(uri, None, None, reason, None)
+        elif not unit.refs:
             rows.add(unit.container or "?", None, None, reason, None)
     if len(rows):
         yield rows.take()
@@ -73,8 +84,18 @@ def read_unit(unit: ReadUnit, options: ReadOptions) -> Iterator[pa.Table]:
 
 def _too_big(size: int, options: ReadOptions) -> str | None:
     if size > options.max_file_bytes:
-        return f"file is {size} bytes, over the {options.max_file_bytes}-byte limit"
+        return f"too_big: file is {size} bytes, over the {options.max_file_bytes}-byte limit"
     return None
+
+
+def _os_reason(exc: BaseException) -> str:
+    """An I/O failure without the path pyarrow and the OS put in their messages."""
+    if isinstance(exc, FileNotFoundError):
+        return "unreadable_file: file not found"
+    if isinstance(exc, PermissionError):
+        return "unreadable_file: permission denied"
+    strerror = getattr(exc, "strerror", None)
+    return f"unreadable_file: cannot read file ({strerror or type(exc).__name__})"
 
 
 def _read_files(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
@@ -89,7 +110,7 @@ def _read_files(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
                 data = None if problem else f.read()
             yield ref.uri, ref.name, data, problem
         except Exception as exc:
-            yield ref.uri, ref.name, None, f"cannot read file: {exc}"
+            yield ref.uri, ref.name, None, _os_reason(exc)
 
 
 def _read_zip(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
@@ -106,9 +127,14 @@ def _read_zip(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
                 problem = _too_big(info.file_size, options)
                 yield ref.uri, ref.name, None if problem else zf.read(info), problem
             except KeyError:
-                yield ref.uri, ref.name, None, f"member {member!r} not found in the zip archive"
+                yield ref.uri, ref.name, None, "not_found: member not found in the zip archive"
             except Exception as exc:
-                yield ref.uri, ref.name, None, f"cannot read zip member: {exc}"
+                yield (
+                    ref.uri,
+                    ref.name,
+                    None,
+                    f"unreadable_member: cannot read zip member ({type(exc).__name__})",
+                )
 
 
 def _read_tar(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
@@ -130,7 +156,7 @@ def _read_tar(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
                     }
                 span = spans.get(ref.uri)
             if span is None:
-                yield ref.uri, ref.name, None, "member not found in the tar archive"
+                yield ref.uri, ref.name, None, "not_found: member not found in the tar archive"
                 continue
             problem = _too_big(span[1], options)
             if problem:
@@ -139,7 +165,7 @@ def _read_tar(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
             f.seek(span[0])
             data = f.read(span[1])
             if len(data) != span[1]:
-                yield ref.uri, ref.name, None, "tar archive is truncated inside this member"
+                yield ref.uri, ref.name, None, "truncated: tar archive is truncated inside this member"
             else:
                 yield ref.uri, ref.name, data, None
 
@@ -160,28 +186,47 @@ def _read_tar_stream(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
                 yield ref.uri, ref.name, None, problem
                 continue
             fobj = tf.extractfile(m)
-            yield ref.uri, ref.name, fobj.read() if fobj else None, None if fobj else "unreadable"
+            yield (
+                ref.uri,
+                ref.name,
+                fobj.read() if fobj else None,
+                None if fobj else "unreadable_member: unreadable",
+            )
 
 
 def _read_parquet(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
+    """One row group, streamed ``rows_per_block`` rows at a time (``iter_batches``): a big
+    single-row-group file never sits in memory whole."""
     assert unit.container is not None and unit.row_group is not None
     fs, path = uris.resolve(unit.container)
     with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f)
+        pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=_BUFFER)
         start = sum(pf.metadata.row_group(i).num_rows for i in range(unit.row_group))
         names = set(pf.schema_arrow.names)
         want = [c for c in (options.bytes_column, options.name_column) if c and c in names]
-        table = pf.read_row_group(unit.row_group, columns=want)
-    yield from _parquet_rows(unit.container, start, table, names, options)
+        if options.bytes_column not in names:  # nothing to read: one error row per table row
+            n = pf.metadata.row_group(unit.row_group).num_rows
+            yield from _parquet_rows(unit.container, start, pa.table({"_": pa.nulls(n)}), names, options)
+            return
+        for batch in pf.iter_batches(
+            batch_size=options.rows_per_block, row_groups=[unit.row_group], columns=want
+        ):
+            table = pa.Table.from_batches([batch])
+            yield from _parquet_rows(unit.container, start, table, names, options)
+            start += table.num_rows
 
 
 def _parquet_rows(
     container: str, start: int, table: pa.Table, names: set[str], options: ReadOptions
 ) -> Iterator[tuple]:
+    """One ``(uri, name, data, error)`` per table row, whatever the column types (never raises)."""
     col = options.bytes_column
     missing = None
     if col not in names:
-        missing = f"Parquet source has no {col!r} column (columns: {sorted(names)}); set data.bytes_column"
+        missing = (
+            f"no_column: Parquet source has no {col!r} column (columns: {sorted(names)}); "
+            "set data.bytes_column"
+        )
     data_col = table.column(col).to_pylist() if missing is None else [None] * table.num_rows
     name_col = (
         table.column(options.name_column).to_pylist()
@@ -190,12 +235,13 @@ def _parquet_rows(
     )
     for i, (data, name) in enumerate(zip(data_col, name_col, strict=True)):
         uri = uris.member_uri(container, str(start + i))
+        name = name if isinstance(name, str) else None
         if missing:
             yield uri, name, None, missing
         elif data is None:
-            yield uri, name, None, f"null in bytes column {col!r}"
-        elif isinstance(data, str):
-            yield uri, name, None, f"column {col!r} holds strings, not image bytes"
+            yield uri, name, None, f"null_bytes: null in bytes column {col!r}"
+        elif not isinstance(data, bytes | bytearray | memoryview):
+            yield uri, name, None, f"wrong_type: column {col!r} holds {type(data).__name__}, not image bytes"
         else:
             problem = _too_big(len(data), options)
             yield uri, name, None if problem else bytes(data), problem
@@ -210,19 +256,24 @@ def _read_members(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
     if kind == "parquet":
         fs, path = uris.resolve(unit.container)
         with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f)
+            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=_BUFFER)
             names = set(pf.schema_arrow.names)
             want = [c for c in (options.bytes_column, options.name_column) if c and c in names]
             start = 0
             for i in range(pf.metadata.num_row_groups):
                 n = pf.metadata.row_group(i).num_rows
                 if any(start <= int(m) < start + n for m in wanted if m and m.isdigit()):
-                    table = pf.read_row_group(i, columns=want)
-                    for row in _parquet_rows(unit.container, start, table, names, options):
-                        member = uris.split_uri(row[0]).member or row[0]
-                        if member in wanted:
-                            found.add(member)
-                            yield row[0], wanted[member].name, row[2], row[3]
+                    first = start
+                    for batch in pf.iter_batches(
+                        batch_size=options.rows_per_block, row_groups=[i], columns=want
+                    ):
+                        table = pa.Table.from_batches([batch])
+                        for row in _parquet_rows(unit.container, first, table, names, options):
+                            member = uris.split_uri(row[0]).member or row[0]
+                            if member in wanted:
+                                found.add(member)
+                                yield row[0], wanted[member].name, row[2], row[3]
+                        first += table.num_rows
                 start += n
     else:
         stream = ReadUnit("tar-stream", unit.container)
@@ -233,7 +284,7 @@ def _read_members(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
                 yield row[0], wanted[member].name, row[2], row[3]
     for member, ref in wanted.items():
         if member not in found:
-            yield ref.uri, ref.name, None, "entry not found in its container"
+            yield ref.uri, ref.name, None, "not_found: entry not found in its container"
 
 
 def _read_dicomweb(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:

@@ -70,6 +70,8 @@ class ReadUnit:
     refs: list[ImageRef] = field(default_factory=list)
     row_group: int | None = None
     num_rows: int = 0
+    #: Index (in the whole table) of a Parquet row group's first row.
+    first_row: int = 0
     size_bytes: int = 0
 
 
@@ -108,9 +110,15 @@ def list_source(source: str, options: ReadOptions | None = None) -> list[ReadUni
             continue
         try:
             units.extend(_list_container(fs, fs_path, shown, kind, options))
+        except DataError:
+            if info.type != pafs.FileType.Directory:
+                raise  # the source itself is unusable (e.g. a wrong column type): exit 2
+            plain.append((ImageRef(shown, name, error=f"unusable_container: unusable {kind} table"), 0))
         except Exception as exc:  # a broken archive is one error row, not a failed run
-            plain.append((ImageRef(shown, name, error=f"cannot open {kind} archive: {exc}"), 0))
-    units[:0] = _chunk_plain(plain, options.rows_per_block)
+            # The exception's text can quote the path or a member name: its type only.
+            reason = f"unreadable_container: cannot open {kind} archive ({type(exc).__name__})"
+            plain.append((ImageRef(shown, name, error=reason), 0))
+    units[:0] = chunk_refs(plain, options.rows_per_block)
     return units
 
 
@@ -128,7 +136,7 @@ def units_from_uris(
         else:
             kind = uris.container_kind(split.container) or "files"
             by_container.setdefault((kind, split.container), []).append(ref)
-    units = _chunk_plain(plain, rows_per_block)
+    units = chunk_refs(plain, rows_per_block)
     for (kind, container), refs in by_container.items():
         for i in range(0, len(refs), rows_per_block):
             chunk = refs[i : i + rows_per_block]
@@ -138,7 +146,7 @@ def units_from_uris(
     return units
 
 
-def _chunk_plain(plain: list[tuple[ImageRef, int]], rows: int) -> list[ReadUnit]:
+def chunk_refs(plain: list[tuple[ImageRef, int]], rows: int) -> list[ReadUnit]:
     out = []
     for i in range(0, len(plain), rows):
         chunk = plain[i : i + rows]
@@ -157,41 +165,74 @@ def _walk(
     fs: pafs.FileSystem, root: str, source: str
 ) -> tuple[list[tuple[str, str, int, str]], list[ImageRef]]:
     """(shown uri, fs path, size, relative name) of every file under ``root``; error refs."""
-    files: list[tuple[str, str, int, str]] = []
-    errors: list[ImageRef] = []
     if isinstance(fs, pafs.LocalFileSystem):
-        # os.walk, not pyarrow: pyarrow cannot represent non-UTF-8 local names.
-        real_root = os.path.realpath(root)
-        for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-            dirnames.sort()
-            for fname in sorted(filenames):
-                full = os.path.join(dirpath, fname)
-                rel = os.path.relpath(full, root)
-                shown = uris.printable(full)
-                problem = uris.utf8_problem(full)
-                if problem is None and os.path.islink(full):
-                    target = os.path.realpath(full)
-                    if os.path.commonpath([real_root, target]) != real_root:
-                        problem = "symlink points outside the source root; refusing to follow it"
-                if problem is None:
-                    try:
-                        st = os.stat(full)
-                    except OSError as exc:
-                        problem = f"cannot stat file: {exc.strerror}"
-                    else:
-                        if not stat.S_ISREG(st.st_mode):
-                            problem = "not a regular file"
-                if problem is not None:
-                    errors.append(ImageRef(shown, uris.printable(rel), error=problem))
-                else:
-                    files.append((shown, full, st.st_size, rel))
-        return files, errors
+        return _walk_local(root)
+    files: list[tuple[str, str, int, str]] = []
     selector = pafs.FileSelector(root, recursive=True)
     for info in sorted(fs.get_file_info(selector), key=lambda i: i.path):
         if info.type != pafs.FileType.File:
             continue
         rel = info.path[len(root) :].lstrip("/")
         files.append((uris.display(info.path, fs, source), info.path, info.size or 0, rel))
+    return files, []
+
+
+def _inside(path: str, real_root: str) -> bool:
+    return os.path.commonpath([real_root, os.path.realpath(path)]) == real_root
+
+
+def _walk_local(root: str) -> tuple[list[tuple[str, str, int, str]], list[ImageRef]]:
+    """``_walk`` of a local folder with ``os.walk`` (pyarrow cannot name non-UTF-8 files).
+
+    Directory symlinks are followed when they stay inside the root (each real folder once:
+    a loop or a second link to a listed folder is an error row) and are an error row when
+    they leave it; nothing is dropped silently.
+    """
+    files: list[tuple[str, str, int, str]] = []
+    errors: list[ImageRef] = []
+    real_root = os.path.realpath(root)
+    visited = {real_root}
+
+    def error(full: str, reason: str) -> None:
+        errors.append(
+            ImageRef(uris.printable(full), uris.printable(os.path.relpath(full, root)), error=reason)
+        )
+
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        dirnames.sort()
+        for d in list(dirnames):
+            full = os.path.join(dirpath, d)
+            real = os.path.realpath(full)
+            if os.path.islink(full) and not _inside(full, real_root):
+                error(
+                    full,
+                    "symlink_outside_root: directory symlink points outside the source root; not followed",
+                )
+            elif real in visited:
+                error(full, "duplicate_folder: folder already listed (a directory symlink); not listed twice")
+            else:
+                visited.add(real)
+                continue
+            dirnames.remove(d)
+        for fname in sorted(filenames):
+            full = os.path.join(dirpath, fname)
+            problem = uris.utf8_problem(full)
+            if problem is None and os.path.islink(full) and not _inside(full, real_root):
+                problem = (
+                    "symlink_outside_root: symlink points outside the source root; refusing to follow it"
+                )
+            if problem is None:
+                try:
+                    st = os.stat(full)
+                except OSError as exc:
+                    problem = f"unreadable_file: cannot stat file ({exc.strerror})"
+                else:
+                    if not stat.S_ISREG(st.st_mode):
+                        problem = "not_regular: not a regular file"
+            if problem is not None:
+                error(full, problem)
+            else:
+                files.append((uris.printable(full), full, st.st_size, os.path.relpath(full, root)))
     return files, errors
 
 
@@ -205,7 +246,10 @@ def _list_container(
         return [ReadUnit("tar-stream", shown, num_rows=0, size_bytes=info.size or 0)]
     if kind == "parquet":
         with fs.open_input_file(path) as f:
-            meta = pq.ParquetFile(f).metadata
+            pf = pq.ParquetFile(f)
+            meta = pf.metadata
+            check_parquet_columns(pf.schema_arrow, options)
+        firsts = [sum(meta.row_group(k).num_rows for k in range(i)) for i in range(meta.num_row_groups)]
         return [
             ReadUnit(
                 "parquet",
@@ -213,6 +257,7 @@ def _list_container(
                 row_group=i,
                 num_rows=meta.row_group(i).num_rows,
                 size_bytes=meta.row_group(i).total_byte_size,
+                first_row=firsts[i],
             )
             for i in range(meta.num_row_groups)
         ]
@@ -242,11 +287,48 @@ def _list_zip(fs: pafs.FileSystem, path: str, shown: str) -> list[ImageRef]:
 
 
 def tar_problem(member: tarfile.TarInfo) -> str | None:
+    # Never the link target: it is a path, and paths hold names.
     if member.issym() or member.islnk():
-        return f"link member (-> {member.linkname!r}); refusing to follow it"
+        return "link_member: link member; refusing to follow it"
     if not member.isfile():
-        return "not a regular file member"
+        return "not_regular: not a regular file member"
     return None
+
+
+def _binary(typ: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_binary(typ)
+        or pa.types.is_large_binary(typ)
+        or pa.types.is_fixed_size_binary(typ)
+        or getattr(pa.types, "is_binary_view", lambda _t: False)(typ)
+    )
+
+
+def _text(typ: pa.DataType) -> bool:
+    return bool(
+        pa.types.is_string(typ)
+        or pa.types.is_large_string(typ)
+        or pa.types.is_null(typ)
+        or getattr(pa.types, "is_string_view", lambda _t: False)(typ)
+    )
+
+
+def check_parquet_columns(schema: pa.Schema, options: ReadOptions) -> None:
+    """``DataError`` (one line, exit 2) when the bytes or name column has an unusable type.
+
+    A missing bytes column is left to the readers (an error row per table row, as before).
+    """
+    col, name = options.bytes_column, options.name_column
+    if col in schema.names and not _binary(schema.field(col).type):
+        raise DataError(
+            f"Parquet column {col!r} is {schema.field(col).type}, not binary image bytes; "
+            "set data.bytes_column to the column holding the file bytes"
+        )
+    if name and name in schema.names and not _text(schema.field(name).type):
+        raise DataError(
+            f"Parquet column {name!r} is {schema.field(name).type}, not file names (strings); "
+            "set data.name_column to a string column, or to an empty value for none"
+        )
 
 
 def list_tar(fs: pafs.FileSystem, path: str, shown: str) -> list[ImageRef]:

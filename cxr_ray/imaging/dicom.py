@@ -68,23 +68,16 @@ def decode_dicom(data: bytes, *, max_pixels: int) -> np.ndarray:
 
 def _decode(data: bytes, max_pixels: int) -> np.ndarray:
     import pydicom
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
     if "PixelData" not in ds:
         raise DecodeError("DICOM file has no pixel data (not an image object)")
+    frames = _check_budget(ds, max_pixels)
     try:
-        rows, cols = int(ds.Rows), int(ds.Columns)
-    except (AttributeError, TypeError, ValueError):
-        raise DecodeError("DICOM file lacks Rows/Columns") from None
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
-    if rows * cols > max_pixels:
-        raise DecodeError(
-            f"image is {cols}x{rows} = {rows * cols} pixels, over the {max_pixels}-pixel limit "
-            "(possible decompression bomb)"
-        )
-    try:
-        arr = ds.pixel_array
+        # Only the first frame is ever decoded (``index=0``): a multi-frame file costs one
+        # frame's memory, however many it holds.
+        arr = pixel_array(ds, index=0) if frames > 1 else pixel_array(ds)
     except Exception as exc:  # pydicom raises many types for missing codecs and bad data
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         hint = f" (transfer syntax {syntax.name})" if syntax is not None else ""
@@ -92,8 +85,6 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
             f"cannot decode DICOM pixel data{hint}: {_safe_message(exc)}. cxr-ray ships the "
             "pylibjpeg plugins (JPEG, JPEG-LS, JPEG 2000, RLE); other syntaxes need 'python-gdcm'"
         ) from None
-    if frames > 1:
-        arr = arr[0]
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if arr.ndim == 3:  # colour DICOM (secondary capture): luminance
         arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
@@ -111,3 +102,92 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
     if photometric == "MONOCHROME1":
         scaled = 1.0 - scaled
     return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+
+
+def _int(ds: object, name: str, default: int | None = None) -> int:
+    value = getattr(ds, name, None)
+    if value in (None, "") and default is not None:
+        return default
+    try:
+        return int(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        raise DecodeError(f"DICOM file lacks a valid {name}") from None
+
+
+def _check_budget(ds: object, max_pixels: int) -> int:
+    """The number of frames, after checking the whole pixel budget before any decode.
+
+    Frames x rows x columns x samples must fit ``max_pixels`` (``data.max_pixels``), and a
+    compressed file's first frame must say, in its own codestream header (JPEG / JPEG-LS SOF,
+    JPEG 2000 SIZ), the size the DICOM header says: a decoder allocates what the codestream
+    declares, not what the header claims.
+    """
+    rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
+    frames, samples = _int(ds, "NumberOfFrames", 1), _int(ds, "SamplesPerPixel", 1)
+    if min(rows, cols, frames, samples) < 1:
+        raise DecodeError("pixel_budget: DICOM header gives a zero or negative image size")
+    total = frames * rows * cols * samples
+    if total > max_pixels:
+        raise DecodeError(
+            f"pixel_budget: {frames} frame(s) x {cols}x{rows} x {samples} sample(s) = {total} values, "
+            f"over the {max_pixels}-pixel limit (data.max_pixels; possible decompression bomb)"
+        )
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is not None and getattr(syntax, "is_encapsulated", False):
+        from pydicom.encaps import get_frame
+
+        frame = get_frame(ds.PixelData, 0, number_of_frames=frames)  # type: ignore[attr-defined]
+        size = frame_size(frame)
+        if size is not None and size[:2] != (cols, rows):
+            raise DecodeError(
+                f"frame_mismatch: the compressed frame is {size[0]}x{size[1]} but the DICOM header "
+                f"says {cols}x{rows}; refused before decoding"
+            )
+        if size is None and _looks_like_jpeg_family(frame):
+            raise DecodeError("frame_mismatch: the compressed frame's header is unreadable; refused")
+        if size is not None and size[2] * cols * rows > max_pixels:
+            raise DecodeError("pixel_budget: the compressed frame declares more samples than data.max_pixels")
+    return frames
+
+
+def _looks_like_jpeg_family(frame: bytes) -> bool:
+    return frame[:2] == b"\xff\xd8" or frame[:4] == b"\xff\x4f\xff\x51" or frame[4:8] == b"jP  "
+
+
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}
+
+
+def frame_size(frame: bytes) -> tuple[int, int, int] | None:
+    """(width, height, components) a JPEG, JPEG-LS or JPEG 2000 codestream declares, or
+    ``None`` when ``frame`` is none of them (RLE, whose size is the DICOM header's) or its
+    header cannot be read."""
+    if frame[:2] == b"\xff\xd8":
+        return _jpeg_size(frame)
+    at = frame.find(b"\xff\x4f\xff\x51", 0, 4096)  # SOC + SIZ (bare codestream or inside JP2)
+    if at >= 0 and len(frame) >= at + 4 + 38:
+        siz = frame[at + 4 :]
+        x, y, x0, y0 = (int.from_bytes(siz[k : k + 4], "big") for k in (4, 8, 12, 16))
+        return x - x0, y - y0, int.from_bytes(siz[36:38], "big")
+    return None
+
+
+def _jpeg_size(frame: bytes) -> tuple[int, int, int] | None:
+    i = 2
+    while i + 4 <= len(frame):
+        if frame[i] != 0xFF:
+            return None
+        marker = frame[i + 1]
+        if marker == 0xFF:  # fill byte
+            i += 1
+            continue
+        length = int.from_bytes(frame[i + 2 : i + 4], "big")
+        if marker in _SOF:
+            if i + 10 > len(frame):
+                return None
+            height = int.from_bytes(frame[i + 5 : i + 7], "big")
+            width = int.from_bytes(frame[i + 7 : i + 9], "big")
+            return width, height, frame[i + 9]
+        if marker in (0xD9, 0xDA) or length < 2:  # end of image / start of scan before a SOF
+            return None
+        i += 2 + length
+    return None

@@ -89,14 +89,78 @@ def unsafe_member_reason(member: str) -> str | None:
     """Why an archive member name must not be trusted, or ``None``.
 
     cxr-ray never extracts archives, but a member that would land outside the archive's
-    root on extraction is a sign of a malicious or broken archive, so it is reported.
+    root on extraction is a sign of a malicious or broken archive, so it is reported. The
+    reason never quotes the name (it can hold a patient's name); the row's ``uri`` has it.
     """
     if member.startswith(("/", "\\")) or (len(member) > 1 and member[1] == ":"):
-        return f"unsafe archive member {member!r}: absolute path"
+        return "unsafe_member: unsafe archive member: absolute path"
     norm = posixpath.normpath(member.replace("\\", "/"))
     if norm == ".." or norm.startswith("../") or "/../" in f"/{member.replace(chr(92), '/')}/":
-        return f"unsafe archive member {member!r}: '..' escapes the archive root"
+        return "unsafe_member: unsafe archive member: '..' escapes the archive root"
     return None
+
+
+#: Schemes a manifest row may use besides local paths and ``file://`` (pyarrow filesystems).
+#: DICOMweb rows are checked against ``dicomweb.endpoints`` instead (``data.dicomweb``).
+OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
+URI_NOT_ALLOWED = (
+    "uri_not_allowed: the manifest names a location outside the allowed roots "
+    "(data.allowed_roots); it was not read"
+)
+SCHEME_NOT_ALLOWED = (
+    "uri_not_allowed: the manifest names a scheme cxr-ray does not read from a manifest "
+    "(local paths, file://, " + ", ".join(f"{s}://" for s in OBJECT_STORE_SCHEMES) + ")"
+)
+
+
+def _normal(uri: str) -> tuple[str, str] | None:
+    """(scheme, lexically normalised path) of a container URI; ``None`` if not absolute."""
+    if "://" in uri:
+        scheme, rest = uri.split("://", 1)
+        scheme = scheme.lower()
+        if scheme == "file":
+            scheme, rest = "", rest
+        else:
+            return scheme, posixpath.normpath("/" + rest)
+    else:
+        scheme, rest = "", uri
+    if not rest.startswith("/"):
+        return None
+    return scheme, posixpath.normpath(rest)
+
+
+def _under(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def check_listed_uri(uri: str, roots: tuple[str, ...] | None) -> str | None:
+    """Why a URI listed by a manifest must not be read, or ``None`` (it may be read).
+
+    Decided from the URI text and, for local paths inside a root, the real path (a symlink
+    leaving the root): the same message whether the file exists or not, and nothing is
+    opened. ``roots`` ``None``: any absolute location of an allowed scheme.
+    """
+    container = split_uri(uri).container
+    scheme = container.split("://", 1)[0].lower() if "://" in container else ""
+    if scheme not in ("", "file", *OBJECT_STORE_SCHEMES):
+        return SCHEME_NOT_ALLOWED
+    norm = _normal(container)
+    if norm is None:
+        return URI_NOT_ALLOWED
+    if roots is None:
+        return None
+    for root in roots:
+        rnorm = _normal(root)
+        if rnorm is None or rnorm[0] != norm[0] or not _under(norm[1], rnorm[1]):
+            continue
+        if norm[0] == "":
+            import os
+
+            real, real_root = os.path.realpath(norm[1]), os.path.realpath(rnorm[1])
+            if not _under(real, real_root):
+                continue
+        return None
+    return URI_NOT_ALLOWED
 
 
 def utf8_problem(name: str) -> str | None:
@@ -104,7 +168,7 @@ def utf8_problem(name: str) -> str | None:
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        return "file name is not valid UTF-8; rename it (e.g. with convmv) to score it"
+        return "not_utf8: file name is not valid UTF-8; rename it (e.g. with convmv) to score it"
     return None
 
 
