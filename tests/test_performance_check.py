@@ -145,6 +145,7 @@ def test_history_rows_join_the_drift_table(card, tmp_path):
     rows = {(x["check"], x["statistic"]): x for x in t.to_pylist()}
     spec = rows[("performance_check", "specificity")]
     assert spec["alert"] and spec["value"] == pytest.approx(0.825, abs=0.002) and spec["run_id"] == "run-1"
+    assert spec["n_images"] == len(y) and spec["n_used"] == 234
     assert spec["threshold"] == pytest.approx(0.9896, abs=1e-3) and spec["p_adjusted"] < 1e-6
     assert not rows[("performance_check", "sensitivity")]["alert"]
     est = rows[("performance_estimate", "specificity")]

@@ -10,9 +10,12 @@ specificity at the card's flag threshold, 3-class accuracy and the flag rate, ea
         acc.add(block)
     estimate = acc.finish()                    # the summary.json block
 
-Methods (all three are computed; ``method`` says which one the figures are; the others are
-in ``alternatives`` for comparison; the choice was made by measurement, see
-docs/MONITORING.md "Performance estimate" and ``benchmarks/performance_estimate.py``):
+Methods (all three are computed; ``method`` says which one the figures are: ATC where the
+artifact's reference has its validation labels, else CBPE; the others are in
+``alternatives``). Chosen by measurement (docs/MONITORING.md, "Performance estimate";
+``benchmarks/performance_estimate.py``): without feature shift all three are within ~0.05
+of the measured specificity and ATC covers best; under the constructed sites none is (errors
+0.24-0.9), and those runs are the ones ``reliable: false`` marks (domain AUC 0.97-0.99):
 
 - ``cbpe``: confidence-based performance estimation (NannyML's CBPE, a few lines here): if
   the calibrated probabilities hold at the site, the expected confusion counts at the flag

@@ -249,7 +249,8 @@ def history_rows(
             rows.append(
                 {
                     "check": "performance_check", "statistic": m, "value": f["value"], "threshold": f["card"],
-                    "alert": bool(f["alert"]), "n_images": f["n"], "reference_n": f["card_n"], "role": "test",
+                    "alert": bool(f["alert"]), "n_images": n_images, "n_used": f["n"],
+                    "reference_n": f["card_n"], "role": "test",
                     "p_value": f["p_value"], "p_adjusted": f["p_holm"], "effect": _drop(f),
                     "note": f"at the flag threshold {check['threshold']}", "method": "fisher-holm",
                 }
