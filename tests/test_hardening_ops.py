@@ -160,3 +160,35 @@ def test_nightly_run_that_loses_its_lease_commits_nothing(ray_local, tiny_artifa
     preds = tables.read(tables.open_table(str(root / ledger.PREDICTIONS)))
     assert preds.num_rows == 0  # nothing committed
     assert not (root / ledger.STUDIES).exists() and not (root / ledger.METRICS_HISTORY).exists()
+
+
+# -- S3: nightly refuses a store that ignores conditional puts ---------------------------
+
+pytest_plugins = ["tests.s3_server"]  # the s3_server fixture (SeaweedFS)
+
+
+def test_seaweedfs_honours_conditional_puts(s3_server):
+    from cxr_ray.io.conditional_puts import check_conditional_puts
+
+    check_conditional_puts(s3_server.uri("probe-root"), storage_options=s3_server.storage_options)
+
+
+def test_nightly_refuses_an_s3_store_that_ignores_conditional_puts(tmp_path, tiny_artifact, monkeypatch):
+    """A store that accepts ``If-None-Match: *`` and overwrites anyway: one line, exit 2,
+    nothing written but the (deleted) probe."""
+    from tests.naive_s3_server import running
+
+    with running() as naive:
+        for k, v in naive.storage_options.items():
+            monkeypatch.setenv(k, v)
+        src = tmp_path / "in"
+        src.mkdir()
+        result = CliRunner().invoke(
+            main, ["nightly", str(src), "--model", str(tiny_artifact), "--root", naive.uri("root")]
+        )
+        assert result.exit_code == 2, result.output
+        errors = [ln for ln in result.output.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and "does not honour conditional puts" in errors[0], result.output
+        assert "Traceback" not in result.output
+        assert naive.store.conditional_puts >= 2  # the check really asked
+        assert naive.store.objects == {}  # no table was created, the probe deleted

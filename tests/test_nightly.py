@@ -340,3 +340,95 @@ def test_nightly_run_on_an_s3_root(ray_local, tiny_artifact, tmp_path, s3_server
     assert (again.added_rows, again.already_scored) == (0, 9)
     t = tables.read(tables.open_table(ledger.table(root, ledger.PREDICTIONS)), columns=["image_id"])
     assert t.num_rows == len(set(t["image_id"].to_pylist())) == 9
+
+
+# -- issue 24, defect 11: side tables derived from the committed predictions, exactly once --
+
+
+def _side(root: Path, name: str) -> pa.Table:
+    return tables.read(tables.open_table(str(root / name)))
+
+
+def test_a_run_killed_after_its_commit_gets_its_side_tables_from_the_next(tiny_artifact, tmp_path, ray_local):
+    from tests import scenarios
+
+    from cxr_ray.scoring.nightly import run_nightly
+
+    src, root = _add_images(tmp_path / "archive", 0, 12), tmp_path / "nightly"
+    proc = scenarios.run("killed_after_commit", src, tiny_artifact, root, start_new_session=True)
+    assert proc.returncode != 0
+    killed = json.loads(next(ln for ln in proc.stdout.splitlines() if ln.startswith("{")))
+    assert killed["added"] == 12
+    assert len(_keys(root)) == 12  # the commit landed
+    assert not (root / ledger.STUDIES).exists() or killed["run_id"] not in set(
+        _side(root, ledger.STUDIES)["run_id"].to_pylist()
+    )
+    time.sleep(3.5)  # the killed run's lease expires
+    again = run_nightly(str(src), str(tiny_artifact), str(root), _settings())
+    assert again.added_rows == 0 and again.already_scored == 12
+    studies = _side(root, ledger.STUDIES)
+    assert set(studies["run_id"].to_pylist()) == {killed["run_id"]}
+    assert sum(studies["images"].to_pylist()) == 12  # every committed image in one study row
+    keys = list(zip(studies["run_id"].to_pylist(), studies["study_key"].to_pylist(), strict=True))
+    assert len(keys) == len(set(keys))
+    metrics = _side(root, ledger.METRICS_HISTORY)
+    assert set(metrics["run_id"].to_pylist()) == {killed["run_id"]}
+    assert set(metrics["n"].to_pylist()) == {12}
+    # Derived once: a third run adds nothing anywhere.
+    run_nightly(str(src), str(tiny_artifact), str(root), _settings())
+    assert _side(root, ledger.STUDIES).num_rows == studies.num_rows
+    assert _side(root, ledger.METRICS_HISTORY).num_rows == metrics.num_rows
+
+
+def test_two_runs_committing_the_same_study_do_not_duplicate_it(tmp_path):
+    """Run B scored images run A committed first (overlap): B's commit adds only its new
+    image, and the studies table holds each study once, as the run that committed it."""
+    from datetime import UTC, datetime
+
+    from cxr_ray.scoring import side_tables
+
+    root = tmp_path / "root"
+    ledger.ensure_predictions(str(root))
+
+    def rows(run_id: str, ids: list[int]) -> pa.Table:
+        n = len(ids)
+        return pa.table(
+            {
+                "image_id": [f"img{i}" for i in ids],
+                "uri": [f"/a/{i}.dcm" for i in ids],
+                "status": ["ok"] * n,
+                "model_version": ["m1"] * n,
+                "run_id": [run_id] * n,
+                "study_instance_uid": [f"1.2.{i // 2}" for i in ids],  # two images per study
+                "label": ["normal"] * n,
+                "prob_normal": [0.9] * n,
+                "prob_bacterial": [0.05] * n,
+                "prob_viral": [0.05] * n,
+                "prob_pneumonia": [0.1] * n,
+                "pred_label": ["normal"] * n,
+                "flagged": [False] * n,
+                "engine": ["onnxruntime"] * n,
+                "scored_at": pa.array([datetime.now(UTC)] * n, pa.timestamp("us", tz="UTC")),
+            }
+        )
+
+    def commit(t: pa.Table) -> ledger.Commit:
+        return ledger.commit_new(
+            ledger.table(str(root), ledger.PREDICTIONS), lambda: iter([t]), model_version="m1"
+        )
+
+    assert commit(rows("A", [0, 1, 2, 3])).added == 4  # studies 1.2.0 and 1.2.1
+    b = commit(rows("B", [0, 1, 2, 3, 4]))  # B scored A's four too, plus img4 (study 1.2.2)
+    assert (b.added, b.duplicates) == (1, 4)
+    done = side_tables.complete_side_tables(str(root), "m1")
+    assert done == ["A", "B"]
+    studies = _side(root, ledger.STUDIES)
+    by_run = sorted(zip(studies["run_id"].to_pylist(), studies["study_key"].to_pylist(), strict=True))
+    assert by_run == [("A", "1.2.0"), ("A", "1.2.1"), ("B", "1.2.2")]
+    assert sorted(studies["images"].to_pylist()) == [1, 2, 2]
+    # Idempotent: again (or a concurrent deriver) adds nothing.
+    assert side_tables.complete_side_tables(str(root), "m1") == []
+    for run_id in ("A", "B"):
+        assert side_tables.derive_run(str(root), "m1", run_id)["studies"] == 0
+    assert _side(root, ledger.STUDIES).num_rows == 3
+    assert set(_side(root, ledger.METRICS_HISTORY)["n"].to_pylist()) == {4, 1}
