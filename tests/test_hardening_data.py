@@ -12,7 +12,6 @@ import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -29,7 +28,7 @@ from cxr_ray.imaging.dicom import decode_dicom
 class _Recorder(http.server.BaseHTTPRequestHandler):
     seen: list[tuple[str, str | None]]
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         type(self).seen.append((self.path, self.headers.get("Authorization")))
         self.send_response(404)
         self.end_headers()

@@ -18,7 +18,6 @@ import pyarrow.parquet as pq
 from cxr_ray.data.sources import RAW_SCHEMA, ReadOptions, ReadUnit, list_tar, member_ref, tar_problem
 from cxr_ray.io import uris
 
-
 #: Parquet read buffer: column chunks are read in pieces this size, not whole (memory).
 _BUFFER = 1 << 20
 
