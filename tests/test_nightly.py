@@ -350,9 +350,8 @@ def _side(root: Path, name: str) -> pa.Table:
 
 
 def test_a_run_killed_after_its_commit_gets_its_side_tables_from_the_next(tiny_artifact, tmp_path, ray_local):
-    from tests import scenarios
-
     from cxr_ray.scoring.nightly import run_nightly
+    from tests import scenarios
 
     src, root = _add_images(tmp_path / "archive", 0, 12), tmp_path / "nightly"
     proc = scenarios.run("killed_after_commit", src, tiny_artifact, root, start_new_session=True)
@@ -432,3 +431,77 @@ def test_two_runs_committing_the_same_study_do_not_duplicate_it(tmp_path):
         assert side_tables.derive_run(str(root), "m1", run_id)["studies"] == 0
     assert _side(root, ledger.STUDIES).num_rows == 3
     assert set(_side(root, ledger.METRICS_HISTORY)["n"].to_pylist()) == {4, 1}
+
+
+# -- issue 24, defect 3: the PACS window comes from the last commit's listing time ----------
+
+
+@pytest.mark.parametrize(
+    ("listed_at", "tz", "lookback", "first_day"),
+    [
+        # 01:30 UTC is the previous evening in New York: that local day, not the UTC one.
+        ("2026-12-02T01:30:00+00:00", "America/New_York", 0, "20261201"),
+        ("2026-12-02T01:30:00+00:00", "America/New_York", 2, "20261129"),
+        # A run that listed at 23:59 local and committed after midnight: the listing's day.
+        ("2026-12-01T22:59:00+00:00", "Europe/Berlin", 0, "20261201"),
+        ("2026-12-02T10:00:00+00:00", "UTC", 2, "20261130"),
+        ("2026-12-01T12:00:00+00:00", "Pacific/Kiritimati", 0, "20261202"),
+    ],
+)
+def test_window_start_is_the_local_listing_day_minus_the_lookback(listed_at, tz, lookback, first_day):
+    from datetime import datetime
+
+    from cxr_ray.scoring.nightly import window_start
+
+    assert f"{window_start(datetime.fromisoformat(listed_at), tz, lookback):%Y%m%d}" == first_day
+
+
+def test_timezone_setting_is_validated():
+    from cxr_ray.errors import ConfigError
+
+    assert (
+        load_settings(None, {"dicomweb": {"timezone": "America/Chicago"}}).dicomweb.timezone
+        == "America/Chicago"
+    )
+    assert load_settings(None).dicomweb.lookback_days == 2
+    with pytest.raises(ConfigError, match=r"dicomweb\.timezone"):
+        load_settings(None, {"dicomweb": {"timezone": "Mars/Olympus_Mons"}})
+
+
+def test_a_late_study_dated_the_previous_day_is_scored_by_the_next_run(ray_local, tiny_artifact, tmp_path):
+    """Real Orthanc: run 1 lists and commits; then a study dated the day before arrives
+    (a late arrival, or a run that crossed midnight); run 2 lists from the last commit's
+    listing day minus the look-back and scores it. Today's window (the UTC date of the last
+    scored_at) never lists it."""
+    import datetime as dt
+
+    from cxr_ray.scoring.nightly import format_nightly, last_listed_at, run_nightly
+    from tests import dicom_factory as factory
+    from tests.orthanc_server import find_binary, find_plugin, running
+
+    if find_binary() is None or find_plugin() is None:
+        pytest.skip(
+            "Orthanc with the DICOMweb plugin is not installed (apt-get install orthanc orthanc-dicomweb)"
+        )
+    today = dt.datetime.now(dt.UTC).date()
+    yesterday = (today - dt.timedelta(days=1)).strftime("%Y%m%d")
+    root = tmp_path / "nightly"
+    settings = load_settings(
+        None,
+        {"data": {"rows_per_block": 4}, "score": {"batch_size": 4, "cache_dir": str(tmp_path / "cache")}},
+    )
+    with running(tmp_path / "orthanc") as pacs:
+        factory.upload(factory.archive(2, series_per_study=1, study_dates=(today.strftime("%Y%m%d"),)), pacs)
+        first = run_nightly(pacs.source, str(tiny_artifact), str(root), settings)
+        assert first.added_rows == 2
+        listed = last_listed_at(str(root), first.model_version)
+        assert listed is not None and abs((dt.datetime.now(dt.UTC) - listed).total_seconds()) < 600
+        late = factory.archive(1, series_per_study=1, study_dates=(yesterday,))
+        factory.upload(late, pacs)
+        second = run_nightly(pacs.source, str(tiny_artifact), str(root), settings)
+    expected = (listed.date() - dt.timedelta(days=2)).strftime("%Y%m%d") + "-"
+    assert second.extra["study_date"] == expected
+    assert "listing" in format_nightly(second) and "UTC date, 2 day(s) back" in format_nightly(second)
+    assert (second.added_rows, second.already_scored) == (1, 2)
+    t = tables.read(tables.open_table(str(root / "predictions")), columns=["sop_instance_uid"])
+    assert late[0].tags.sop_instance_uid in t["sop_instance_uid"].to_pylist()
