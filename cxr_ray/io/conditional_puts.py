@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import uuid
 from collections.abc import Mapping
+from typing import Any
 
 from cxr_ray.errors import ConfigError, DataError
 
@@ -45,13 +46,13 @@ def check_conditional_puts(root: str, *, storage_options: Mapping[str, str] | No
     except ImportError:  # pragma: no cover - a declared dependency
         raise ConfigError("checking an s3:// root needs the obstore package (pip install obstore)") from None
     opts = {k.lower(): v for k, v in (storage_options or {}).items()}
-    config = {k: v for k, v in opts.items() if k in _S3_KEYS}
+    config: Any = {k: v for k, v in opts.items() if k in _S3_KEYS} or None
     # Without options the client reads the AWS_* environment, as delta-rs does (an empty
     # mapping given would replace what the environment says).
-    client = {"allow_http": True} if opts.get("aws_allow_http", "").lower() == "true" else None
+    client: Any = {"allow_http": True} if opts.get("aws_allow_http", "").lower() == "true" else None
     key = f"{uuid.uuid4().hex}.probe"
     try:
-        store = from_url(f"{root.rstrip('/')}/{PROBE_FOLDER}", config=config or None, client_options=client)
+        store = from_url(f"{root.rstrip('/')}/{PROBE_FOLDER}", config=config, client_options=client)
         obstore.put(store, key, b"first", mode="create")
     except Exception as exc:
         raise DataError(f"cannot write a probe object under {root}: {type(exc).__name__}") from None
