@@ -142,3 +142,55 @@ def test_redact():
         "study <uid> of <redacted> (<uid>) at 127.0.0.1 with ray 2.60.0."
     )
     assert redact("patient ab", ["ab"]) == "patient ab"  # too short to replace safely
+
+
+def _quasi_table():
+    import datetime
+
+    import pyarrow as pa
+
+    return pa.table(
+        {
+            "image_id": ["a" * 64, "b" * 64, "c" * 64],
+            "uri": ["/DOE_JANE/1.dcm", "/DOE_JANE/2.dcm", "/ROE_RICH/3.dcm"],
+            "patient_id": ["MRN1", "MRN1", "MRN2"],
+            "study_date": pa.array(
+                [datetime.date(2026, 1, 10), datetime.date(2026, 1, 20), None], pa.date32()
+            ),
+            "patient_age_years": pa.array([0.5, 7.0, 45.0], pa.float32()),
+            "patient_sex": ["F", "F", "M"],
+            "manufacturer": ["ACME", "ACME", "ACME"],
+            "error": [
+                None,
+                "cannot read '/DOE_JANE/2.dcm' at /DOE_JANE",
+                "study 1.2.840.113619.2.55.3.4 failed",
+            ],
+        }
+    )
+
+
+def test_basic_level_keeps_quasi_identifiers_and_scrubs_error_text():
+    from cxr_ray.scoring.pseudonymize import pseudonymize_table
+
+    t = _quasi_table()
+    out = pseudonymize_table(t, KEY)
+    for name in ("image_id", "study_date", "patient_age_years", "patient_sex", "manufacturer"):
+        assert out.column(name).to_pylist() == t.column(name).to_pylist(), name
+    text = " ".join(e or "" for e in out.column("error").to_pylist())
+    assert "DOE" not in text and "JANE" not in text and "1.2.840" not in text
+
+
+def test_strict_level_shifts_dates_per_patient_bands_ages_keys_image_id():
+    from cxr_ray.scoring.pseudonymize import pseudonymize_table
+
+    t = _quasi_table()
+    out = pseudonymize_table(t, KEY, level="strict")
+    d0, d1, d2 = out.column("study_date").to_pylist()
+    assert d2 is None and d0 != t.column("study_date")[0].as_py()
+    assert (d1 - d0).days == 10  # one patient, one offset: intervals survive
+    assert out.column("patient_age_years").to_pylist() == [0.0, 5.0, 18.0]
+    ids = out.column("image_id").to_pylist()
+    assert len(set(ids)) == 3 and not set(ids) & set(t.column("image_id").to_pylist())
+    assert out.column("patient_sex").null_count == 3 and out.column("manufacturer").null_count == 3
+    assert pseudonymize_table(t, KEY, level="strict").equals(out)  # deterministic for one key
+    assert out.schema == t.schema

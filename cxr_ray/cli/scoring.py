@@ -68,6 +68,13 @@ def _engine_flags(fn: F) -> F:
             "(key: score.pseudonym_key / CXR_SCORE__PSEUDONYM_KEY).",
         ),
         click.option(
+            "--pseudonymize-level",
+            type=click.Choice(["basic", "strict"]),
+            default=None,
+            help="With --pseudonymize: basic keys identifiers and uris; strict also shifts dates per "
+            "patient, bands ages, keys image_id and drops sex and manufacturer.",
+        ),
+        click.option(
             "--score-outside-intended-use",
             is_flag=True,
             default=None,
@@ -100,6 +107,7 @@ def _score_overrides(flags: dict[str, Any]) -> dict[str, Any]:
         },
         "score": {
             "pseudonymize": flags.pop("pseudonymize", None),
+            "pseudonymize_level": flags.pop("pseudonymize_level", None),
             "enforce_intended_use": None if outside is None else not outside,
             "engine": flags.pop("engine", None),
             "batch_size": flags.pop("batch_size", None),

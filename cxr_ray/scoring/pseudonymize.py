@@ -19,6 +19,19 @@ What becomes what (nulls stay null):
 - ``studies.parquet``'s ``study_key`` follows its ``study_key_kind`` (a UID, a patient id, a
   URI, or an ``image_id``, which is a hash of the bytes and is kept).
 
+Levels (``score.pseudonymize_level``):
+
+- ``basic`` (the default): the above; ``error`` texts lose anything quoted, path-like or
+  UID-shaped. Kept as they are: ``image_id`` (a SHA-256 of the file bytes: whoever holds the
+  file can find its row), exact ``study_date``, ``patient_age_years``, ``patient_sex``,
+  ``manufacturer`` and the acquisition columns.
+- ``strict``: also ``study_date`` shifted by a keyed per-patient offset (-365..+365 days, the
+  same for every row of one patient, so intervals within a patient survive),
+  ``patient_age_years`` replaced by the lower edge of its band (0, 1, 5, 12, 18, 65 years),
+  ``image_id`` keyed (HMAC, 64 hex digits: still joins across tables, no longer a hash of the
+  bytes), ``patient_sex`` and ``manufacturer`` nulled. Kept: modality, view, body part, pixel
+  spacing, image geometry, predictions, run columns.
+
 The key is bytes, at least 16 of them; the command line reads it from settings or the
 environment and refuses to run without one.
 """
@@ -48,6 +61,10 @@ __all__ = [
 ]
 
 MIN_KEY_BYTES = 16
+LEVELS = ("basic", "strict")
+#: Lower edges (years) of the age bands of the strict level.
+AGE_BANDS = (0.0, 1.0, 5.0, 12.0, 18.0, 65.0)
+_DROPPED_STRICT = ("patient_sex", "manufacturer")
 UID_COLUMNS: tuple[str, ...] = ("study_instance_uid", "series_instance_uid", "sop_instance_uid")
 ID_COLUMNS: tuple[str, ...] = ("patient_id", "accession_number")
 URI_COLUMNS: tuple[str, ...] = ("uri", "driving_uri", "heatmap_uri")
@@ -101,16 +118,25 @@ def _mappers(key: bytes) -> dict[str, Callable[[str], str]]:
     return mappers
 
 
-def pseudonymize_table(table: pa.Table, key: bytes, *, include_uris: bool = True) -> pa.Table:
-    """``table`` (predictions, studies or manifest) with its identifiers pseudonymised.
+def pseudonymize_table(
+    table: pa.Table, key: bytes, *, include_uris: bool = True, level: str = "basic"
+) -> pa.Table:
+    """``table`` (predictions, studies or manifest) with its identifiers pseudonymised at
+    ``level`` (``basic`` or ``strict``, see the module docstring).
 
     Columns it does not have are ignored; the schema (names, types, order) is unchanged.
     """
     _check_key(key)
+    if level not in LEVELS:
+        raise ConfigError(f"unknown pseudonymisation level {level!r}; choose one of {', '.join(LEVELS)}")
     key = bytes(key)
     mappers = _mappers(key)
     targets = [*UID_COLUMNS, *ID_COLUMNS, *(URI_COLUMNS if include_uris else ())]
-    out = table
+    out = _strict(table, key) if level == "strict" else table
+    if "error" in out.column_names:
+        i = out.schema.get_field_index("error")
+        errors = _map_unique(out.column("error").combine_chunks(), safe_error)
+        out = out.set_column(i, out.schema.field("error"), errors.cast(out.schema.field("error").type))
     for name in targets:
         if name not in table.column_names:
             continue
@@ -163,3 +189,67 @@ def _uid_or_address(m: re.Match[str]) -> str:
     # Keep addresses and versions (127.0.0.1, 2.60.0): UIDs have 5+ components or long ones.
     short = len(parts) < 5 and all(len(p) <= 5 for p in parts)
     return m.group(0) if short else "<uid>"
+
+
+_QUOTED = re.compile(r"'[^']*'|\"[^\"]*\"")
+_PATHLIKE = re.compile(r"\S*[/\\]\S*")
+
+
+def safe_error(text: str) -> str:
+    """An error text without quoted values, path-like tokens or UIDs (a last line of defence:
+    cxr-ray's own texts carry none)."""
+    return redact(_PATHLIKE.sub("<path>", _QUOTED.sub("<value>", text)))
+
+
+def _date_shift_days(key: bytes, subject: str) -> int:
+    return int.from_bytes(_digest(key, "date_shift", subject)[:4], "big") % 731 - 365
+
+
+def _subjects(table: pa.Table) -> list[str]:
+    """Per row, whose date offset applies: the patient, else the study, else the image."""
+    cols = [c for c in ("patient_id", "study_instance_uid", "image_id", "uri") if c in table.column_names]
+    values = [table.column(c).to_pylist() for c in cols]
+    return [
+        next((f"{c}:{v}" for c, v in zip(cols, row, strict=True) if v), "")
+        for row in zip(*values, strict=True)
+    ]
+
+
+def _strict(table: pa.Table, key: bytes) -> pa.Table:
+    """The strict level's extra replacements (run before the identifiers are keyed)."""
+    import datetime
+
+    out = table
+    n = table.num_rows
+
+    def put(name: str, values: list[object]) -> None:
+        nonlocal out
+        i = out.schema.get_field_index(name)
+        out = out.set_column(i, out.schema.field(name), pa.array(values, out.schema.field(name).type))
+
+    if "study_date" in table.column_names and n:
+        subjects = _subjects(table)
+        dates = table.column("study_date").to_pylist()
+        put(
+            "study_date",
+            [
+                None if d is None else d + datetime.timedelta(days=_date_shift_days(key, s))
+                for d, s in zip(dates, subjects, strict=True)
+            ],
+        )
+    if "patient_age_years" in table.column_names:
+        ages = table.column("patient_age_years").to_pylist()
+        put(
+            "patient_age_years",
+            [None if a is None or a != a else max(b for b in AGE_BANDS if b <= max(a, 0.0)) for a in ages],
+        )
+    if "image_id" in table.column_names:
+        i = out.schema.get_field_index("image_id")
+        keyed = _map_unique(
+            out.column("image_id").combine_chunks(), lambda v: _digest(key, "image_id", v).hex()
+        )
+        out = out.set_column(i, out.schema.field("image_id"), keyed.cast(out.schema.field("image_id").type))
+    for name in _DROPPED_STRICT:
+        if name in out.column_names:
+            put(name, [None] * n)
+    return out
