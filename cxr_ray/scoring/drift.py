@@ -53,7 +53,7 @@ from cxr_ray.labels import LABELS
 from cxr_ray.models.card import ModelCard
 from cxr_ray.models.reference import HIST_BINS, DriftReference
 from cxr_ray.scoring import drift_stats as ds
-from cxr_ray.scoring.drift_figures import CATEGORIES, DRIFT_SCHEMA, DriftFigures, finite
+from cxr_ray.scoring.drift_figures import CATEGORIES, DRIFT_SCHEMA, DriftFigures, finite, plot_data
 from cxr_ray.scoring.stages import tensor_column
 from cxr_ray.vocabulary import Status
 
@@ -63,7 +63,6 @@ __all__ = ["CATEGORIES", "DRIFT_SCHEMA", "DriftAccumulator", "DriftFigures"]
 _KS_EDGES = np.concatenate([[-np.inf], np.linspace(-16.0, 16.0, 1601), [np.inf]])
 #: Distinct values kept per DICOM category (more are counted as ``(other)``).
 _MAX_CATEGORY_VALUES = 200
-_PLOT_POINTS = 400
 _PROBS = ("prob_normal", "prob_bacterial", "prob_viral")
 
 
@@ -73,12 +72,6 @@ def _matrix(block: pa.Table, name: str) -> np.ndarray | None:
     if name not in block.column_names:
         return None
     return np.asarray(tensor_column(block, name), np.float64).reshape(block.num_rows, -1)
-
-
-def _floor_std(std: np.ndarray, mean: np.ndarray) -> np.ndarray:
-    """A reference spread never zero: a constant reference (every image 224 px wide) still
-    turns a different value into a large, finite shift."""
-    return np.maximum(std, np.maximum(1e-3 * np.abs(mean), 1e-6))
 
 
 def _logit(p: np.ndarray) -> np.ndarray:
@@ -110,7 +103,7 @@ class DriftAccumulator:
         self.stat_n = np.zeros(self.k_stats)
         self.inputs = ds.Moments(np.nanmean(ref_stats[:, self.model_cols], 0))
         k = reference.pca_components.shape[0]
-        self.z_scale = _floor_std(reference.pca_std.astype(np.float64), np.zeros(1))
+        self.z_scale = ds.floor_std(reference.pca_std.astype(np.float64), np.zeros(1))
         self.ref_z = reference.pca_scores.astype(np.float64) / self.z_scale
         self.feats = ds.Moments(self.ref_z.mean(0))
         # One reservoir of rows: [3 class probabilities | P(pneumonia) | input stats (K) |
@@ -235,7 +228,7 @@ class DriftAccumulator:
             if not enough and r["note"] is None:
                 r["note"] = f"fewer than {self.s.min_images} images: no alert"
         alert = any(r["alert"] for r in rows)
-        return DriftFigures(rows, alert, self.n, self.ref.n, self.s.alpha, self._plot())
+        return DriftFigures(rows, alert, self.n, self.ref.n, self.s.alpha, plot_data(self))
 
     def _row(self, check: str, stat: str, value: float | None, **kw: Any) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -306,7 +299,7 @@ class DriftAccumulator:
         ref = self.ref
         ref_stats = ref.input_stats.astype(np.float64)
         mu_ref = np.nanmean(ref_stats, 0)
-        sd_ref = _floor_std(np.nanstd(ref_stats, 0), mu_ref)
+        sd_ref = ds.floor_std(np.nanstd(ref_stats, 0), mu_ref)
         rows: list[dict[str, Any]] = []
         if not self.has_stats:
             return [
@@ -432,32 +425,3 @@ class DriftAccumulator:
                 )
             )
         return rows
-
-    def _plot(self) -> dict[str, Any]:
-        """What the report's plots need, so the report does not need the artifact."""
-        ref = self.ref
-        ref_stats = ref.input_stats.astype(np.float64)
-        mu_ref = np.nanmean(ref_stats, 0)
-        sd_ref = _floor_std(np.nanstd(ref_stats, 0), mu_ref)
-        ref_hist = np.histogram(self.ref_p, bins=HIST_BINS, range=(0.0, 1.0))[0]
-        plot: dict[str, Any] = {
-            "p_bins": np.linspace(0.0, 1.0, HIST_BINS + 1).round(4).tolist(),
-            "p_run": self.p_hist.tolist(),
-            "p_reference": ref_hist.tolist(),
-            "labels": list(LABELS),
-            "pred_run": self.pred.tolist(),
-            "pred_reference": ref.pred_counts(self.card).tolist(),
-            "stats": list(ref.stat_names),
-            "stats_reference_mean": mu_ref.round(4).tolist(),
-            "stats_reference_std": sd_ref.round(4).tolist(),
-        }
-        if self.has_stats:
-            run_mean = np.where(self.stat_n > 0, self.stat_sum / np.maximum(self.stat_n, 1), np.nan)
-            plot["stats_run_mean"] = [None if not math.isfinite(v) else round(float(v), 4) for v in run_mean]
-        if self.has_features:
-            z = self.reservoir()["pca"]
-            z = z[np.isfinite(z).all(axis=1)]
-            pick = self.rng.permutation(len(self.ref_z))[:_PLOT_POINTS]
-            plot["pca_reference"] = self.ref_z[pick, :2].round(3).tolist()
-            plot["pca_run"] = z[:_PLOT_POINTS, :2].round(3).tolist()
-        return plot

@@ -10,13 +10,17 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from cxr_ray.imaging.stats import ACQUISITION_STATS, MODEL_INPUT_STATS
-from cxr_ray.models.reference import CATEGORY_TAGS
+from cxr_ray.labels import LABELS
+from cxr_ray.models.reference import CATEGORY_TAGS, HIST_BINS
+from cxr_ray.scoring.drift_stats import floor_std
 
 #: DICOM categories counted (acquisition facts; informational), as the reference stores them.
 CATEGORIES = CATEGORY_TAGS
+_PLOT_POINTS = 400
 #: Checks that describe the stored files, not what the model sees (never an alert).
 ACQUISITION_CHECKS = frozenset({f"input:{s}" for s in ACQUISITION_STATS} | set(CATEGORIES))
 
@@ -117,3 +121,34 @@ def _round(v: float | None) -> float | None:
     if v is None or not math.isfinite(v):
         return None
     return float(f"{v:.4g}") if abs(v) < 1e-3 else round(float(v), 4)
+
+
+def plot_data(acc: Any) -> dict[str, Any]:
+    """What the report's plots need (``DriftAccumulator`` ``acc``), so the report does not need
+    the artifact."""
+    ref = acc.ref
+    ref_stats = ref.input_stats.astype(np.float64)
+    mu_ref = np.nanmean(ref_stats, 0)
+    sd_ref = floor_std(np.nanstd(ref_stats, 0), mu_ref)
+    ref_hist = np.histogram(acc.ref_p, bins=HIST_BINS, range=(0.0, 1.0))[0]
+    plot: dict[str, Any] = {
+        "p_bins": np.linspace(0.0, 1.0, HIST_BINS + 1).round(4).tolist(),
+        "p_run": acc.p_hist.tolist(),
+        "p_reference": ref_hist.tolist(),
+        "labels": list(LABELS),
+        "pred_run": acc.pred.tolist(),
+        "pred_reference": ref.pred_counts(acc.card).tolist(),
+        "stats": list(ref.stat_names),
+        "stats_reference_mean": mu_ref.round(4).tolist(),
+        "stats_reference_std": sd_ref.round(4).tolist(),
+    }
+    if acc.has_stats:
+        run_mean = np.where(acc.stat_n > 0, acc.stat_sum / np.maximum(acc.stat_n, 1), np.nan)
+        plot["stats_run_mean"] = [None if not math.isfinite(v) else round(float(v), 4) for v in run_mean]
+    if acc.has_features:
+        z = acc.reservoir()["pca"]
+        z = z[np.isfinite(z).all(axis=1)]
+        pick = acc.rng.permutation(len(acc.ref_z))[:_PLOT_POINTS]
+        plot["pca_reference"] = acc.ref_z[pick, :2].round(3).tolist()
+        plot["pca_run"] = z[:_PLOT_POINTS, :2].round(3).tolist()
+    return plot

@@ -160,3 +160,9 @@ def energy_coefficient(x: np.ndarray, y: np.ndarray) -> float:
     xx = _mean_dist(x, x) * len(x) / (len(x) - 1)  # the diagonal's zeros left out
     yy = _mean_dist(y, y) * len(y) / (len(y) - 1)
     return float(max(0.0, (2 * xy - xx - yy) / (2 * xy)))
+
+
+def floor_std(std: np.ndarray, mean: np.ndarray) -> np.ndarray:
+    """A reference spread never zero: a constant reference (every image 224 px wide) still
+    turns a different value into a large, finite shift."""
+    return np.maximum(std, np.maximum(1e-3 * np.abs(mean), 1e-6))
