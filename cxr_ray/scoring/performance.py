@@ -146,8 +146,8 @@ def check_performance(
             "card_low": _r(clopper_pearson(k1, n1)[0]),
             "card_high": _r(clopper_pearson(k1, n1)[1]),
             "card_n": n1,
-            "p_value": _r(p_raw, 6),
-            "p_holm": _r(p_adj, 6),
+            "p_value": _sig(p_raw),
+            "p_holm": _sig(p_adj),
             "alert": alert,
         }
         if alert:
@@ -174,6 +174,11 @@ def _run_only(run: dict[str, tuple[int, int]]) -> dict[str, Any]:
         lo, hi = clopper_pearson(k, n)
         out[m] = {"value": _r(k / n if n else math.nan), "low": _r(lo), "high": _r(hi), "n": n}
     return out
+
+
+def _sig(p: float) -> float | None:
+    """A p-value to 3 significant digits (tiny ones stay visible: 2.1e-09, not 0)."""
+    return None if not math.isfinite(p) else float(f"{p:.3g}")
 
 
 def _r(x: float, digits: int = 4) -> float | None:
