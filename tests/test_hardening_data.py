@@ -321,3 +321,55 @@ def test_configured_ca_bundle_wins_over_requests_ca_bundle(tmp_path, monkeypatch
         assert seen == [("/dw/studies", None)]
     finally:
         server.shutdown()
+
+
+def test_a_non_conformant_study_uid_is_one_error_row_not_an_aborted_listing():
+    """A QIDO-RS answer the run cannot avoid: a PACS listing a 66-character study UID (Orthanc
+    refuses such files on upload, so a loopback DICOMweb server gives the answer)."""
+    import json
+
+    from cxr_ray.data.dicomweb import list_units
+
+    bad = "1.2.826.0.1.3680043.8.498." + "1" * 40  # 66 characters: over the 64 of PS3.5
+    good = "1.2.826.0.1.3680043.8.498.1"
+
+    class Qido(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            path = self.path.split("?", 1)[0]
+            if path == "/dw/studies":
+                body = [{"0020000D": {"vr": "UI", "Value": [u]}} for u in (bad, good)]
+            elif path == f"/dw/studies/{good}/instances":
+                body = [
+                    {
+                        "0020000E": {"vr": "UI", "Value": [good + ".1"]},
+                        "00080018": {"vr": "UI", "Value": [good + ".1.1"]},
+                        "00080060": {"vr": "CS", "Value": ["CR"]},
+                    }
+                ]
+            else:
+                body = []
+            data = json.dumps(body).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/dicom+json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Qido)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        source = f"dicomweb://127.0.0.1:{server.server_address[1]}/dw"
+        units = list_units(source, ReadOptions(dicomweb=DicomwebSettings(retries=0)))
+    finally:
+        server.shutdown()
+    refs = [r for u in units for r in u.refs]
+    assert len(refs) == 2
+    errors = [r for r in refs if r.error]
+    assert len(errors) == 1 and errors[0].error.startswith("study_unlisted")
+    assert bad not in errors[0].error and bad in errors[0].uri  # the UID only in the uri
+    assert [r.uri for r in refs if not r.error] == [
+        f"{source}/studies/{good}/series/{good}.1/instances/{good}.1.1"
+    ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import tarfile
@@ -41,6 +40,13 @@ def test_random_bytes_never_crash_the_decoders(prefix, body):
 @given(cut=st.integers(min_value=0, max_value=4000), flip=st.integers(min_value=0, max_value=4000))
 @example(cut=1, flip=136)  # found by this test: a corrupt group length raised BytesLengthException
 def test_mutated_real_images_never_crash(cut, flip):
+    """Through the scoring decode stage: one row per image in, each ``ok`` with pixels or an
+    ``error`` with a message, whatever the mutation (issue 22 item 7: it asserted nothing)."""
+    from cxr_ray.data.sources import RAW_SCHEMA
+    from cxr_ray.scoring.stages import decode_stage
+    from cxr_ray.vocabulary import Status
+
+    mutated = []
     for data in (
         imaging.jpeg_bytes(120, 100, seed=1),
         imaging.png_bytes(120, 100, seed=1),
@@ -48,8 +54,27 @@ def test_mutated_real_images_never_crash(cut, flip):
     ):
         b = bytearray(data[: max(1, len(data) - cut)])
         b[flip % len(b)] ^= 0xFF
-        with contextlib.suppress(DecodeError):
-            decode(bytes(b), SPEC, "x.dcm")
+        mutated.append(bytes(b))
+    n = len(mutated)
+    batch = pa.Table.from_pydict(
+        {
+            "uri": [f"/m/{i}.dcm" for i in range(n)],
+            "name": [f"{i}.dcm" for i in range(n)],
+            "data": mutated,
+            "error": [None] * n,
+            "label": [None] * n,
+        },
+        schema=RAW_SCHEMA,
+    )
+    out = decode_stage(batch, spec=SPEC)
+    assert len(out["status"]) == n  # rows out == images in
+    for status, error, decoded in zip(out["status"], out["error"], out["decoded"], strict=True):
+        assert status in (Status.OK, Status.ERROR)
+        if status == Status.OK:
+            assert error is None and decoded
+        else:
+            assert isinstance(error, str) and error and not decoded
+    assert out["pixels"].shape == (n, SPEC.height, SPEC.width)
 
 
 def hostile_archive(root: Path) -> tuple[Path, int, int]:
