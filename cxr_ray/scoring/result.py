@@ -85,6 +85,11 @@ class ScoreResult:
     performance_check: dict[str, Any] = field(default_factory=dict)
 
     @property
+    def threshold(self) -> float:
+        """The older name of ``flag_threshold`` (not written to summary.json)."""
+        return self.flag_threshold
+
+    @property
     def images_per_s(self) -> float:
         return self.images / self.seconds if self.seconds else 0.0
 
