@@ -111,7 +111,7 @@ def _int(ds: object, name: str, default: int | None = None) -> int:
     try:
         return int(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise DecodeError(f"DICOM file lacks a valid {name}") from None
+        raise DecodeError(f"unreadable DICOM: no valid {name} (the value is not a number)") from None
 
 
 def _check_budget(ds: object, max_pixels: int) -> int:
