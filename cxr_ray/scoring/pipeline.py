@@ -297,7 +297,7 @@ def _write_predictions(
                 estimator.add(block)
             table = with_run_columns(block, version=result.model_version, run_id=result.run_id)
             if key is not None:  # research export: identifiers never reach the table
-                table = pseudonymize_table(table, key)
+                table = pseudonymize_table(table, key, level=sc.pseudonymize_level)
             w.write_table(table)
             acc.add(table)
             if on_block is not None:
