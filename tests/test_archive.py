@@ -176,15 +176,17 @@ def test_pseudonymized_export_carries_no_identifier_and_keeps_studies_together(
 def test_nightly_against_orthanc_scores_only_studies_since_the_last_committed_run(
     ray_local, tiny_artifact, orthanc, tmp_path
 ):
-    from datetime import UTC, datetime
+    from datetime import UTC, datetime, timedelta
 
     from cxr_ray.scoring.nightly import run_nightly
 
     orthanc.clear()
     jpegs = dicom_factory.real_jpegs(3)
     old_study = dicom_factory.new_uid()
+    now = datetime.now(UTC)
+    long_ago = (now - timedelta(days=10)).strftime("%Y%m%d")  # before the 2-day look-back
     old = [
-        dicom_factory.make_image(j, dicom_factory.Tags(study_instance_uid=old_study, study_date="20261128"))
+        dicom_factory.make_image(j, dicom_factory.Tags(study_instance_uid=old_study, study_date=long_ago))
         for j in jpegs[:2]
     ]
     for data in old:
@@ -193,10 +195,13 @@ def test_nightly_against_orthanc_scores_only_studies_since_the_last_committed_ru
     first = run_nightly(orthanc.source, str(tiny_artifact), root, settings)
     assert (first.new_images, first.added_rows) == (2, 2) and "study_date" not in first.extra
 
-    today = datetime.now(UTC).strftime("%Y%m%d")
+    today = now.strftime("%Y%m%d")
     orthanc.upload(dicom_factory.make_image(jpegs[2], dicom_factory.Tags(study_date=today)))
     second = run_nightly(orthanc.source, str(tiny_artifact), root, settings)
-    assert second.extra["study_date"] == f"{today}-"  # the window since the last committed run
+    # The window: the last committed run's listing day (UTC, dicomweb.timezone's default) minus
+    # dicomweb.lookback_days (2).
+    since = (datetime.now(UTC) - timedelta(days=2)).strftime("%Y%m%d")
+    assert second.extra["study_date"] in (f"{since}-", f"{(now - timedelta(days=2)):%Y%m%d}-")
     assert (second.new_images, second.added_rows) == (1, 1)
     assert second.already_scored == 0  # the old study was not even listed, let alone retrieved
     third = run_nightly(orthanc.source, str(tiny_artifact), root, settings)

@@ -205,7 +205,7 @@ def _intended_use_html(t: pa.Table) -> str:
     noted = Counter(
         (u, n)
         for u, n in zip(use.to_pylist(), note.to_pylist(), strict=True)
-        if u in ("unchecked", "overridden")
+        if u in ("unchecked", "overridden", "unparseable")
     )
     if noted:
         parts.append(
