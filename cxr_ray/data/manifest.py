@@ -275,6 +275,17 @@ class ManifestSummary:
         self.labels.update(str(v) for v in ok.column("label").to_pylist())
 
 
+def manifest_schema_for(source: str) -> pa.Schema:
+    """``MANIFEST_SCHEMA`` recording ``source`` as the root its rows may point into (the
+    default of ``allowed_roots``); a DICOMweb source records none (its endpoint is checked)."""
+    if dicomweb_mod.is_dicomweb(source):
+        return MANIFEST_SCHEMA
+    fs, path = uris.resolve(source)
+    root = json.dumps([uris.display(path, fs, source)]).encode()
+    meta = dict(MANIFEST_SCHEMA.metadata or {}) | {ROOTS_KEY: root}
+    return MANIFEST_SCHEMA.with_metadata(meta)
+
+
 def write_manifest(
     source: str, out: str, settings: DataSettings, dicomweb: DicomwebSettings | None = None
 ) -> ManifestSummary:
@@ -282,14 +293,7 @@ def write_manifest(
     from cxr_ray.io.storage import atomic_parquet_writer
 
     summary = ManifestSummary(out)
-    schema = MANIFEST_SCHEMA
-    if not dicomweb_mod.is_dicomweb(source):
-        fs, path = uris.resolve(source)
-        meta = dict(schema.metadata or {}) | {
-            ROOTS_KEY: json.dumps([uris.display(path, fs, source)]).encode()
-        }
-        schema = schema.with_metadata(meta)
-    with atomic_parquet_writer(out, schema) as writer:
+    with atomic_parquet_writer(out, manifest_schema_for(source)) as writer:
         for block in iter_manifest(source, settings, dicomweb):
             writer.write_table(block)
             summary.add(block)

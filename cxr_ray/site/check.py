@@ -24,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 
 from cxr_ray.config import Settings
-from cxr_ray.data.manifest import MANIFEST_SCHEMA, read_options, source_units
+from cxr_ray.data.manifest import manifest_schema_for, read_options, source_units
 from cxr_ray.io import storage
 from cxr_ray.models.artifact import Artifact, load_artifact
 from cxr_ray.scoring.result import ScoreResult
@@ -76,7 +76,7 @@ def sample_manifest(source: str, out: str, settings: Settings, n: int, seed: int
             "status": pa.array([Status.OK.value] * len(chosen), pa.string()),
             "error": none.cast(pa.string()),
         },
-        schema=MANIFEST_SCHEMA,
+        schema=manifest_schema_for(source),  # its rows may point into SOURCE only
     )
     uri = storage.join(out, "site_sample.parquet")
     storage.ensure_dir(out)
