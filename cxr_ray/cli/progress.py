@@ -18,6 +18,8 @@ from typing import IO, Any
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cxr_ray.vocabulary import Status
+
 
 class Progress:
     """Counts rows (and error rows) of each committed block; see the module docstring."""
@@ -59,7 +61,7 @@ class Progress:
         n = table.num_rows
         errors = 0
         if "status" in table.column_names and n:
-            errors = int(pc.sum(pc.equal(table["status"], "error")).as_py() or 0)
+            errors = int(pc.sum(pc.equal(table["status"], Status.ERROR)).as_py() or 0)
         self.images += n
         self.errors += errors
         if self._bar is not None:

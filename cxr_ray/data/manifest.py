@@ -271,7 +271,7 @@ class ManifestSummary:
     def add(self, block: pa.Table) -> None:
         self.rows += block.num_rows
         self.status.update(block.column("status").to_pylist())
-        ok = block.filter(pc.equal(block.column("status"), "ok"))
+        ok = block.filter(pc.equal(block.column("status"), Status.OK))
         self.labels.update(str(v) for v in ok.column("label").to_pylist())
 
 

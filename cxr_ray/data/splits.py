@@ -16,6 +16,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxr_ray.errors import DataError
+from cxr_ray.vocabulary import Status
 
 SPLIT_FIELD = pa.field("split", pa.string(), nullable=False)
 
@@ -47,7 +48,7 @@ def split_manifest(table: pa.Table, *, val_fraction: float = 0.15, seed: int = 0
     """
     from sklearn.model_selection import StratifiedGroupKFold
 
-    ok = table.filter(pc.and_(pc.equal(table["status"], "ok"), pc.is_valid(table["label"])))
+    ok = table.filter(pc.and_(pc.equal(table["status"], Status.OK), pc.is_valid(table["label"])))
     if ok.num_rows == 0:
         raise DataError("no labelled images with status 'ok' to split")
     ok = ok.sort_by([("image_id", "ascending"), ("uri", "ascending")])

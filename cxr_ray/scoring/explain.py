@@ -21,6 +21,7 @@ from PIL import Image
 
 from cxr_ray.models.card import ModelCard
 from cxr_ray.models.factory import CxrNet
+from cxr_ray.vocabulary import Status
 
 
 def gradcam(
@@ -126,7 +127,7 @@ class Explainer:
 
         n = len(batch["uri"])
         uris = np.full(n, None, dtype=object)
-        ok = batch["status"] == "ok"
+        ok = batch["status"] == Status.OK.value
         want = (ok & batch["flagged"].astype(bool)) if self.only_flagged else ok
         idx = np.flatnonzero(want)
         if self.limit is not None:

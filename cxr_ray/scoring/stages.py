@@ -33,6 +33,7 @@ from cxr_ray.imaging.preprocess import PreprocessSpec, decode, sniff_format, to_
 from cxr_ray.imaging.stats import INPUT_STATS
 from cxr_ray.labels import LABELS, NORMAL
 from cxr_ray.models.intended_use import IntendedUse, UseCheck, use_columns
+from cxr_ray.vocabulary import Status
 
 logger = logging.getLogger(__name__)
 
@@ -103,7 +104,7 @@ def decode_stage(
         data, error = row["data"], row["error"]
         info = identify(row["name"], row["uri"])
         raw = header = check = None
-        status = "ok"
+        status = Status.OK.value
         if error is None and data is not None:
             fmt = sniff_format(data, row["name"])
             try:
@@ -113,7 +114,7 @@ def decode_stage(
             if error is None and intended_use is not None:
                 check = intended_use.check(header, enforce=enforce_intended_use)
                 if not check.scored:
-                    status, error = "skipped", check.reason
+                    status, error = Status.SKIPPED.value, check.reason
             if error is None and gpu_jpeg and fmt == "jpeg":
                 raw = data
             elif error is None:
@@ -128,7 +129,9 @@ def decode_stage(
         out["uri"].append(row["uri"])
         out["patient_id"].append(info.patient_id)
         out["label"].append(row.get("label") or info.label)
-        out["status"].append(status if status == "skipped" else ("error" if error else "ok"))
+        if status != Status.SKIPPED:
+            status = Status.ERROR.value if error else Status.OK.value
+        out["status"].append(status)
         out["error"].append(error)
         jpeg.append(raw)
         headers.append(header)
@@ -273,7 +276,7 @@ class CxrPredictor:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = dict(batch)  # the stage may replace arrays, never the caller's dict
         status_in = batch["status"]
-        ok = status_in == "ok"
+        ok = status_in == Status.OK.value
         s = self._score(batch, ok)
         errors, scored = s.errors, s.scored
         lost = ok & ~scored & (errors == None)  # noqa: E711  (object array)
@@ -300,9 +303,9 @@ class CxrPredictor:
         out["prob_pneumonia"] = pneumonia.astype(np.float32)
         out["flagged"] = flagged
         # Rows that came in skipped stay skipped (with their reason); failures become errors.
-        out["status"] = np.where(ok, "ok", np.where(status_in == "skipped", "skipped", "error")).astype(
-            object
-        )
+        skipped = status_in == Status.SKIPPED.value
+        status = np.where(ok, Status.OK.value, np.where(skipped, Status.SKIPPED.value, Status.ERROR.value))
+        out["status"] = status.astype(object)
         out["error"] = np.where(ok, np.array(None), errors)
         out["engine"] = np.full(len(ok), self.engine.name, dtype=object)
         # Drift inputs: features of scored rows only; input statistics of every decoded row.

@@ -36,6 +36,7 @@ import pyarrow.compute as pc
 from cxr_ray.io.columns import described
 from cxr_ray.labels import LABELS
 from cxr_ray.metrics import Metrics, classification_metrics
+from cxr_ray.vocabulary import Status
 
 __all__ = ["KEY_KINDS", "STUDIES_SCHEMA", "STUDY_INPUT_COLUMNS", "study_metrics", "study_table"]
 
@@ -151,9 +152,9 @@ def study_table(predictions: pa.Table, *, frontal_views: Collection[str] = ("PA"
         {
             "_kind": kind,
             "_key": pc.coalesce(uid, pid, iid, uri),
-            "_ok": pc.equal(status, "ok").fill_null(False).cast(pa.int64()),
-            "_skipped": pc.equal(status, "skipped").fill_null(False).cast(pa.int64()),
-            "_error": pc.equal(status, "error").fill_null(False).cast(pa.int64()),
+            "_ok": pc.equal(status, Status.OK).fill_null(False).cast(pa.int64()),
+            "_skipped": pc.equal(status, Status.SKIPPED).fill_null(False).cast(pa.int64()),
+            "_error": pc.equal(status, Status.ERROR).fill_null(False).cast(pa.int64()),
             "_idx": pa.array(np.arange(predictions.num_rows, dtype=np.int64)),
             **{k: col[k] for k in ("label", *_IDENTIFIERS)},
         }

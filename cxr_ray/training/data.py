@@ -23,6 +23,7 @@ from cxr_ray.data.splits import data_fingerprint, split_manifest
 from cxr_ray.errors import DataError, DecodeError
 from cxr_ray.imaging.preprocess import PreprocessSpec, decode
 from cxr_ray.models.card import spec_for
+from cxr_ray.vocabulary import Status
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,7 @@ def load_split_table(source: str, settings: Settings) -> pa.Table:
     if not rows:
         raise DataError(f"no images found in {source!r}")
     table = pa.concat_tables(rows)
-    bad = int(pc.sum(pc.not_equal(table["status"], "ok")).as_py() or 0)
+    bad = int(pc.sum(pc.not_equal(table["status"], Status.OK)).as_py() or 0)
     if bad:
         logger.warning("%d of %d files in %s are unusable and are left out", bad, table.num_rows, source)
     return split_manifest(table, val_fraction=settings.data.val_fraction, seed=settings.data.split_seed)
