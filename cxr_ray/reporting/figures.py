@@ -14,14 +14,19 @@ from cxr_ray import metrics
 from cxr_ray.labels import LABELS, NORMAL
 
 
-def fig_png(fig: Any) -> str:
+def fig_bytes(fig: Any, dpi: float | None = None) -> bytes:
+    """A matplotlib figure as PNG bytes (laid out tight, then closed)."""
     import matplotlib.pyplot as plt
 
     buf = io.BytesIO()
     fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
+    fig.savefig(buf, format="png", dpi=dpi or "figure")
     plt.close(fig)
-    return base64.b64encode(buf.getvalue()).decode()
+    return buf.getvalue()
+
+
+def fig_png(fig: Any) -> str:
+    return base64.b64encode(fig_bytes(fig, dpi=100)).decode()
 
 
 def img(b64: str, alt: str) -> str:

@@ -7,12 +7,12 @@ module needs nothing from ``cxr_ray.site``. No names, URIs or patient ids appear
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 import numpy as np
 
 from cxr_ray.labels import LABELS, NORMAL
+from cxr_ray.reporting.figures import fig_bytes
 
 
 def figure_png(
@@ -50,11 +50,7 @@ def figure_png(
     b.set_ylim(0, 1.05)
     b.set_title("site sample, 95% bootstrap intervals")
     b.legend(loc="lower right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return fig_bytes(fig)
 
 
 def format_comparison(result: dict[str, Any], names: tuple[str, str] = ("parent", "calibrated")) -> str:

@@ -9,7 +9,6 @@ the drift reference (``cxr_ray.models.reference``) is built from the validation 
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import math
 import platform
@@ -26,6 +25,7 @@ from cxr_ray.models.artifact import Artifact, card_for, save_artifact, weights_b
 from cxr_ray.models.card import ModelCard
 from cxr_ray.models.factory import create_model
 from cxr_ray.models.reference import build_reference
+from cxr_ray.reporting.figures import fig_bytes
 from cxr_ray.training.checkpoint import load_state
 
 if TYPE_CHECKING:
@@ -82,11 +82,7 @@ def training_curve_png(history: list[dict[str, float]]) -> bytes:
     b.set_ylim(0.5, 1.0)
     b.grid(alpha=0.3)
     b.legend(loc="lower right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+    return fig_bytes(fig)
 
 
 def write_artifact(
