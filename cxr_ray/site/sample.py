@@ -290,7 +290,12 @@ def load_sample(
     if records is not None:
         records = _labelled_records(records, csv_labels, kind, labelled, excluded)
         _count_check([LABELS.index(r.label or "") for r in records], min_size, min_per_class, "")
-        units = manifest_mod.uri_units([(r.uri, r.name, r.label) for r in records], options.rows_per_block)
+        units = manifest_mod.uri_units(
+            [(r.uri, r.name, r.label) for r in records],
+            options.rows_per_block,
+            roots=tuple(settings.data.allowed_roots) or None,  # data.allowed_roots, when set
+            dicomweb=settings.dicomweb,
+        )
         by_uri = {r.uri: r for r in records}
     else:
         try:
