@@ -316,17 +316,18 @@ def _std(ref: DriftReference) -> np.ndarray:
     return np.maximum(ref.pca_std.astype(np.float64), 1e-6)
 
 
-def run_estimator(art: Artifact) -> EstimateAccumulator:
+def run_estimator(art: Artifact, reference: DriftReference | None = None) -> EstimateAccumulator:
     """The accumulator a scoring run of ``art`` feeds: CBPE always; ATC and the domain
-    classifier when the artifact has a drift reference (with its validation labels)."""
-    ref = None
+    classifier when the artifact has a drift reference (with its validation labels).
+    ``reference``: the artifact's reference already read (by the drift check), else read here."""
+    ref = reference
     labels = None
     if art.reference is not None:
         from cxr_ray.errors import ModelError
         from cxr_ray.models.reference import read_reference
 
         try:
-            ref = read_reference(art.reference)
+            ref = ref if ref is not None else read_reference(art.reference)
             labels = reference_labels(art, ref)
         except (ModelError, OSError) as exc:
             logger.warning("performance estimate without the drift reference: %s", exc)

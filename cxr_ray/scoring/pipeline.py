@@ -230,7 +230,7 @@ def score(
     result.source, result.settings = safe_uri(source), redacted_settings(settings)
     ds = build_dataset(source, art, plan, settings, out_dir=out, seen=seen)
     drift, result.drift = drift_accumulator(art, settings.drift)
-    estimator = run_estimator(art)
+    estimator = run_estimator(art, drift.ref if drift is not None else None)  # the reference read once
     acc = _write_predictions(
         ds, result, settings.score, drift=drift, on_block=on_block, started=started, estimator=estimator
     )
