@@ -247,6 +247,7 @@ def _parse(data: bytes) -> Any:
     ds = pydicom.dcmread(
         io.BytesIO(data), force=not has_magic, stop_before_pixels=True, specific_tags=list(_TAGS)
     )
+    _drop_truncated(ds, data)
     # force=True "parses" any bytes; a real header has file meta or one of the tags we read.
     found = _safe(lambda: "TransferSyntaxUID" in ds.file_meta) or any(
         _safe(lambda kw=kw: kw in ds) for kw in _TAGS[1:]
@@ -258,6 +259,61 @@ def _parse(data: bytes) -> Any:
             else "not a DICOM file (no DICM marker and no DICOM image tags)"
         )
     return ds
+
+
+#: pydicom's "undefined length" marker (sequences and encapsulated data).
+_UNDEFINED = 0xFFFFFFFF
+_TRANSFER_SYNTAX_TAG = 0x00020010
+
+
+def _drop_truncated(ds: Any, data: bytes) -> None:
+    """Remove every element whose value the file cut short (``read_header`` of a truncated file).
+
+    pydicom keeps what it could read of the last element, so a file cut inside a value would
+    yield its prefix (PatientID ``SECRET`` of ``SECRET-ID-42``, StudyInstanceUID ``1.2.``):
+    a plausible, wrong value. An element read shorter than its declared length is dropped,
+    so the field is ``None``. The file meta's transfer syntax is converted while pydicom
+    reads (it chooses the encoding), so its raw length is read again from the file meta here.
+    """
+    from pydicom.dataelem import RawDataElement
+
+    for dataset in (ds, _safe(lambda: ds.file_meta)):
+        if dataset is None:
+            continue
+        for tag, elem in list(dataset._dict.items()):
+            if isinstance(elem, RawDataElement) and _short(elem):
+                del dataset._dict[tag]
+    meta = _safe(lambda: ds.file_meta)
+    if meta is not None and _TRANSFER_SYNTAX_TAG in meta._dict and _meta_syntax_truncated(data):
+        del meta._dict[_TRANSFER_SYNTAX_TAG]
+
+
+def _short(elem: Any) -> bool:
+    """Whether a raw element's value is shorter than the length its header declares."""
+    if elem.length == _UNDEFINED:
+        return False
+    value = elem.value
+    return value is not None and isinstance(value, bytes | bytearray) and len(value) < elem.length
+
+
+def _meta_syntax_truncated(data: bytes) -> bool:
+    """Whether the file meta's TransferSyntaxUID element runs past the end of ``data``."""
+    from pydicom.dataelem import RawDataElement
+    from pydicom.filereader import data_element_generator
+
+    start = 132 if data[128:132] == b"DICM" else 0
+    if data[start : start + 2] != b"\x02\x00":
+        return False
+    elements = data_element_generator(
+        io.BytesIO(data[start:]), False, True, stop_when=lambda tag, vr, length: tag >> 16 != 2
+    )
+    try:
+        for elem in elements:
+            if elem.tag == _TRANSFER_SYNTAX_TAG:
+                return isinstance(elem, RawDataElement) and _short(elem)
+    except Exception:  # a meta pydicom cannot walk: the syntax is not to be trusted
+        return True
+    return False
 
 
 def _safe(fn: Any) -> Any:
