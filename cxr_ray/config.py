@@ -206,6 +206,11 @@ class ScoreSettings(_Section):
     explain: Literal["none", "flagged", "all"] = "none"
     #: At most this many heatmaps per explaining actor (``None``: no limit).
     explain_limit: int | None = Field(default=None, ge=1)
+    #: Deliver each study's DICOM result objects (SR, and a Secondary Capture when flagged)
+    #: to a PACS: ``dicomweb[s]://HOST:PORT/PATH`` (STOW-RS, credentials and retries of
+    #: ``[dicomweb]``) or ``dicom://AET@HOST:PORT`` (C-STORE, ``[dicomweb.dimse]``);
+    #: ``None``: not delivered (``cxr_ray.writeback.deliver``, docs/WRITEBACK.md).
+    results_to: str | None = None
     #: Where exported ONNX models, INT8 models and TensorRT engines are cached on each node.
     #: Resolved to an absolute path on the driver (``~`` expanded; a relative path anchors at
     #: the driver's working directory, which under ``ray job submit`` is a per-package copy
@@ -215,6 +220,11 @@ class ScoreSettings(_Section):
     #: ``skipped`` rows with the reason. ``false`` is the research override: they are scored,
     #: and every such row says so in ``intended_use`` / ``intended_use_note``.
     enforce_intended_use: bool = True
+    #: Score images whose intended-use tags are present but malformed (``PatientAge`` ``0045Y``,
+    #: ``Modality`` with a control character) instead of skipping them: the operator's opt-in
+    #: (``--score-unparseable``), on top of the model card's own ``score_unparseable``; every
+    #: such row is ``unparseable`` with a note saying it was scored by the opt-in.
+    score_unparseable: bool = False
     #: Research exports: replace patient_id, accession_number, the study/series/instance UIDs
     #: and the uri of every output row with keyed HMAC-SHA256 pseudonyms
     #: (``cxr_ray.scoring.pseudonymize``), stable for one key. Needs ``pseudonym_key``.
@@ -342,8 +352,50 @@ _DICOM_DATE_RANGE = re.compile(r"^(\d{8})?(-(\d{8})?)?$")
 _QIDO_RESERVED = {"limit", "offset", "includefield", "fuzzymatching"}
 
 
+_AE_TITLE = re.compile(r"^[\x21-\x5b\x5d-\x7e][\x20-\x5b\x5d-\x7e]{0,15}$")
+
+
+def check_ae_title(value: str) -> str:
+    """A DICOM AE title: 1-16 printable ASCII characters, no backslash, not all spaces."""
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(f"{value!r} is not a DICOM AE title (1-16 printable ASCII characters, no backslash)")
+    return value.rstrip()
+
+
+class DimseSettings(_Section):
+    """DIMSE transport (``dicom://AET@HOST:PORT``): C-FIND/C-GET/C-MOVE sources and C-STORE
+    delivery (``cxr_ray.data.dimse``, ``cxr_ray.writeback.cstore``). The filters, retries and
+    backoff are the ``[dicomweb]`` section's (``study_date``, ``modalities``, ``query``,
+    ``timezone``, ``lookback_days``, ``retries``, ``backoff_s``, ``max_backoff_s``): one set for
+    a PACS, whichever protocol it speaks."""
+
+    #: Our (calling) AE title; the PACS must know it (and, for C-MOVE, where it listens).
+    calling_aet: str = "CXRRAY"
+    #: How a source's instances are retrieved: ``get`` (C-GET: on the association we open,
+    #: parallel across read tasks, no inbound port) or ``move`` (C-MOVE to the storage SCP
+    #: cxr-ray runs on ``move_port``; one read task per node at a time holds that port).
+    retrieve: Literal["get", "move"] = "get"
+    #: Where our storage SCP listens for C-MOVE (the PACS sends to calling_aet at this
+    #: machine's address and this port: register it there).
+    move_port: int = Field(default=11113, ge=1, le=65535)
+    #: The address the C-MOVE storage SCP binds (``0.0.0.0``: every interface). It accepts
+    #: associations from the source's AE title only.
+    move_bind: str = "127.0.0.1"
+    connect_timeout_s: PositiveFloat = 10.0
+    #: Longest wait for an association answer and for each DIMSE message.
+    dimse_timeout_s: PositiveFloat = 60.0
+
+    @field_validator("calling_aet")
+    @classmethod
+    def _aet(cls, v: str) -> str:
+        return check_ae_title(v)
+
+
 class DicomwebSettings(_Section):
     """DICOMweb sources (``dicomweb://HOST:PORT/PATH``, ``dicomwebs://`` for HTTPS).
+
+    Also the filters, retries and backoff of DIMSE sources (``dicom://AET@HOST:PORT``), whose
+    transport settings are ``dimse`` (``[dicomweb.dimse]``).
 
     QIDO-RS filters, paging, timeouts, retries and credentials. Credentials are secrets:
     never logged, never in error messages, shown as ``**********`` in any dump of settings.
@@ -392,6 +444,8 @@ class DicomwebSettings(_Section):
     #: Requests in flight at once: listing studies' instances on the driver, and retrieving
     #: instances in each Ray read task (on top of the read tasks running in parallel).
     concurrency: int = Field(default=4, ge=1, le=64)
+    #: DIMSE sources and C-STORE delivery (``[dicomweb.dimse]``, ``CXR_DICOMWEB__DIMSE__*``).
+    dimse: DimseSettings = DimseSettings()
 
     @field_validator("study_date")
     @classmethod

@@ -269,3 +269,45 @@ def test_decode_stage_skips_an_unparseable_image():
     assert out["status"].tolist() == ["skipped"] and not out["decoded"][0]
     assert out["intended_use"].tolist() == ["unparseable"]
     assert "PatientAge" in out["error"][0] and "PatientAge" in out["intended_use_note"][0]
+
+
+def test_score_unparseable_flag_through_the_cli(ray_local, tiny_artifact, tmp_path):
+    """``PatientAge=0045Y`` via ``cxr-ray score``: skipped by default; scored with
+    ``--score-unparseable``, the outcome and the opt-in recorded per row and in summary.json."""
+    import pyarrow.parquet as pq
+    from click.testing import CliRunner
+
+    from cxr_ray.cli import main
+
+    src = tmp_path / "dicoms"
+    src.mkdir()
+    (src / "age_0045Y.dcm").write_bytes(_malformed_dicom("PatientAge", "0045Y"))
+    (src / "good.dcm").write_bytes(factory.make_image(factory.real_jpegs(1)[0], factory.Tags(modality="DX")))
+    env = {"CXR_SCORE__CACHE_DIR": str(tmp_path / "cache")}
+
+    def run(out: str, *flags: str) -> dict[str, dict[str, object]]:
+        args = ["score", str(src), "--model", str(tiny_artifact), "--out", str(tmp_path / out), *flags]
+        result = CliRunner().invoke(main, args, env=env)
+        assert result.exit_code == 0, result.output
+        rows = pq.read_table(tmp_path / out / "predictions.parquet").to_pylist()
+        return {str(r["uri"]).rsplit("/", 1)[-1]: r for r in rows}
+
+    default = run("default")
+    bad = default["age_0045Y.dcm"]
+    assert bad["status"] == "skipped" and bad["intended_use"] == "unparseable"
+    assert "PatientAge" in (bad["intended_use_note"] or "") and "PatientAge" in (bad["error"] or "")
+    assert default["good.dcm"]["status"] == "ok" and default["good.dcm"]["intended_use"] == "in_scope"
+    summary = json.loads((tmp_path / "default" / "summary.json").read_text())
+    assert summary["settings"]["score"]["score_unparseable"] is False
+
+    opted = run("opted", "--score-unparseable")
+    bad = opted["age_0045Y.dcm"]
+    assert bad["status"] == "ok" and bad["intended_use"] == "unparseable"
+    assert bad["prob_pneumonia"] is not None
+    assert "opt-in" in (bad["intended_use_note"] or "") and "PatientAge" in (bad["intended_use_note"] or "")
+    summary = json.loads((tmp_path / "opted" / "summary.json").read_text())
+    assert summary["settings"]["score"]["score_unparseable"] is True
+    # The same flag on the other scoring commands (and so on their jobs, which reuse them).
+    for command in ("screen", "nightly"):
+        shown = CliRunner().invoke(main, [command, "--help"])
+        assert "--score-unparseable" in shown.output, command

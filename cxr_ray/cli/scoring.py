@@ -80,6 +80,13 @@ def _engine_flags(fn: F) -> F:
             default=None,
             help="Research override: score images outside the model's intended use too (recorded per row).",
         ),
+        click.option(
+            "--score-unparseable",
+            is_flag=True,
+            default=None,
+            help="Score images whose intended-use tags are present but malformed (PatientAge 0045Y, "
+            "Modality with a control character) instead of skipping them (recorded per row).",
+        ),
     ]
     for option in reversed(options):
         fn = option(fn)
@@ -109,6 +116,7 @@ def _score_overrides(flags: dict[str, Any]) -> dict[str, Any]:
             "pseudonymize": flags.pop("pseudonymize", None),
             "pseudonymize_level": flags.pop("pseudonymize_level", None),
             "enforce_intended_use": None if outside is None else not outside,
+            "score_unparseable": flags.pop("score_unparseable", None),
             "engine": flags.pop("engine", None),
             "batch_size": flags.pop("batch_size", None),
             "actors_min": actors,

@@ -45,6 +45,7 @@ from cxr_ray.imaging.preprocess import PreprocessSpec
 from cxr_ray.io import storage
 from cxr_ray.models.artifact import Artifact, load_artifact
 from cxr_ray.models.card import spec_for
+from cxr_ray.models.intended_use import IntendedUse
 from cxr_ray.scoring.drift import DriftAccumulator
 from cxr_ray.scoring.drift_io import drift_accumulator, write_drift
 from cxr_ray.scoring.estimate import EstimateAccumulator, run_estimator
@@ -120,7 +121,7 @@ def build_dataset(
             "spec": plan.spec,
             "seen": seen,
             "gpu_jpeg": gpu_actors and sc.gpu_decode and not explain,
-            "intended_use": art.card.intended_use_policy,
+            "intended_use": intended_use_policy(art, sc),
             "enforce_intended_use": sc.enforce_intended_use,
         },
     )
@@ -162,6 +163,15 @@ def build_dataset(
             "limit": sc.explain_limit,
         },
     )
+
+
+def intended_use_policy(art: Artifact, sc: ScoreSettings) -> IntendedUse:
+    """The model card's intended-use block, with the operator's ``score.score_unparseable``
+    opt-in applied (the card's own opt-in stays on when set)."""
+    policy = art.card.intended_use_policy
+    if sc.score_unparseable and not policy.score_unparseable:
+        return policy.model_copy(update={"score_unparseable": True})
+    return policy
 
 
 def starvation(sc: ScoreSettings, cluster_cpus: float) -> str | None:
