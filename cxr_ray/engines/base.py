@@ -13,7 +13,8 @@ once per node:
    The payload travels to actors through the Ray object store, so it works on any node.
 2. ``build(payload) -> Engine`` inside each actor: loads the payload onto the actor's device.
 
-``engine="auto"`` is resolved on the driver for CPU actors. For GPU actors it is resolved
+``engine="auto"`` is resolved on the driver for CPU actors (``engines.choice``: a faster CPU
+engine only where its agreement check with fp32 passed). For GPU actors it is resolved
 where each actor runs (the driver may have no GPU): the payload then carries every form, and
 ``build`` tries tensorrt > torch (CUDA) > onnxruntime > torch (CPU), falling back with one
 warning that names why a faster engine could not be built.
@@ -98,6 +99,11 @@ class PrepareReport:
     #: INT8 onnxruntime only: the quantized model against fp32 on the validation images.
     int8_check: dict[str, Any] | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    #: ``auto`` on CPU actors: the agreement check that chose the engine (``engines.choice``).
+    engine_check: dict[str, Any] | None = None
+    #: The drift reference recomputed with the chosen engine, for the run to use instead of
+    #: the artifact's (``None``: the artifact's applies; see ``engines.choice``).
+    drift_reference: bytes | None = field(default=None, repr=False)
 
 
 def _cuda_available() -> bool:
@@ -234,14 +240,20 @@ def engine_module(name: str) -> ModuleType:
 
 
 def prepare(
-    art: Artifact, engine: str, options: EngineOptions, spec: PreprocessSpec
+    art: Artifact, engine: str, options: EngineOptions, spec: PreprocessSpec, *, cpu: bool = False
 ) -> tuple[EnginePayload, PrepareReport]:
     """Driver side: what actors need to build ``engine`` for ``art``, and what it took.
 
-    ``engine`` is a concrete engine or ``auto`` (GPU actors: resolved in each actor). An
-    ``auto`` payload carries the torch weights and the fp32 ONNX model (what tensorrt,
-    torch and onnxruntime need), not INT8 forms: those are opt-in with a named engine.
+    ``engine`` is a concrete engine or ``auto``. With ``cpu`` (CPU actors), ``auto`` is
+    resolved here by ``engines.choice.choose_cpu_engine`` (a faster engine only where its
+    agreement check with fp32 on the artifact's validation images passed, else onnxruntime
+    fp32); ``onnx_precision = "int8"`` keeps its meaning there (onnxruntime INT8). Otherwise
+    (GPU actors: resolved in each actor) an ``auto`` payload carries the torch weights and the
+    fp32 ONNX model (what tensorrt, torch and onnxruntime need), not INT8 forms: those are
+    opt-in with a named engine.
     """
+    if engine == "auto" and cpu:
+        return _prepare_cpu_auto(art, options, spec)
     if engine != "auto":
         payload, report = engine_module(engine).prepare(art, options, spec)
         return payload, report
@@ -250,6 +262,29 @@ def prepare(
     onnx_payload, onnx_report = engine_module("onnxruntime").prepare(art, fp32, spec)
     payload = EnginePayload("auto", art.card, fp32, weights=torch_payload.weights, onnx=onnx_payload.onnx)
     return payload, PrepareReport("auto", onnx_cache=onnx_report.onnx_cache)
+
+
+def _prepare_cpu_auto(
+    art: Artifact, options: EngineOptions, spec: PreprocessSpec
+) -> tuple[EnginePayload, PrepareReport]:
+    if options.onnx_precision == "int8":  # an explicit opt-in: onnxruntime INT8, as before
+        payload, report = engine_module("onnxruntime").prepare(art, options, spec)
+        return payload, report
+    from cxr_ray.engines.choice import choose_cpu_engine
+    from cxr_ray.engines.onnx_export import cached_onnx
+
+    onnx, hit = cached_onnx(art, options.cache_dir)
+    choice = choose_cpu_engine(art, options, spec, onnx)
+    opts = replace(options, openvino_precision=choice.precision) if choice.engine == "openvino" else options
+    payload = EnginePayload(choice.engine, art.card, opts, onnx=onnx)
+    report = PrepareReport(
+        choice.engine,
+        choice.precision,
+        "hit" if hit else "built",
+        engine_check=choice.record,
+        drift_reference=choice.drift_reference,
+    )
+    return payload, report
 
 
 def _auto_trt_precision(options: EngineOptions) -> str:

@@ -28,6 +28,7 @@ import json
 import logging
 import struct
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
@@ -133,8 +134,13 @@ def build_reference(
     max_images: int | None = 2000,
     seed: int = 0,
     batch_size: int = 32,
+    outputs: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]] | None = None,
 ) -> bytes:
     """The drift reference of ``art`` (safetensors bytes) from its validation images.
+
+    ``outputs`` maps ``uint8 [n, H, W]`` preprocessed images to (raw logits, features); by
+    default ``network_outputs`` (torch fp32). A scoring engine's own outputs give a reference
+    comparable with that engine's runs (``engines.choice``, for bf16 engines).
 
     ``split`` is a split table (``split``/``uri`` columns) or its ``val`` rows; by default
     ``ARTIFACT/split.parquet``. At most ``max_images`` (a seeded sample) are used. Images
@@ -176,7 +182,7 @@ def build_reference(
             "drift reference: %d of %d validation images could not be read", unreadable, rows.num_rows
         )
     px = np.stack(pixels)
-    logits, feats = network_outputs(art, px, batch_size=batch_size)
+    logits, feats = outputs(px) if outputs is not None else network_outputs(art, px, batch_size=batch_size)
     stats = input_stats(px, np.array(widths), np.array(heights))
     return reference_from_arrays(
         art.card,

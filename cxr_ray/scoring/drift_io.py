@@ -54,17 +54,19 @@ DRIFT_TABLE_SCHEMA = described(
 
 
 def drift_accumulator(
-    art: Artifact, settings: DriftSettings
+    art: Artifact, settings: DriftSettings, *, reference: bytes | None = None
 ) -> tuple[DriftAccumulator | None, dict[str, Any]]:
     """The run's drift accumulator (``None`` when there is nothing to compare with) and the
-    ``drift`` entry of the summary until the check has run."""
+    ``drift`` entry of the summary until the check has run. ``reference``: the artifact's
+    reference recomputed with the run's engine (``PrepareReport.drift_reference``, bf16
+    engines), used instead of ``art.reference``."""
     if not settings.enabled:
         return None, {"status": "disabled", "alert": False}
     if art.reference is None:
         logger.info("drift: no reference in this artifact (add one with `cxr-ray drift-reference`)")
         return None, {"status": "no_reference", "alert": False}
     try:
-        return DriftAccumulator(read_reference(art.reference), art.card, settings), {}
+        return DriftAccumulator(read_reference(reference or art.reference), art.card, settings), {}
     except ModelError as exc:  # the scoring run goes on; the check says why it did not run
         logger.warning("drift: the artifact's reference cannot be used: %s", exc)
         return None, {"status": "error", "alert": False, "note": str(exc)}
