@@ -149,6 +149,15 @@ def _date(value: Any) -> str | None:
     return str(value).replace("-", "")[:8] or None
 
 
+def _orientation(value: Any) -> tuple[str, str] | None:
+    parts = (
+        [str(v).strip() for v in value]
+        if isinstance(value, list | tuple | pydicom.multival.MultiValue)
+        else []
+    )
+    return (parts[0], parts[1]) if len(parts) == 2 and all(parts) else None
+
+
 @dataclass(frozen=True, slots=True)
 class SourceRef:
     """The driving image of a study: its UIDs and the identifiers the new objects copy."""
@@ -167,6 +176,8 @@ class SourceRef:
     study_id: str | None = None
     referring_physician_name: str | None = None
     modality: str | None = None
+    #: PatientOrientation (0020,0020) of the source, e.g. ``("L", "F")``; None when unknown.
+    patient_orientation: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         missing = [f.name for f in fields(self)[:4] if not getattr(self, f.name)]
@@ -210,6 +221,7 @@ class SourceRef:
             study_id=get("StudyID"),
             referring_physician_name=get("ReferringPhysicianName"),
             modality=get("Modality"),
+            patient_orientation=_orientation(ds.get("PatientOrientation")),
         )
 
     def to_dataset(self) -> pydicom.Dataset:

@@ -178,7 +178,10 @@ def build_sr(
     )
     others = [source_ref(s) for s in evidence]
     sr = hd.sr.Comprehensive3DSR(
-        evidence=[ref.to_dataset(), *(o.to_dataset() for o in others if o.sop_instance_uid != ref.sop_instance_uid)],
+        evidence=[
+            ref.to_dataset(),
+            *(o.to_dataset() for o in others if o.sop_instance_uid != ref.sop_instance_uid),
+        ],
         content=report[0],
         series_instance_uid=uids.sr_series_uid,
         series_number=SR_SERIES_NUMBER,
@@ -191,5 +194,5 @@ def build_sr(
         contributing_equipment=contributing_equipment(model),
     )
     sr.SeriesDescription = SERIES_DESCRIPTION
-    sr.CodingSchemeIdentificationSequence = coding_schemes()
+    sr.CodingSchemeIdentificationSequence = coding_schemes()  # type: ignore[assignment]
     return sr
