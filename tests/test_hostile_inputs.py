@@ -148,7 +148,7 @@ def test_hostile_archive_gives_error_rows_and_exit_0(ray_local, tiny_artifact, t
         "escapes the archive root",
         "absolute path",
         "refusing to follow",
-        "no 'image' column",
+        "no image column",
         "null in bytes column",
         "DICOM",
     ):

@@ -24,7 +24,7 @@ from cxr_ray import labels as labels_mod
 from cxr_ray.config import DataSettings, DicomwebSettings
 from cxr_ray.data import dicomweb as dicomweb_mod
 from cxr_ray.data.sources import ImageRef, ReadOptions, ReadUnit, chunk_refs, list_source, units_from_uris
-from cxr_ray.errors import DataError, DecodeError
+from cxr_ray.errors import DataError, DecodeError, error_code, row_text, safe_row_error
 from cxr_ray.imaging.preprocess import PreprocessSpec, decode
 from cxr_ray.io import uris
 from cxr_ray.io.columns import described
@@ -44,6 +44,7 @@ MANIFEST_SCHEMA = pa.schema(
         pa.field("bytes", pa.int64()),
         pa.field("status", pa.string(), nullable=False),
         pa.field("error", pa.string()),
+        pa.field("error_code", pa.string()),  # version 2
     ]
 )
 #: ``cxr-ray manifest`` output: one row per listed image, each column described.
@@ -59,10 +60,11 @@ MANIFEST_SCHEMA = described(
         "height": ("decoded image height", "pixels"),
         "bytes": ("file size", "bytes"),
         "status": "ok, or error (unreadable, undecodable)",
-        "error": "what was wrong (null when ok)",
+        "error": "what was wrong (null when ok): `<error_code>: <detail>`, never a path, name or UID",
+        "error_code": "the reason code of an error row (docs/OUTPUTS.md, Reason codes; null when ok)",
     },
     table="manifest",
-    version=1,
+    version=2,
 )
 
 #: Schema metadata key: the source roots a manifest's URIs were listed under (JSON list).
@@ -94,14 +96,14 @@ def inspect_block(batch: pa.Table, *, max_pixels: int) -> pa.Table:
         data: bytes | None = row["data"]
         info = identify(row["name"], row["uri"])
         fmt = width = height = image_id = None
-        error = row["error"]
+        error = safe_row_error(row["error"])
         if data is not None:
             image_id = hashlib.sha256(data).hexdigest()
             try:
                 d = decode(data, spec, row["name"])
                 fmt, width, height = d.format, d.width, d.height
             except DecodeError as exc:
-                error = str(exc)
+                error = row_text(exc)
         values = {
             "uri": row["uri"],
             "image_id": image_id,
@@ -113,6 +115,7 @@ def inspect_block(batch: pa.Table, *, max_pixels: int) -> pa.Table:
             "bytes": None if data is None else len(data),
             "status": Status.ERROR.value if error else Status.OK.value,
             "error": error,
+            "error_code": error_code(error),
         }
         for k, v in values.items():
             cols[k].append(v)
@@ -182,6 +185,10 @@ def source_units(source: str, options: ReadOptions) -> list[ReadUnit]:
     """Read units of ``source``: a PACS (``dicomweb://``) or what ``sources`` lists."""
     if dicomweb_mod.is_dicomweb(source):
         return dicomweb_mod.list_units(source, options)
+    if source.lower().startswith("dicom://"):  # a DIMSE PACS (C-FIND, C-GET / C-MOVE)
+        from cxr_ray.data import dimse
+
+        return dimse.list_units(source, options)
     return list_source(source, options)
 
 

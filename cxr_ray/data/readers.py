@@ -16,7 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from cxr_ray.data.sources import RAW_SCHEMA, ReadOptions, ReadUnit, list_tar, member_ref, tar_problem
+from cxr_ray.errors import row_error
 from cxr_ray.io import uris
+from cxr_ray.vocabulary import ErrorCode
 
 #: Parquet read buffer: column chunks are read in pieces this size, not whole (memory).
 _BUFFER = 1 << 20
@@ -65,7 +67,9 @@ def read_unit(unit: ReadUnit, options: ReadOptions) -> Iterator[pa.Table]:
         # The container itself broke mid-way (truncated tar, bad zip): every entry not yet
         # produced becomes an error row so no image is silently lost. The exception's text
         # can quote the container's path or a member name: only its type is kept.
-        reason = f"unreadable_container: cannot read the {unit.kind} source ({type(exc).__name__})"
+        reason = row_error(
+            ErrorCode.UNREADABLE_CONTAINER, f"cannot read the {unit.kind} source ({type(exc).__name__})"
+        )
         for ref in unit.refs:
             if ref.uri not in done:
                 rows.add(ref.uri, ref.name, None, reason, ref.label)
@@ -83,18 +87,20 @@ def read_unit(unit: ReadUnit, options: ReadOptions) -> Iterator[pa.Table]:
 
 def _too_big(size: int, options: ReadOptions) -> str | None:
     if size > options.max_file_bytes:
-        return f"too_big: file is {size} bytes, over the {options.max_file_bytes}-byte limit"
+        return row_error(
+            ErrorCode.TOO_BIG, f"file is {size} bytes, over the {options.max_file_bytes}-byte limit"
+        )
     return None
 
 
 def _os_reason(exc: BaseException) -> str:
     """An I/O failure without the path pyarrow and the OS put in their messages."""
     if isinstance(exc, FileNotFoundError):
-        return "unreadable_file: file not found"
+        return row_error(ErrorCode.NOT_FOUND, "file not found")
     if isinstance(exc, PermissionError):
-        return "unreadable_file: permission denied"
+        return row_error(ErrorCode.UNREADABLE_FILE, "permission denied")
     strerror = getattr(exc, "strerror", None)
-    return f"unreadable_file: cannot read file ({strerror or type(exc).__name__})"
+    return row_error(ErrorCode.UNREADABLE_FILE, f"cannot read file ({strerror or type(exc).__name__})")
 
 
 def _read_files(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
@@ -126,13 +132,18 @@ def _read_zip(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
                 problem = _too_big(info.file_size, options)
                 yield ref.uri, ref.name, None if problem else zf.read(info), problem
             except KeyError:
-                yield ref.uri, ref.name, None, "not_found: member not found in the zip archive"
+                yield (
+                    ref.uri,
+                    ref.name,
+                    None,
+                    row_error(ErrorCode.NOT_FOUND, "member not found in the zip archive"),
+                )
             except Exception as exc:
                 yield (
                     ref.uri,
                     ref.name,
                     None,
-                    f"unreadable_member: cannot read zip member ({type(exc).__name__})",
+                    row_error(ErrorCode.UNREADABLE_MEMBER, f"cannot read zip member ({type(exc).__name__})"),
                 )
 
 
@@ -155,7 +166,12 @@ def _read_tar(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
                     }
                 span = spans.get(ref.uri)
             if span is None:
-                yield ref.uri, ref.name, None, "not_found: member not found in the tar archive"
+                yield (
+                    ref.uri,
+                    ref.name,
+                    None,
+                    row_error(ErrorCode.NOT_FOUND, "member not found in the tar archive"),
+                )
                 continue
             problem = _too_big(span[1], options)
             if problem:
@@ -164,7 +180,12 @@ def _read_tar(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
             f.seek(span[0])
             data = f.read(span[1])
             if len(data) != span[1]:
-                yield ref.uri, ref.name, None, "truncated: tar archive is truncated inside this member"
+                yield (
+                    ref.uri,
+                    ref.name,
+                    None,
+                    row_error(ErrorCode.TRUNCATED, "tar archive is truncated inside this member"),
+                )
             else:
                 yield ref.uri, ref.name, data, None
 
@@ -189,7 +210,7 @@ def _read_tar_stream(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
                 ref.uri,
                 ref.name,
                 fobj.read() if fobj else None,
-                None if fobj else "unreadable_member: unreadable",
+                None if fobj else row_error(ErrorCode.UNREADABLE_MEMBER, "no data in the member"),
             )
 
 
@@ -222,9 +243,9 @@ def _parquet_rows(
     col = options.bytes_column
     missing = None
     if col not in names:
-        missing = (
-            f"no_column: Parquet source has no {col!r} column (columns: {sorted(names)}); "
-            "set data.bytes_column"
+        missing = row_error(
+            ErrorCode.NO_COLUMN,
+            f"Parquet source has no {col} column (it has {len(names)} columns); set data.bytes_column",
         )
     data_col = table.column(col).to_pylist() if missing is None else [None] * table.num_rows
     name_col = (
@@ -238,9 +259,16 @@ def _parquet_rows(
         if missing:
             yield uri, name, None, missing
         elif data is None:
-            yield uri, name, None, f"null_bytes: null in bytes column {col!r}"
+            yield uri, name, None, row_error(ErrorCode.NULL_BYTES, "null in bytes column")
         elif not isinstance(data, bytes | bytearray | memoryview):
-            yield uri, name, None, f"wrong_type: column {col!r} holds {type(data).__name__}, not image bytes"
+            yield (
+                uri,
+                name,
+                None,
+                row_error(
+                    ErrorCode.WRONG_TYPE, f"the bytes column holds {type(data).__name__}, not image bytes"
+                ),
+            )
         else:
             problem = _too_big(len(data), options)
             yield uri, name, None if problem else bytes(data), problem
@@ -283,17 +311,24 @@ def _read_members(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
                 yield row[0], wanted[member].name, row[2], row[3]
     for member, ref in wanted.items():
         if member not in found:
-            yield ref.uri, ref.name, None, "not_found: entry not found in its container"
+            yield ref.uri, ref.name, None, row_error(ErrorCode.NOT_FOUND, "entry not found in its container")
 
 
 def _read_dicomweb(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
-    from cxr_ray.data.dicomweb import read_instances
+    from cxr_ray.data.dicomweb_wado import read_instances
+
+    return read_instances(unit, options)
+
+
+def _read_dimse(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
+    from cxr_ray.data.dimse import read_instances
 
     return read_instances(unit, options)
 
 
 _READERS = {
     "dicomweb": _read_dicomweb,
+    "dimse": _read_dimse,
     "files": _read_files,
     "zip": _read_zip,
     "tar": _read_tar,

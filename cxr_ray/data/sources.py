@@ -28,8 +28,9 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from cxr_ray.errors import DataError
+from cxr_ray.errors import DataError, row_error
 from cxr_ray.io import uris
+from cxr_ray.vocabulary import ErrorCode
 
 if TYPE_CHECKING:
     from cxr_ray.config import DicomwebSettings
@@ -65,7 +66,7 @@ class ImageRef:
 class ReadUnit:
     """Work for one read task: entries of one container (or plain files)."""
 
-    kind: str  # files | zip | tar | tar-stream | parquet | members | dicomweb
+    kind: str  # files | zip | tar | tar-stream | parquet | members | dicomweb | dimse
     container: str | None = None
     refs: list[ImageRef] = field(default_factory=list)
     row_group: int | None = None
@@ -113,10 +114,13 @@ def list_source(source: str, options: ReadOptions | None = None) -> list[ReadUni
         except DataError:
             if info.type != pafs.FileType.Directory:
                 raise  # the source itself is unusable (e.g. a wrong column type): exit 2
-            plain.append((ImageRef(shown, name, error=f"unusable_container: unusable {kind} table"), 0))
+            reason = row_error(ErrorCode.UNUSABLE_CONTAINER, f"unusable {kind} table (column types)")
+            plain.append((ImageRef(shown, name, error=reason), 0))
         except Exception as exc:  # a broken archive is one error row, not a failed run
             # The exception's text can quote the path or a member name: its type only.
-            reason = f"unreadable_container: cannot open {kind} archive ({type(exc).__name__})"
+            reason = row_error(
+                ErrorCode.UNREADABLE_CONTAINER, f"cannot open {kind} archive ({type(exc).__name__})"
+            )
             plain.append((ImageRef(shown, name, error=reason), 0))
     units[:0] = chunk_refs(plain, options.rows_per_block)
     return units
@@ -206,10 +210,19 @@ def _walk_local(root: str) -> tuple[list[tuple[str, str, int, str]], list[ImageR
             if os.path.islink(full) and not _inside(full, real_root):
                 error(
                     full,
-                    "symlink_outside_root: directory symlink points outside the source root; not followed",
+                    row_error(
+                        ErrorCode.SYMLINK_OUTSIDE_ROOT,
+                        "directory symlink points outside the source root; not followed",
+                    ),
                 )
             elif real in visited:
-                error(full, "duplicate_folder: folder already listed (a directory symlink); not listed twice")
+                error(
+                    full,
+                    row_error(
+                        ErrorCode.DUPLICATE_FOLDER,
+                        "folder already listed (a directory symlink); not listed twice",
+                    ),
+                )
             else:
                 visited.add(real)
                 continue
@@ -218,17 +231,20 @@ def _walk_local(root: str) -> tuple[list[tuple[str, str, int, str]], list[ImageR
             full = os.path.join(dirpath, fname)
             problem = uris.utf8_problem(full)
             if problem is None and os.path.islink(full) and not _inside(full, real_root):
-                problem = (
-                    "symlink_outside_root: symlink points outside the source root; refusing to follow it"
+                problem = row_error(
+                    ErrorCode.SYMLINK_OUTSIDE_ROOT,
+                    "symlink points outside the source root; refusing to follow it",
                 )
+            if problem is None and os.path.islink(full) and not os.path.exists(full):
+                problem = row_error(ErrorCode.LINK_DANGLING, "symlink whose target does not exist")
             if problem is None:
                 try:
                     st = os.stat(full)
                 except OSError as exc:
-                    problem = f"unreadable_file: cannot stat file ({exc.strerror})"
+                    problem = row_error(ErrorCode.UNREADABLE_FILE, f"cannot stat file ({exc.strerror})")
                 else:
                     if not stat.S_ISREG(st.st_mode):
-                        problem = "not_regular: not a regular file"
+                        problem = row_error(ErrorCode.NOT_REGULAR, "not a regular file")
             if problem is not None:
                 error(full, problem)
             else:
@@ -289,9 +305,9 @@ def _list_zip(fs: pafs.FileSystem, path: str, shown: str) -> list[ImageRef]:
 def tar_problem(member: tarfile.TarInfo) -> str | None:
     # Never the link target: it is a path, and paths hold names.
     if member.issym() or member.islnk():
-        return "link_member: link member; refusing to follow it"
+        return row_error(ErrorCode.LINK_MEMBER, "link member; refusing to follow it")
     if not member.isfile():
-        return "not_regular: not a regular file member"
+        return row_error(ErrorCode.NOT_REGULAR, "not a regular file member")
     return None
 
 

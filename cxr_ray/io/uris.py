@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pyarrow.fs as pafs
 
-from cxr_ray.errors import DataError
+from cxr_ray.errors import DataError, row_error
+from cxr_ray.vocabulary import ErrorCode
 
 MEMBER_SEP = "!/"
 TAR_SUFFIXES = (".tar",)
@@ -52,7 +53,13 @@ def resolve(uri: str) -> tuple[pafs.FileSystem, str]:
         try:
             fs, path = pafs.FileSystem.from_uri(uri)
         except Exception as exc:  # pyarrow raises ArrowInvalid / OSError with a useful text
-            raise DataError(f"cannot open {uri!r}: {exc}") from exc
+            # Never the URI or the library's text (either can quote a path or a credential).
+            scheme = uri.split("://", 1)[0]
+            raise DataError(
+                f"cannot open a {scheme}:// location ({type(exc).__name__}); check the URI and "
+                "its credentials",
+                code=ErrorCode.UNREADABLE_FILE,
+            ) from None
         return fs, path
     local = uri.removeprefix("file://")
     return pafs.LocalFileSystem(), str(Path(local).expanduser().absolute())
@@ -93,23 +100,24 @@ def unsafe_member_reason(member: str) -> str | None:
     reason never quotes the name (it can hold a patient's name); the row's ``uri`` has it.
     """
     if member.startswith(("/", "\\")) or (len(member) > 1 and member[1] == ":"):
-        return "unsafe_member: unsafe archive member: absolute path"
+        return row_error(ErrorCode.UNSAFE_MEMBER, "unsafe archive member: absolute path")
     norm = posixpath.normpath(member.replace("\\", "/"))
     if norm == ".." or norm.startswith("../") or "/../" in f"/{member.replace(chr(92), '/')}/":
-        return "unsafe_member: unsafe archive member: '..' escapes the archive root"
+        return row_error(ErrorCode.UNSAFE_MEMBER, "unsafe archive member: a .. part escapes the archive root")
     return None
 
 
 #: Schemes a manifest row may use besides local paths and ``file://`` (pyarrow filesystems).
 #: DICOMweb rows are checked against ``dicomweb.endpoints`` instead (``data.dicomweb``).
 OBJECT_STORE_SCHEMES = ("s3", "gs", "gcs", "hdfs", "abfs", "abfss")
-URI_NOT_ALLOWED = (
-    "uri_not_allowed: the manifest names a location outside the allowed roots "
-    "(data.allowed_roots); it was not read"
+URI_NOT_ALLOWED = row_error(
+    ErrorCode.URI_NOT_ALLOWED,
+    "the manifest names a location outside the allowed roots (data.allowed_roots); it was not read",
 )
-SCHEME_NOT_ALLOWED = (
-    "uri_not_allowed: the manifest names a scheme cxr-ray does not read from a manifest "
-    "(local paths, file://, " + ", ".join(f"{s}://" for s in OBJECT_STORE_SCHEMES) + ")"
+SCHEME_NOT_ALLOWED = row_error(
+    ErrorCode.URI_NOT_ALLOWED,
+    "the manifest names a scheme cxr-ray does not read from a manifest (it reads local paths and "
+    "the schemes file, " + ", ".join(OBJECT_STORE_SCHEMES) + ")",
 )
 
 
@@ -168,7 +176,9 @@ def utf8_problem(name: str) -> str | None:
     try:
         name.encode("utf-8")
     except UnicodeEncodeError:
-        return "not_utf8: file name is not valid UTF-8; rename it (e.g. with convmv) to score it"
+        return row_error(
+            ErrorCode.NOT_UTF8, "file name is not valid UTF-8; rename it (e.g. with convmv) to score it"
+        )
     return None
 
 

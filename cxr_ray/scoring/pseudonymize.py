@@ -21,8 +21,9 @@ What becomes what (nulls stay null):
 
 Levels (``score.pseudonymize_level``):
 
-- ``basic`` (the default): the above; ``error`` texts lose anything quoted, path-like or
-  UID-shaped. Kept as they are: ``image_id`` (a SHA-256 of the file bytes: whoever holds the
+- ``basic`` (the default): the above; ``error`` and ``intended_use_note`` texts lose anything
+  quoted, path-like or UID-shaped (``error_code`` is a closed vocabulary and kept). Kept as
+  they are: ``image_id`` (a SHA-256 of the file bytes: whoever holds the
   file can find its row), exact ``study_date``, ``patient_age_years``, ``patient_sex``,
   ``manufacturer`` and the acquisition columns.
 - ``strict``: also ``study_date`` shifted by a keyed per-patient offset (-365..+365 days, the
@@ -51,6 +52,7 @@ from cxr_ray.errors import ConfigError
 __all__ = [
     "ID_COLUMNS",
     "MIN_KEY_BYTES",
+    "TEXT_COLUMNS",
     "UID_COLUMNS",
     "URI_COLUMNS",
     "pseudonym_id",
@@ -68,6 +70,8 @@ _DROPPED_STRICT = ("patient_sex", "manufacturer")
 UID_COLUMNS: tuple[str, ...] = ("study_instance_uid", "series_instance_uid", "sop_instance_uid")
 ID_COLUMNS: tuple[str, ...] = ("patient_id", "accession_number")
 URI_COLUMNS: tuple[str, ...] = ("uri", "driving_uri", "heatmap_uri")
+#: Free-text columns: quoted, path-like and UID-shaped text cut out (``safe_error``).
+TEXT_COLUMNS: tuple[str, ...] = ("error", "intended_use_note")
 
 
 def _check_key(key: bytes) -> None:
@@ -133,10 +137,11 @@ def pseudonymize_table(
     mappers = _mappers(key)
     targets = [*UID_COLUMNS, *ID_COLUMNS, *(URI_COLUMNS if include_uris else ())]
     out = _strict(table, key) if level == "strict" else table
-    if "error" in out.column_names:
-        i = out.schema.get_field_index("error")
-        errors = _map_unique(out.column("error").combine_chunks(), safe_error)
-        out = out.set_column(i, out.schema.field("error"), errors.cast(out.schema.field("error").type))
+    for name in TEXT_COLUMNS:  # free text: scrubbed (cxr-ray's own texts carry no identifier)
+        if name in out.column_names:
+            i = out.schema.get_field_index(name)
+            texts = _map_unique(out.column(name).combine_chunks(), safe_error)
+            out = out.set_column(i, out.schema.field(name), texts.cast(out.schema.field(name).type))
     for name in targets:
         if name not in table.column_names:
             continue

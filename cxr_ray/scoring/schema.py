@@ -15,13 +15,14 @@ from datetime import UTC, datetime
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from cxr_ray.errors import error_code, safe_row_error
 from cxr_ray.imaging.dicom import DICOM_FIELDS
 from cxr_ray.io.columns import column, described
 from cxr_ray.models.intended_use import INTENDED_USE_FIELDS
-from cxr_ray.vocabulary import Status
+from cxr_ray.vocabulary import ERROR_CODES, ErrorCode, Status
 
 #: Bump when a column is added (columns are never renamed or retyped).
-PREDICTIONS_VERSION = 1
+PREDICTIONS_VERSION = 2
 
 _OK_ONLY = "null unless status is ok"
 PREDICTIONS_SCHEMA = described(
@@ -74,12 +75,26 @@ PREDICTIONS_SCHEMA = described(
                 "never scored)",
                 nullable=False,
             ),
-            column("error", pa.string(), "why the row is an error or skipped (null when ok)"),
+            column(
+                "error",
+                pa.string(),
+                "why the row is an error or skipped (null when ok): `<error_code>: <detail>`, the "
+                "detail fixed text with numbers, formats or tag keywords only (never a path, file or "
+                "member name, link target or UID: where the row came from is its uri)",
+            ),
             column("heatmap_uri", pa.string(), "the Grad-CAM overlay PNG, when explained"),
             # DICOM header (null for JPEG/PNG; described in cxr_ray.imaging.dicom_header) and
             # the intended-use check of each image.
             *DICOM_FIELDS,
             *INTENDED_USE_FIELDS,
+            # Version 2.
+            column(
+                "error_code",
+                pa.string(),
+                "the reason code of error and skipped rows (null when ok), one of: "
+                + ", ".join(ERROR_CODES)
+                + " (docs/OUTPUTS.md, Reason codes)",
+            ),
         ]
     ),
     {
@@ -115,6 +130,16 @@ def with_run_columns(batch: pa.Table, *, version: str, run_id: str) -> pa.Table:
             cols[f.name] = pa.nulls(n, f.type)
     cols["run_id"] = pa.array([run_id] * n, pa.string())
     cols["scored_at"] = pa.array([now] * n, pa.timestamp("us", tz="UTC"))
+    # The last line of defence: every error text is "<code>: <safe detail>" (text from any
+    # stage that is not is "internal: ..." with paths, names and UIDs cut out), its code a column.
+    errors = [
+        safe_row_error(e if isinstance(e, str) else None)
+        if s == Status.OK or isinstance(e, str)
+        else ErrorCode.INTERNAL.value  # an error or skipped row always says why
+        for s, e in zip(cols["status"].to_pylist(), cols["error"].to_pylist(), strict=True)
+    ]
+    cols["error"] = pa.array(errors, pa.string())
+    cols["error_code"] = pa.array([error_code(e) for e in errors], pa.string())
     # Error rows carry no prediction: null, not the NaN / False placeholders of the batch.
     ok = pc.fill_null(pc.equal(cols["status"], Status.OK), False)
     for name in PREDICTION_COLUMNS:

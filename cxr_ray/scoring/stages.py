@@ -27,13 +27,13 @@ import numpy as np
 import pyarrow as pa
 
 from cxr_ray.data.manifest import identify
-from cxr_ray.errors import DecodeError
+from cxr_ray.errors import DecodeError, row_error, row_text, safe_row_error
 from cxr_ray.imaging.dicom import DicomHeader, header_columns, read_header
 from cxr_ray.imaging.preprocess import PreprocessSpec, decode, sniff_format, to_model_input
 from cxr_ray.imaging.stats import INPUT_STATS
 from cxr_ray.labels import LABELS, NORMAL
 from cxr_ray.models.intended_use import IntendedUse, UseCheck, use_columns
-from cxr_ray.vocabulary import Status
+from cxr_ray.vocabulary import ErrorCode, Status
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,23 @@ INPUT_STATS_COLUMN = "input_stats"
 #: undecoded JPEG bytes, which rows hold decoded pixels and their original size (0 where
 #: unknown), and the predictor's drift inputs.
 INTERNAL = ("pixels", "jpeg", "decoded", "source_width", "source_height", FEATURES, INPUT_STATS_COLUMN)
-_NOT_DECODED = "internal error: the image was not decoded before scoring (no prediction given)"
+_NOT_DECODED = row_error(ErrorCode.INTERNAL, "the image was not decoded before scoring (no prediction given)")
+_NOT_FINITE = row_error(ErrorCode.NOT_FINITE, "model output is not finite")
+
+
+def _read_header(data: bytes) -> tuple[DicomHeader | None, str | None]:
+    """(header, None) or (None, the row error): unreadable DICOM unless the error says more."""
+    try:
+        return read_header(data), None
+    except DecodeError as exc:
+        code = ErrorCode.DICOM_UNREADABLE if exc.code == ErrorCode.UNDECODABLE else exc.code
+        return None, row_error(code, str(exc))
+
+
+def _skip_reason(check: UseCheck) -> str:
+    """A skipped row's ``error``: ``out_of_scope`` or ``unparseable_tag`` and the check's reason."""
+    code = ErrorCode.UNPARSEABLE_TAG if check.outcome == "unparseable" else ErrorCode.OUT_OF_SCOPE
+    return row_error(code, check.reason or "outside the model's intended use")
 
 
 class SeenFilter(Protocol):
@@ -101,20 +117,18 @@ def decode_stage(
     headers: list[DicomHeader | None] = []
     checks: list[UseCheck | None] = []
     for i, (row, image_id) in enumerate(zip(rows, ids, strict=True)):
-        data, error = row["data"], row["error"]
+        # A reader's error text is "<code>: <detail>" already; anything else becomes internal.
+        data, error = row["data"], safe_row_error(row["error"])
         info = identify(row["name"], row["uri"])
         raw = header = check = None
         status = Status.OK.value
         if error is None and data is not None:
             fmt = sniff_format(data, row["name"])
-            try:
-                header = read_header(data) if fmt == "dicom" else None
-            except DecodeError as exc:
-                error = str(exc)
+            header, error = _read_header(data) if fmt == "dicom" else (None, None)
             if error is None and intended_use is not None:
                 check = intended_use.check(header, enforce=enforce_intended_use)
                 if not check.scored:
-                    status, error = Status.SKIPPED.value, check.reason
+                    status, error = Status.SKIPPED.value, _skip_reason(check)
             if error is None and gpu_jpeg and fmt == "jpeg":
                 raw = data
             elif error is None:
@@ -122,9 +136,9 @@ def decode_stage(
                     d = decode(data, spec, row["name"])
                     pixels[i], sizes[i], decoded[i] = d.pixels, (d.width, d.height), True
                 except DecodeError as exc:
-                    error = str(exc)
+                    error = row_text(exc)
         elif error is None:
-            error = "no image data"
+            error = row_error(ErrorCode.NO_DATA, "the row has no image bytes")
         out["image_id"].append(image_id)
         out["uri"].append(row["uri"])
         out["patient_id"].append(info.patient_id)
@@ -216,7 +230,7 @@ class CxrPredictor:
             try:
                 d = decode(batch["jpeg"][i], self.spec)
             except DecodeError as exc:
-                errors[i] = str(exc)
+                errors[i] = row_text(exc)
                 continue
             batch["pixels"][i], sizes[i] = d.pixels, (d.width, d.height)
             done.append(i)
@@ -260,7 +274,7 @@ class CxrPredictor:
                 scored[rows] = True
             for k, e in enumerate(gpu.errors):
                 if e is not None:
-                    errors[pending[k]] = e
+                    errors[pending[k]] = safe_row_error(e, ErrorCode.UNDECODABLE)
         elif pending:  # undecoded JPEGs reached an actor that cannot decode them on a GPU
             # Ray hands the actor read-only (zero-copy) arrays: decode into a copy.
             batch["pixels"] = np.array(batch["pixels"], copy=True)
@@ -286,7 +300,7 @@ class CxrPredictor:
         # Calibration in float64, the same for every engine; unscored rows stay NaN.
         probs = np.asarray(self.card.probabilities(s.logits.astype(np.float64)), np.float64)
         finite = np.isfinite(probs).all(axis=1) & np.isfinite(s.logits).all(axis=1)
-        errors = np.where(ok & scored & ~finite & (errors == None), "model output is not finite", errors)  # noqa: E711
+        errors = np.where(ok & scored & ~finite & (errors == None), _NOT_FINITE, errors)  # noqa: E711
         ok = ok & scored & finite
         assert not (ok & ~scored).any(), "a row is ok only if the model scored its decoded pixels"
         pneumonia = 1.0 - probs[:, self.normal]
