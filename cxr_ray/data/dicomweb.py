@@ -14,11 +14,12 @@ in TOML, ``CXR_DICOMWEB__*`` in the environment); credentials never go in the UR
   study attributes such as ``AccessionNumber``, ``PatientID`` or ``StudyDescription``.
   Studies are packed whole into read units of at most ``data.rows_per_block`` instances (a
   bigger study is split), so each Ray read task retrieves whole studies.
-- **Retrieval** (inside Ray read tasks, in parallel across the cluster): WADO-RS, one
-  instance per request, in the transfer syntax it is stored in, as DICOM Part 10 bytes for the
-  usual decode path. ``dicomweb-client`` parses the answer and pydicom writes the file again,
-  which gives back the stored bytes for well-formed files (tested against Orthanc), so an
-  image has the same ``image_id`` (SHA-256) in the PACS as in an export of it.
+- **Retrieval** (inside Ray read tasks, in parallel across the cluster; ``dicomweb_wado``):
+  WADO-RS Retrieve Instance, header and pixels in one response, ``dicomweb.concurrency``
+  requests in flight per task on one keep-alive session, in the transfer syntax the instance
+  is stored in (``transfer-syntax=*``; the server's default where it refuses that), as the
+  stored DICOM Part 10 bytes for the usual decode path, so an image has the same
+  ``image_id`` (SHA-256) in the PACS as in an export of it.
 - **Failures**: a timeout, a connection error or an HTTP 5xx/408/429 is retried with
   exponential backoff (``retries``, ``backoff_s`` doubling to ``max_backoff_s``). An instance
   that keeps failing becomes an error row (no bytes, a reason); once the server looks down,
@@ -39,19 +40,24 @@ lines and error messages carry no UIDs or patient identifiers.
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import re
 import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 from cxr_ray.config import DicomwebSettings
-from cxr_ray.data.dicomweb_http import Caller, describe, make_client, retriable, server_gone
+from cxr_ray.data.dicomweb_http import (
+    Caller,
+    describe,
+    make_client,
+    ordered_map,
+    retriable,
+    server_gone,
+)
 from cxr_ray.data.sources import ImageRef, ReadOptions, ReadUnit
 from cxr_ray.errors import DataError
 
@@ -62,7 +68,6 @@ __all__ = [
     "is_dicomweb",
     "list_units",
     "make_client",
-    "read_instances",
     "retriable",
     "units_for_uris",
 ]
@@ -75,8 +80,6 @@ _INSTANCE = re.compile(
 )
 # DICOM JSON tags of the QIDO-RS answers we read.
 _STUDY_UID, _SERIES_UID, _SOP_UID, _MODALITY = "0020000D", "0020000E", "00080018", "00080060"
-# Retrieve in the stored transfer syntax: no transcoding on the server, no quality loss.
-_AS_STORED = (("application/dicom", "*"),)
 NOT_CONFIGURED = (
     "endpoint_not_configured: the manifest names a DICOMweb service that is not in "
     "dicomweb.endpoints; not contacted (credentials go only to configured services)"
@@ -239,10 +242,6 @@ def _threaded(
 
     ``work`` must not raise. Closing the iterator early cancels what has not started.
     """
-    if threads <= 1 or len(items) <= 1:
-        client = new_client()
-        yield from (work(client, item) for item in items)
-        return
     local = threading.local()
 
     def run(item: Any) -> T:
@@ -250,11 +249,7 @@ def _threaded(
             local.client = new_client()
         return work(local.client, item)
 
-    pool = ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="dicomweb")
-    try:
-        yield from pool.map(run, items)
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    return ordered_map(items, run, threads)
 
 
 def list_units(source: str, options: ReadOptions) -> list[ReadUnit]:
@@ -367,63 +362,3 @@ def units_for_uris(
     for base, studies in grouped.items():
         units.extend(pack(base, studies.values(), rows))
     return units
-
-
-# ----------------------------------------------------------------------------- retrieval
-
-
-def read_instances(
-    unit: ReadUnit, options: ReadOptions
-) -> Iterator[tuple[str, str, bytes | None, str | None]]:
-    """WADO-RS retrieval of every instance of ``unit``: ``(uri, name, data, error)`` each."""
-    settings = options.dicomweb or DicomwebSettings()
-    assert unit.container is not None
-    if all(ref.error for ref in unit.refs):  # e.g. a service not configured: never contacted
-        for ref in unit.refs:
-            yield ref.uri, ref.name, None, ref.error
-        return
-    try:
-        url = endpoint(unit.container).url
-        make_client(url, settings)  # refuses credentials over plain HTTP without the opt-in
-    except DataError as exc:
-        for ref in unit.refs:
-            yield ref.uri, ref.name, None, ref.error or f"dicomweb_refused: {exc}"
-        return
-    call = _Caller(settings)
-
-    def one(client: Any, ref: ImageRef) -> tuple[str, str, bytes | None, str | None]:
-        data, error = (None, ref.error) if ref.error else _retrieve(client, ref.uri, call, options)
-        return ref.uri, ref.name, data, error
-
-    yield from _threaded(unit.refs, one, lambda: make_client(url, settings), settings.concurrency)
-    if call.retried:
-        logger.info("DICOMweb read task: %d instances, %d retried requests", len(unit.refs), call.retried)
-
-
-def _retrieve(client: Any, uri: str, call: _Caller, options: ReadOptions) -> tuple[bytes | None, str | None]:
-    """(Part 10 bytes, None) or (None, why not) for one instance URI; never raises."""
-    import pydicom
-
-    parsed = parse_instance_uri(uri)
-    if parsed is None:
-        return None, "not a DICOMweb instance URI (.../studies/S/series/R/instances/I)"
-    _, study, series, sop = parsed
-    try:
-        ds = call(
-            "instance retrieval",
-            functools.partial(client.retrieve_instance, study, series, sop, media_types=_AS_STORED),
-        )
-    except Exception as exc:
-        return None, f"unretrievable: cannot retrieve the instance: {describe(exc)}"
-    try:
-        buf = io.BytesIO()
-        pydicom.dcmwrite(buf, ds)
-        data = buf.getvalue()
-    except Exception as exc:
-        return (
-            None,
-            f"unwritable_instance: the server sent an instance pydicom cannot write ({type(exc).__name__})",
-        )
-    if len(data) > options.max_file_bytes:
-        return None, f"instance is {len(data)} bytes, over the {options.max_file_bytes}-byte limit"
-    return data, None

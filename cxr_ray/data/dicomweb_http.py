@@ -15,15 +15,21 @@
   ``max_backoff_s``); once the server looks down, further requests of the same caller are
   tried once until one succeeds. Retry log lines say what failed and how, never a URL (URLs
   hold UIDs) or a credential.
+- **Keep-alive and requests in flight**: ``make_session`` gives one ``requests.Session`` whose
+  connection pool holds ``pool`` connections to the endpoint, shared by the threads of
+  ``ordered_map`` (results in input order, at most a window of them held at once).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
 import time
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Generator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, TypeVar
 
 from cxr_ray.config import DicomwebSettings
@@ -32,6 +38,7 @@ from cxr_ray.errors import DataError
 logger = logging.getLogger("cxr_ray.data.dicomweb")
 
 _RETRIABLE_STATUS = {408, 429}
+R = TypeVar("R")
 _warned_insecure: set[str] = set()
 _warn_lock = threading.Lock()
 
@@ -43,6 +50,10 @@ INSECURE_REFUSED = (
 )
 
 
+def _under(url: str, prefix: str) -> bool:
+    return url == prefix or url.startswith(prefix.rstrip("/") + "/") or url.startswith(prefix + "?")
+
+
 def _endpoint_auth(prefix: str, header: str) -> Any:
     import requests
 
@@ -50,14 +61,29 @@ def _endpoint_auth(prefix: str, header: str) -> Any:
         """``Authorization: <header>`` on requests to URLs under ``prefix`` only."""
 
         def __call__(self, r: Any) -> Any:
-            url = str(r.url or "")
-            if url == prefix or url.startswith(prefix.rstrip("/") + "/") or url.startswith(prefix + "?"):
+            if _under(str(r.url or ""), prefix):
                 r.headers["Authorization"] = header
             else:
                 r.headers.pop("Authorization", None)
             return r
 
     return EndpointAuth()
+
+
+@functools.cache
+def _session_class() -> Any:
+    import requests
+
+    class EndpointSession(requests.Session):
+        """A session whose auth object decides again on every redirect: ``requests`` itself
+        keeps ``Authorization`` on a redirect to the same host, whatever the path."""
+
+        def rebuild_auth(self, prepared_request: Any, response: Any) -> None:
+            super().rebuild_auth(prepared_request, response)
+            if self.auth is not None and not isinstance(self.auth, tuple):
+                self.auth(prepared_request)
+
+    return EndpointSession
 
 
 def _basic(username: str, password: str) -> str:
@@ -67,7 +93,7 @@ def _basic(username: str, password: str) -> str:
     return f"Basic {token}"
 
 
-def _ca_adapter(ca_bundle: str) -> Any:
+def _ca_adapter(ca_bundle: str, pool: int) -> Any:
     from requests.adapters import HTTPAdapter
 
     class CaBundleAdapter(HTTPAdapter):
@@ -77,23 +103,24 @@ def _ca_adapter(ca_bundle: str) -> Any:
             kwargs["verify"] = ca_bundle
             return super().send(request, *args, **kwargs)
 
-    return CaBundleAdapter()
+    return CaBundleAdapter(pool_maxsize=pool)
 
 
 def has_credentials(settings: DicomwebSettings) -> bool:
     return settings.token is not None or settings.username is not None
 
 
-def make_client(url: str, settings: DicomwebSettings, session: Any = None) -> Any:
-    """A ``dicomweb_client.DICOMwebClient`` for the service at ``url`` (``http[s]://...``).
+def make_session(url: str, settings: DicomwebSettings, pool: int = 1, session: Any = None) -> Any:
+    """A keep-alive ``requests.Session`` for the service at ``url`` (``http[s]://...``):
+    credentials only to URLs under ``url`` (redirects included), the configured CA bundle on
+    every HTTPS request, ``pool`` connections kept open for threads sharing it.
 
-    ``session``: a ``requests.Session`` to use (e.g. with response hooks); a new one if
-    ``None``. ``DataError`` for credentials over plain HTTP without the opt-in.
+    ``session``: one to harden instead of a new one (e.g. with response hooks). ``DataError``
+    for credentials over plain HTTP without the opt-in.
     """
-    import requests
-    from dicomweb_client import DICOMwebClient
+    from requests.adapters import HTTPAdapter
 
-    session = session if session is not None else requests.Session()
+    session = session if session is not None else _session_class()()
     if has_credentials(settings):
         if url.lower().startswith("http://"):
             if not settings.allow_insecure_http:
@@ -112,23 +139,64 @@ def make_client(url: str, settings: DicomwebSettings, session: Any = None) -> An
             password = settings.password.get_secret_value() if settings.password is not None else ""
             header = _basic(settings.username or "", password)
         session.auth = _endpoint_auth(url, header)
+    if pool > 1:
+        session.mount("http://", HTTPAdapter(pool_maxsize=pool))
+        session.mount("https://", HTTPAdapter(pool_maxsize=pool))
     if settings.ca_bundle is not None:
         session.verify = settings.ca_bundle
-        session.mount("https://", _ca_adapter(settings.ca_bundle))
+        session.mount("https://", _ca_adapter(settings.ca_bundle, pool))
+    return session
+
+
+def make_client(url: str, settings: DicomwebSettings, session: Any = None, pool: int = 1) -> Any:
+    """A ``dicomweb_client.DICOMwebClient`` for the service at ``url`` (``http[s]://...``) over
+    ``make_session(url, settings, pool, session)``."""
+    from dicomweb_client import DICOMwebClient
+
     client = DICOMwebClient(
-        url, session=session, timeout=(settings.connect_timeout_s, settings.read_timeout_s)
+        url,
+        session=make_session(url, settings, pool, session),
+        timeout=(settings.connect_timeout_s, settings.read_timeout_s),
     )
     # One retry policy, ours: the client's own retries only cover a few status codes, not
     # connection errors or 500s.
     client.set_http_retry_params(retry=False)
-    # dicomweb-client logs every request's UIDs at INFO, and its `retrying` dependency a
-    # traceback per failed request at WARNING (even with retries off): identifiers stay out
-    # of logs and our retry lines say what happened. Levels set explicitly are left alone.
+    quiet_libraries()
+    return client
+
+
+def quiet_libraries() -> None:
+    """dicomweb-client logs every request's UIDs at INFO, and its ``retrying`` dependency a
+    traceback per failed request at WARNING (even with retries off): identifiers stay out of
+    logs and our retry lines say what happened. Levels set explicitly are left alone."""
     for name, level in (("dicomweb_client", logging.WARNING), ("retrying", logging.ERROR)):
         library_logger = logging.getLogger(name)
         if library_logger.level == logging.NOTSET:
             library_logger.setLevel(level)
-    return client
+
+
+def ordered_map(items: Sequence[T], work: Callable[[T], R], threads: int) -> Generator[R, None, None]:
+    """``work(item)`` for each item on ``threads`` threads, yielded in input order.
+
+    At most ``2 * threads`` items are started ahead of the one the caller waits for, so memory
+    stays bounded whatever the consumer's pace (``Executor.map`` would start them all).
+    ``work`` must not raise. Closing the iterator early cancels what has not started.
+    """
+    if threads <= 1 or len(items) <= 1:
+        yield from map(work, items)
+        return
+    window = 2 * threads
+    pending: deque[Future[R]] = deque()
+    pool = ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="dicomweb")
+    try:
+        for item in items:
+            pending.append(pool.submit(work, item))
+            if len(pending) >= window:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _status(exc: BaseException) -> int | None:
@@ -193,9 +261,11 @@ class Caller:
         self.settings = settings
         self.server_down = False
         self.retried = 0
+        self._lock = threading.Lock()  # shared by the threads of one read task
 
     def _log(self, what: str, state: Any) -> None:
-        self.retried += 1
+        with self._lock:
+            self.retried += 1
         exc = state.outcome.exception() if state.outcome is not None else None
         delay = state.next_action.sleep if state.next_action is not None else 0.0
         logger.warning(
@@ -223,7 +293,9 @@ class Caller:
         try:
             result = retrying(fn)
         except Exception as exc:
-            if retriable(exc):
+            # Only no answer at all means the server is down: an instance that keeps
+            # answering 500 must not cost the others their retries.
+            if server_gone(exc):
                 self.server_down = True
             raise
         self.server_down = False
