@@ -83,6 +83,13 @@ class Orthanc:
     users: dict[str, str] | None = None
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    #: The DICOM (DIMSE) port, or ``None`` to keep it disabled. Orthanc binds it on every
+    #: interface (no option narrows it), so tests pick a free port and use loopback.
+    dicom_port: int | None = None
+    #: Orthanc's ``DicomModalities``: name -> (AE title, host, port) of peers it may send to
+    #: (C-MOVE destinations) and that may query and retrieve.
+    dicom_modalities: dict[str, tuple[str, str, int]] = field(default_factory=dict)
+    aet: str = "ORTHANC"
 
     @property
     def base_url(self) -> str:
@@ -96,6 +103,11 @@ class Orthanc:
     def source(self) -> str:
         """The cxr-ray source string for this server (no credentials in it)."""
         return f"dicomweb://127.0.0.1:{self.port}/dicom-web"
+
+    @property
+    def dimse_source(self) -> str:
+        """The cxr-ray DIMSE address of this server (``dicom://AET@127.0.0.1:PORT``)."""
+        return f"dicom://{self.aet}@127.0.0.1:{self.dicom_port}"
 
     @property
     def credentials(self) -> tuple[str, str] | None:
@@ -132,6 +144,23 @@ class Orthanc:
             # Unknown SOP classes (and every class the tests use) are stored as received.
             "UnknownSopClassAccepted": True,
             "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "EnableWado": False},
+            **self._dicom_config(),
+        }
+
+    def _dicom_config(self) -> dict[str, Any]:
+        if self.dicom_port is None:
+            return {}
+        return {
+            "DicomServerEnabled": True,
+            "DicomPort": self.dicom_port,
+            "DicomAet": self.aet,
+            "DicomCheckCalledAet": True,
+            "DicomModalities": {k: list(v) for k, v in self.dicom_modalities.items()},
+            # Find/get/move for the registered peers only; C-STORE from anyone (the default).
+            "DicomAlwaysAllowFind": False,
+            "DicomAlwaysAllowGet": False,
+            "DicomAlwaysAllowMove": False,
+            "DicomScuTimeout": 10,
         }
 
     def _session(self) -> requests.Session:
@@ -230,12 +259,15 @@ class Orthanc:
 
 
 @contextlib.contextmanager
-def running(root: Path, users: dict[str, str] | None = None) -> Iterator[Orthanc]:
-    """A started Orthanc in ``root``; skips the calling test where it cannot run."""
+def running(root: Path, users: dict[str, str] | None = None, **dicom: Any) -> Iterator[Orthanc]:
+    """A started Orthanc in ``root``; skips the calling test where it cannot run.
+
+    ``dicom``: ``dicom_port`` and ``dicom_modalities`` (``Orthanc`` fields) for its DICOM port.
+    """
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(reason)
-    server = Orthanc(root, users=users)
+    server = Orthanc(root, users=users, **dicom)
     try:
         server.start()
     except RuntimeError as exc:

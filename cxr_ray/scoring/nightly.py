@@ -250,7 +250,8 @@ def _study_date_window(
     from ``window_start`` of the last committed run's listing time on (module docstring), so
     a nightly run lists and retrieves the new studies, not the whole archive. The window is
     recorded in the result."""
-    if not source.startswith(("dicomweb://", "dicomwebs://")) or settings.dicomweb.study_date is not None:
+    pacs = source.lower().startswith(("dicomweb://", "dicomwebs://", "dicom://"))  # DIMSE too
+    if not pacs or settings.dicomweb.study_date is not None:
         return settings
     listed = last_listed_at(root, version, so)
     if listed is None:
