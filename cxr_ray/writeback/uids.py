@@ -37,20 +37,29 @@ import hashlib
 import uuid
 from dataclasses import dataclass
 
-__all__ = ["ResultUIDs", "derived_uid", "device_uid", "result_uids"]
+__all__ = ["ResultUIDs", "derived_id", "derived_uid", "device_uid", "result_uids"]
 
 _NAMESPACE = "cxr-ray/writeback/v1"
 
 
-def derived_uid(*parts: str) -> str:
-    """A ``2.25.`` UID from the SHA-256 of ``parts`` (joined unambiguously)."""
+def _uuid(parts: tuple[str, ...]) -> uuid.UUID:
     digest = hashlib.sha256("\x1f".join((_NAMESPACE, *parts)).encode()).digest()
     value = int.from_bytes(digest[:16], "big")
     # RFC 9562 version 8 (custom) and the RFC variant bits, set by hand: Python 3.11's
     # uuid.UUID refuses version=8.
     value = (value & ~(0xF << 76)) | (0x8 << 76)
     value = (value & ~(0x3 << 62)) | (0x2 << 62)
-    return f"2.25.{uuid.UUID(int=value).int}"
+    return uuid.UUID(int=value)
+
+
+def derived_uid(*parts: str) -> str:
+    """A ``2.25.`` UID from the SHA-256 of ``parts`` (joined unambiguously)."""
+    return f"2.25.{_uuid(parts).int}"
+
+
+def derived_id(*parts: str) -> str:
+    """The same UUID as text: a FHIR resource id (``[A-Za-z0-9-.]{1,64}``)."""
+    return str(_uuid(parts))
 
 
 def device_uid(model_version: str) -> str:
