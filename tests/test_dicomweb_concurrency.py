@@ -57,7 +57,9 @@ class Proxy:
 
     def handle(self, h: http.server.BaseHTTPRequestHandler) -> None:
         with self.lock:
-            self.seen.append((h.path, h.headers.get("Accept"), h.headers.get("Authorization"), h.client_address))
+            self.seen.append(
+                (h.path, h.headers.get("Accept"), h.headers.get("Authorization"), h.client_address)
+            )
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
