@@ -51,7 +51,7 @@ from cxr_ray.scoring.drift_io import drift_accumulator, write_drift
 from cxr_ray.scoring.estimate import EstimateAccumulator, run_estimator
 from cxr_ray.scoring.evaluation import write_metrics, write_studies
 from cxr_ray.scoring.performance import append_history_rows, check_accumulated
-from cxr_ray.scoring.pseudonymize import pseudonymize_table
+from cxr_ray.scoring.pseudonymize import pseudonym_uri, pseudonymize_table
 from cxr_ray.scoring.result import (
     ScoreAccumulator,
     ScoreResult,
@@ -85,10 +85,11 @@ def plan_run(art: Artifact, settings: Settings) -> ScorePlan:
     sc = settings.score
     gpu_actors = sc.gpus_per_actor > 0
     # With GPU actors, "auto" is resolved inside each actor: the driver may have no GPU.
-    engine = "auto" if sc.engine == "auto" and gpu_actors else select_engine(sc.engine)
+    # CPU actors: "auto" is resolved on the driver, by an agreement check (engines.choice).
+    engine = "auto" if sc.engine == "auto" else select_engine(sc.engine)
     spec = spec_for(art.card, settings.data)
-    payload, report = prepare(art, engine, engine_options(sc), spec)
-    return ScorePlan(engine, payload, report, spec)
+    payload, report = prepare(art, engine, engine_options(sc), spec, cpu=not gpu_actors)
+    return ScorePlan(report.engine, payload, report, spec)
 
 
 def build_dataset(
@@ -237,9 +238,9 @@ def score(
         )
     plan = plan_run(art, settings)
     result = _new_result(out, run_id or new_run_id(), art, plan)
-    result.source, result.settings = safe_uri(source), redacted_settings(settings)
+    result.source, result.settings = _shown_source(source, settings), redacted_settings(settings)
     ds = build_dataset(source, art, plan, settings, out_dir=out, seen=seen)
-    drift, result.drift = drift_accumulator(art, settings.drift)
+    drift, result.drift = drift_accumulator(art, settings.drift, reference=plan.report.drift_reference)
     estimator = run_estimator(art, drift.ref if drift is not None else None)  # the reference read once
     acc = _write_predictions(
         ds, result, settings.score, drift=drift, on_block=on_block, started=started, estimator=estimator
@@ -260,6 +261,15 @@ def score(
     return result
 
 
+def _shown_source(source: str, settings: Settings) -> str:
+    """The source as summary.json shows it: keyed like every ``uri`` in a pseudonymised run
+    (a folder's name can be a patient's), without credentials and query string otherwise."""
+    sc = settings.score
+    if sc.pseudonymize and sc.pseudonym_key:
+        return pseudonym_uri(source, sc.pseudonym_key.get_secret_value().encode())
+    return safe_uri(source)
+
+
 def _new_result(out: str, run_id: str, art: Artifact, plan: ScorePlan) -> ScoreResult:
     """The run's result before any row: what the driver resolved (engine, precision, cache)."""
     report = plan.report
@@ -275,7 +285,8 @@ def _new_result(out: str, run_id: str, art: Artifact, plan: ScorePlan) -> ScoreR
         started_at=started_at,
         versions=library_versions(),
         engine_report={"engine": report.engine, "onnx_cache": report.onnx_cache}
-        | ({"notes": list(report.notes)} if report.notes else {}),
+        | ({"notes": list(report.notes)} if report.notes else {})
+        | ({"choice": report.engine_check} if report.engine_check else {}),
     )
 
 
