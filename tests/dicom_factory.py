@@ -529,3 +529,91 @@ def iter_copies(jpegs: Sequence[bytes], n: int, *, per_study: int = 1) -> Iterat
         assert base is not None
         tags = replace(base, sop_instance_uid=new_uid(), instance_number=i % per_study + 1)
         yield Instance(f"img{i:06d}", make_image(jpegs[i % len(jpegs)], tags), tags)
+
+
+# ----------------------------------------------------------------------------- transfer syntaxes
+
+#: The variants ``make_syntax`` builds: key -> (transfer syntax UID, what the variant is).
+SYNTAX_VARIANTS: dict[str, tuple[str, str]] = {
+    "jpeg-baseline": ("1.2.840.10008.1.2.4.50", "the original JPEG bytes, 8-bit"),
+    "jpeg-extended-8": ("1.2.840.10008.1.2.4.51", "8-bit JPEG extended (SOF1, dcmcjpeg +ee)"),
+    "jpeg-extended-12": ("1.2.840.10008.1.2.4.51", "12-bit JPEG extended (SOF1, dcmcjpeg +ee)"),
+    "jpeg-ls": ("1.2.840.10008.1.2.4.80", "12-bit JPEG-LS lossless (pyjpegls)"),
+    "j2k-lossless": ("1.2.840.10008.1.2.4.90", "12-bit JPEG 2000 lossless (openjpeg)"),
+    "j2k": ("1.2.840.10008.1.2.4.91", "12-bit JPEG 2000 lossy, ratio 10 (openjpeg)"),
+    "rle": ("1.2.840.10008.1.2.5", "8-bit RLE lossless (dcmcrle, else pydicom)"),
+    "explicit-8": ("1.2.840.10008.1.2.1", "8-bit uncompressed"),
+    "explicit-12-mono1": ("1.2.840.10008.1.2.1", "12-bit MONOCHROME1, full-range window"),
+    "explicit-12-rescale-window": (
+        "1.2.840.10008.1.2.1",
+        "12-bit, rescale slope 2 / intercept -1024, a window that clips both ends",
+    ),
+    "explicit-12-voi-lut": ("1.2.840.10008.1.2.1", "12-bit with a gamma 0.6 VOI LUT table"),
+}
+
+
+def make_syntax(jpeg: bytes, tags: Tags, variant: str) -> bytes:
+    """One image instance of ``jpeg`` in one of ``SYNTAX_VARIANTS`` (needs dcmtk's
+    ``dcmcjpeg`` for the JPEG extended variants)."""
+    import pydicom
+
+    if variant == "jpeg-baseline":
+        return make_image(jpeg, tags, syntax="jpeg")
+    twelve = variant not in ("jpeg-extended-8", "rle", "explicit-8")
+    mono1 = variant == "explicit-12-mono1"
+    data = make_image(
+        jpeg,
+        tags,
+        syntax="explicit",
+        bits_stored=12 if twelve else 8,
+        photometric="MONOCHROME1" if mono1 else "MONOCHROME2",
+    )
+    if variant.startswith("jpeg-extended"):
+        return _dcmtk("dcmcjpeg", "+ee", data)
+    ds = pydicom.dcmread(io.BytesIO(data))
+    if variant == "explicit-12-rescale-window":
+        ds.RescaleSlope, ds.RescaleIntercept, ds.RescaleType = 2, -1024, "US"
+        ds.WindowCenter, ds.WindowWidth = 3000, 5000  # clips below 500 and above 5500
+    elif variant == "explicit-12-voi-lut":
+        _add_voi_lut(ds, gamma=0.6)
+    elif variant in ("jpeg-ls", "j2k-lossless"):
+        ds.compress(SYNTAX_VARIANTS[variant][0], generate_instance_uid=False)
+    elif variant == "j2k":
+        ds.compress(SYNTAX_VARIANTS[variant][0], j2k_cr=[10], generate_instance_uid=False)
+    elif variant == "rle":
+        import shutil
+
+        if shutil.which("dcmcrle"):  # C, ~20x faster than pydicom's own RLE encoder
+            return _dcmtk("dcmcrle", "+ot", data)
+        ds.compress(SYNTAX_VARIANTS[variant][0], generate_instance_uid=False)
+    elif variant not in SYNTAX_VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}; one of {sorted(SYNTAX_VARIANTS)}")
+    return _serialise(ds)
+
+
+def _add_voi_lut(ds: Any, *, gamma: float) -> None:
+    """A VOI LUT Sequence mapping the 12-bit range through ``x ** gamma`` (window removed)."""
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence as DicomSequence
+
+    for name in ("WindowCenter", "WindowWidth"):
+        if name in ds:
+            delattr(ds, name)
+    entries = 4096
+    table = np.rint(((np.arange(entries) / (entries - 1)) ** gamma) * 65535).astype(np.uint16)
+    item = Dataset()
+    item.LUTDescriptor = [entries, 0, 16]
+    item.LUTData = table.tolist()
+    item["LUTData"].VR = "US"
+    ds.VOILUTSequence = DicomSequence([item])
+
+
+def _dcmtk(tool: str, option: str, data: bytes) -> bytes:
+    import subprocess
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        src, dst = Path(tmp) / "in.dcm", Path(tmp) / "out.dcm"
+        src.write_bytes(data)
+        subprocess.run([tool, option, str(src), str(dst)], check=True, capture_output=True)
+        return dst.read_bytes()

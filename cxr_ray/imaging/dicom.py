@@ -27,6 +27,7 @@ from cxr_ray.imaging.dicom_header import (
     quiet_pydicom,
     read_header,
 )
+from cxr_ray.vocabulary import ErrorCode
 
 logger = logging.getLogger(__name__)
 
@@ -35,6 +36,7 @@ __all__ = [
     "DICOM_FIELD_DOCS",
     "DicomHeader",
     "decode_dicom",
+    "decode_dicom_at",
     "header_columns",
     "parse_age",
     "read_header",
@@ -51,7 +53,18 @@ def _safe_message(exc: BaseException) -> str:
 
 
 def decode_dicom(data: bytes, *, max_pixels: int) -> np.ndarray:
-    """Pixels of a DICOM file as ``uint8`` HxW; ``DecodeError`` with a reason otherwise.
+    """Pixels of a DICOM file as ``uint8`` HxW at full resolution; ``DecodeError`` with a
+    reason otherwise (the reference path: ``decode_dicom_at`` with ``target=None``)."""
+    return decode_dicom_at(data, max_pixels=max_pixels, target=None)[0]
+
+
+def decode_dicom_at(
+    data: bytes, *, max_pixels: int, target: tuple[int, int] | None, oversample: int | None = None
+) -> tuple[np.ndarray, int, int]:
+    """``(uint8 pixels, width, height)`` of a DICOM's first frame; ``DecodeError`` with a
+    reason otherwise. ``width`` x ``height`` is the stored size; the pixels are that size
+    when ``target`` is ``None``, else at least ``oversample`` x ``target`` (width, height)
+    per side where a reduced decode applies (``cxr_ray.imaging.dicom_reduced``).
 
     pydicom parses elements lazily, so a corrupt element can raise (``BytesLengthException``,
     ``struct.error``, ...) on any attribute access, not only in ``dcmread``: every failure
@@ -59,21 +72,34 @@ def decode_dicom(data: bytes, *, max_pixels: int) -> np.ndarray:
     """
     try:
         with quiet_pydicom():
-            return _decode(data, max_pixels)
+            return _decode(data, max_pixels, target, oversample)
     except DecodeError:
         raise
     except Exception as exc:
-        raise DecodeError(f"unreadable DICOM: {type(exc).__name__}: {_safe_message(exc)}") from None
+        raise DecodeError(
+            f"unreadable DICOM ({type(exc).__name__})", code=ErrorCode.DICOM_UNREADABLE
+        ) from None
 
 
-def _decode(data: bytes, max_pixels: int) -> np.ndarray:
+def _decode(
+    data: bytes, max_pixels: int, target: tuple[int, int] | None, oversample: int | None
+) -> tuple[np.ndarray, int, int]:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, pixel_array
 
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
     if "PixelData" not in ds:
-        raise DecodeError("DICOM file has no pixel data (not an image object)")
+        raise DecodeError(
+            "DICOM file has no pixel data (not an image object)", code=ErrorCode.DICOM_NO_PIXELS
+        )
     frames = _check_budget(ds, max_pixels)
+    if target is not None:
+        from cxr_ray.imaging import dicom_reduced
+
+        over = dicom_reduced.DEFAULT_OVERSAMPLE if oversample is None else oversample
+        small = dicom_reduced.decode_reduced(ds, frames, target, oversample=over)
+        if small is not None:
+            return small, int(ds.Columns), int(ds.Rows)
     try:
         # Only the first frame is ever decoded (``index=0``): a multi-frame file costs one
         # frame's memory, however many it holds.
@@ -82,15 +108,18 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
         hint = f" (transfer syntax {syntax.name})" if syntax is not None else ""
         raise DecodeError(
-            f"cannot decode DICOM pixel data{hint}: {_safe_message(exc)}. cxr-ray ships the "
-            "pylibjpeg plugins (JPEG, JPEG-LS, JPEG 2000, RLE); other syntaxes need 'python-gdcm'"
+            f"cannot decode DICOM pixel data{hint} ({type(exc).__name__}). cxr-ray ships the "
+            "pylibjpeg plugins (JPEG, JPEG-LS, JPEG 2000, RLE); other syntaxes need python-gdcm",
+            code=ErrorCode.DICOM_UNSUPPORTED,
         ) from None
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
     if arr.ndim == 3:  # colour DICOM (secondary capture): luminance
         arr = arr[..., :3].astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)
         photometric = "MONOCHROME2"
     elif arr.ndim != 2:
-        raise DecodeError(f"DICOM pixel array has unexpected shape {arr.shape}")
+        raise DecodeError(
+            f"DICOM pixel array has unexpected shape {arr.shape}", code=ErrorCode.DICOM_UNSUPPORTED
+        )
     try:
         arr = apply_modality_lut(arr, ds)
         arr = apply_voi_lut(arr, ds)
@@ -101,7 +130,8 @@ def _decode(data: bytes, max_pixels: int) -> np.ndarray:
     scaled = (arr - lo) / (hi - lo) if hi > lo else np.zeros_like(arr)
     if photometric == "MONOCHROME1":
         scaled = 1.0 - scaled
-    return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+    out = np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
+    return out, out.shape[1], out.shape[0]
 
 
 def _int(ds: object, name: str, default: int | None = None) -> int:
@@ -111,7 +141,10 @@ def _int(ds: object, name: str, default: int | None = None) -> int:
     try:
         return int(value)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise DecodeError(f"unreadable DICOM: no valid {name} (the value is not a number)") from None
+        raise DecodeError(
+            f"unreadable DICOM: no valid {name} (the value is not a number)",
+            code=ErrorCode.DICOM_UNREADABLE,
+        ) from None
 
 
 def _check_budget(ds: object, max_pixels: int) -> int:
@@ -125,12 +158,13 @@ def _check_budget(ds: object, max_pixels: int) -> int:
     rows, cols = _int(ds, "Rows"), _int(ds, "Columns")
     frames, samples = _int(ds, "NumberOfFrames", 1), _int(ds, "SamplesPerPixel", 1)
     if min(rows, cols, frames, samples) < 1:
-        raise DecodeError("pixel_budget: DICOM header gives a zero or negative image size")
+        raise DecodeError("DICOM header gives a zero or negative image size", code=ErrorCode.PIXEL_BUDGET)
     total = frames * rows * cols * samples
     if total > max_pixels:
         raise DecodeError(
             f"pixel_budget: {frames} frame(s) x {cols}x{rows} x {samples} sample(s) = {total} values, "
-            f"over the {max_pixels}-pixel limit (data.max_pixels; possible decompression bomb)"
+            f"over the {max_pixels}-pixel limit (data.max_pixels; possible decompression bomb)",
+            code=ErrorCode.PIXEL_BUDGET,
         )
     syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
     if syntax is not None and getattr(syntax, "is_encapsulated", False):
@@ -141,12 +175,18 @@ def _check_budget(ds: object, max_pixels: int) -> int:
         if size is not None and size[:2] != (cols, rows):
             raise DecodeError(
                 f"frame_mismatch: the compressed frame is {size[0]}x{size[1]} but the DICOM header "
-                f"says {cols}x{rows}; refused before decoding"
+                f"says {cols}x{rows}; refused before decoding",
+                code=ErrorCode.FRAME_MISMATCH,
             )
         if size is None and _looks_like_jpeg_family(frame):
-            raise DecodeError("frame_mismatch: the compressed frame's header is unreadable; refused")
+            raise DecodeError(
+                "the compressed frame's header is unreadable; refused", code=ErrorCode.FRAME_MISMATCH
+            )
         if size is not None and size[2] * cols * rows > max_pixels:
-            raise DecodeError("pixel_budget: the compressed frame declares more samples than data.max_pixels")
+            raise DecodeError(
+                "the compressed frame declares more samples than data.max_pixels",
+                code=ErrorCode.PIXEL_BUDGET,
+            )
     return frames
 
 

@@ -3,8 +3,10 @@
 Contract (recorded in every model card and checked when a model is loaded):
 
 1. Decode to 8-bit grayscale. JPEGs are decoded in draft mode straight to the smallest
-   DCT scale that is still at least the input size (4-8x less work on full-size X-rays).
-   16-bit PNGs and DICOMs are windowed to 8 bits (see ``cxr_ray.imaging.dicom``).
+   DCT scale that is still at least the input size (4-8x less work on full-size X-rays);
+   DICOM frames likewise (DCT or JPEG 2000 resolution scaling, else a block mean:
+   ``cxr_ray.imaging.dicom_reduced``). 16-bit PNGs and DICOMs are windowed to 8 bits (see
+   ``cxr_ray.imaging.dicom``).
 2. Resize the whole image to the model's input size ignoring aspect ratio ("squash", as
    the Kermany 224 px release does), bilinear with antialiasing. Nothing about the original
    size, aspect ratio or file size survives: the dataset's normals are larger files, and a
@@ -33,7 +35,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from cxr_ray.errors import DecodeError
-from cxr_ray.vocabulary import INTENSITY_MODES
+from cxr_ray.vocabulary import INTENSITY_MODES, ErrorCode
 
 FORMATS = ("jpeg", "png", "dicom")
 #: CLAHE parameters: part of the contract (a model trained with ``clahe`` saw exactly these).
@@ -111,7 +113,8 @@ def check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
         raise DecodeError(
             f"image is {width}x{height} = {width * height} pixels, over the {max_pixels}-pixel "
-            "limit (possible decompression bomb); raise data.max_pixels if it is genuine"
+            "limit (possible decompression bomb); raise data.max_pixels if it is genuine",
+            code=ErrorCode.PIXEL_BUDGET,
         )
 
 
@@ -140,30 +143,49 @@ def _decode_pil(data: bytes, fmt: str, spec: PreprocessSpec) -> tuple[Image.Imag
     except DecodeError:
         raise
     except Image.DecompressionBombError as exc:
-        raise DecodeError(f"decompression bomb refused: {exc}") from None
+        raise DecodeError(
+            f"decompression bomb refused ({type(exc).__name__})", code=ErrorCode.PIXEL_BUDGET
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        # PIL reports truncated and corrupt data as OSError("image file is truncated ...").
-        raise DecodeError(f"corrupt or truncated {fmt.upper()}: {exc}") from None
+        # PIL reports truncated and corrupt data as OSError("image file is truncated ..."). Only
+        # the exception's type is kept: a library's message is not fixed text.
+        if "truncated" in str(exc) or isinstance(exc, EOFError):
+            raise DecodeError(
+                f"truncated {fmt.upper()} ({type(exc).__name__})", code=ErrorCode.TRUNCATED
+            ) from None
+        raise DecodeError(
+            f"corrupt or truncated {fmt.upper()} ({type(exc).__name__})", code=ErrorCode.UNDECODABLE
+        ) from None
     except Exception as exc:  # untrusted bytes: zlib.error, struct.error, ... are error rows too
-        raise DecodeError(f"corrupt {fmt.upper()}: {type(exc).__name__}: {exc}") from None
+        raise DecodeError(
+            f"corrupt {fmt.upper()} ({type(exc).__name__})", code=ErrorCode.UNDECODABLE
+        ) from None
     return gray, width, height
 
 
-def decode(data: bytes, spec: PreprocessSpec, name: str | None = None) -> Decoded:
+def decode(
+    data: bytes, spec: PreprocessSpec, name: str | None = None, *, dicom_full: bool = False
+) -> Decoded:
     """Decode and preprocess one image to ``uint8 [H, W]`` (steps 1-3 of the contract).
 
+    DICOM frames are decoded at about the input size (``cxr_ray.imaging.dicom_reduced``);
+    ``dicom_full=True`` decodes them at full resolution first, the reference the reduced
+    decode is measured against (``benchmarks/dicom_agreement.py``).
     Raises ``DecodeError`` with a message fit for an error row.
     """
     if not data:
-        raise DecodeError("empty file (0 bytes)")
+        raise DecodeError("empty file (0 bytes)", code=ErrorCode.EMPTY_FILE)
     fmt = sniff_format(data, name)
     if fmt not in FORMATS:
-        raise DecodeError(f"unsupported format ({fmt}); cxr-ray reads JPEG, PNG and DICOM")
+        raise DecodeError(
+            f"unsupported format ({fmt}); cxr-ray reads JPEG, PNG and DICOM",
+            code=ErrorCode.UNSUPPORTED_FORMAT,
+        )
     if fmt == "dicom":
-        from cxr_ray.imaging.dicom import decode_dicom
+        from cxr_ray.imaging.dicom import decode_dicom_at
 
-        arr = decode_dicom(data, max_pixels=spec.max_pixels)
-        height, width = arr.shape
+        target = None if dicom_full else (spec.width, spec.height)
+        arr, width, height = decode_dicom_at(data, max_pixels=spec.max_pixels, target=target)
         im = Image.fromarray(arr, mode="L")
     else:
         im, width, height = _decode_pil(data, fmt, spec)
