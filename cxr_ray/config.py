@@ -242,7 +242,9 @@ class ScoreSettings(_Section):
     onnx_precision: Literal["fp32", "int8"] = "fp32"
     onnx_calibration_images: int = Field(default=256, ge=8)
     #: OpenVINO CPU inference precision (engine ``openvino``). ``auto``: bf16 where the CPU
-    #: has native bf16 (AMX or AVX512-BF16), fp32 elsewhere.
+    #: has native bf16 (AMX or AVX512-BF16), fp32 elsewhere. With ``engine = "auto"`` on CPU
+    #: actors, the precisions ``auto`` may choose after their agreement check (``auto``: bf16,
+    #: then fp32; ``bf16`` / ``fp32``: that one, else onnxruntime fp32; ``engines.choice``).
     openvino_precision: Literal["auto", "bf16", "fp32"] = "auto"
     #: TensorRT build settings.
     trt_precision: Literal["fp16", "fp32", "int8"] = "fp16"
@@ -444,6 +446,9 @@ class DicomwebSettings(_Section):
     #: Requests in flight at once: listing studies' instances on the driver, and retrieving
     #: instances in each Ray read task (on top of the read tasks running in parallel).
     concurrency: int = Field(default=4, ge=1, le=64)
+    #: Blocks of ``data.rows_per_block`` instances per read task (whole studies): while one
+    #: block is decoded, the next one is being retrieved. 1: a task waits for its block.
+    blocks_per_task: int = Field(default=4, ge=1, le=64)
     #: DIMSE sources and C-STORE delivery (``[dicomweb.dimse]``, ``CXR_DICOMWEB__DIMSE__*``).
     dimse: DimseSettings = DimseSettings()
 

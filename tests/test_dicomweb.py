@@ -34,8 +34,14 @@ from tests.orthanc_server import orthanc_auth as orthanc_auth
 def _options(rows: int = 64, **dw) -> ReadOptions:
     # Fast retries: the tests stop Orthanc on purpose.
     # The test Orthanc speaks plain HTTP: credentials there need the explicit opt-in.
-    dw = {"retries": 5, "backoff_s": 0.2, "max_backoff_s": 2.0, "connect_timeout_s": 2.0,
-          "allow_insecure_http": True, **dw}
+    dw = {
+        "retries": 5,
+        "backoff_s": 0.2,
+        "max_backoff_s": 2.0,
+        "connect_timeout_s": 2.0,
+        "allow_insecure_http": True,
+        **dw,
+    }
     return ReadOptions(rows_per_block=rows, dicomweb=DicomwebSettings(**dw))
 
 
@@ -103,9 +109,12 @@ def test_unreachable_server_is_a_clear_data_error():
 def test_every_instance_is_one_row_with_the_uploaded_bytes(pacs):
     instances = factory.variants() + factory.six_file_case() + factory.archive(3, with_sr=True)
     factory.upload(instances, pacs)
-    options = _options(rows=4)
+    options = _options(rows=4, blocks_per_task=2)
     units = source_units(pacs.source, options)
-    assert all(u.kind == "dicomweb" and u.num_rows <= 4 for u in units)
+    # Read units of at most 2 blocks of 4, blocks of at most 4 rows.
+    assert all(u.kind == "dicomweb" and u.num_rows <= 8 for u in units)
+    assert max(u.num_rows for u in units) > 4
+    assert all(b.num_rows <= 4 for u in units for b in read_unit(u, options))
     # Whole studies per read unit (the 7-instance variants study is the one split).
     studies_per_unit = Counter(dicomweb.parse_instance_uri(r.uri)[1] for u in units for r in u.refs)
     assert sum(studies_per_unit.values()) == len(instances)
@@ -201,7 +210,7 @@ def test_basic_auth_success_and_a_wrong_password_is_a_clear_error(orthanc_auth, 
 def test_orthanc_restarted_mid_read_retries_and_loses_nothing(pacs, caplog):
     instances = factory.archive(6, series_per_study=2)
     factory.upload(instances, pacs)
-    options = _options(rows=2)
+    options = _options(rows=2, blocks_per_task=1)
     units = source_units(pacs.source, options)
     assert len(units) == 6
     caplog.set_level(logging.WARNING, logger="cxr_ray.data.dicomweb")

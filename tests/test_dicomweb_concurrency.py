@@ -288,3 +288,24 @@ def test_credentials_go_to_the_endpoint_only_even_on_redirects(orthanc_auth, pro
     outside = [s for s in proxy.seen if not s[0].startswith("/dicom-web/")]
     assert under and all(s[2] is not None and s[2].startswith("Basic ") for s in under)
     assert outside and all(s[2] is None for s in outside)
+
+
+def test_the_next_block_is_retrieved_while_the_last_one_is_decoded(pacs, proxy_to):
+    instances = _one_study(24)
+    factory.upload(instances, pacs)
+    proxy = proxy_to(pacs, delay_s=0.02)
+    options = ReadOptions(
+        rows_per_block=8, dicomweb=DicomwebSettings(concurrency=2, blocks_per_task=3, retries=0)
+    )
+    (unit,) = source_units(proxy.source, options)  # one read task: 3 blocks of 8
+    blocks = read_unit(unit, options)
+    first = next(blocks)
+    assert first.num_rows == 8
+    time.sleep(1.0)  # the consumer "decodes" its first block
+    fetched = len(_retrievals(proxy))
+    # The next block's instances came meanwhile (not just a couple of threads' worth), and
+    # never more than a block ahead.
+    assert 14 <= fetched <= 16
+    rest = list(blocks)
+    assert [b.num_rows for b in rest] == [8, 8]
+    assert all(r["error"] is None for b in [first, *rest] for r in b.to_pylist())

@@ -12,8 +12,9 @@ in TOML, ``CXR_DICOMWEB__*`` in the environment); credentials never go in the UR
   after paging: Orthanc 1.10 then loses whole pages). The same can happen with ``query`` keys
   a server does not index (Orthanc: those outside its main DICOM tags), so prefer indexed
   study attributes such as ``AccessionNumber``, ``PatientID`` or ``StudyDescription``.
-  Studies are packed whole into read units of at most ``data.rows_per_block`` instances (a
-  bigger study is split), so each Ray read task retrieves whole studies.
+  Studies are packed whole into read units of at most ``data.rows_per_block`` times
+  ``dicomweb.blocks_per_task`` instances (a bigger study is split), so each Ray read task
+  retrieves whole studies, a block at a time, the next block while the last is decoded.
 - **Retrieval** (inside Ray read tasks, in parallel across the cluster; ``dicomweb_wado``):
   WADO-RS Retrieve Instance, header and pixels in one response, ``dicomweb.concurrency``
   requests in flight per task on one keep-alive session, in the transfer syntax the instance
@@ -290,7 +291,7 @@ def list_units(source: str, options: ReadOptions) -> list[ReadUnit]:
             )
         else:
             by_study.append(refs)
-    units = pack(ep.source, by_study, options.rows_per_block)
+    units = pack(ep.source, by_study, options.rows_per_block * settings.blocks_per_task)
     logger.info(
         "listed %s: %d studies, %d instances, %d read units in %.1f s%s",
         ep.source,

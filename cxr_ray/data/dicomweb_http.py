@@ -175,17 +175,20 @@ def quiet_libraries() -> None:
             library_logger.setLevel(level)
 
 
-def ordered_map(items: Sequence[T], work: Callable[[T], R], threads: int) -> Generator[R, None, None]:
+def ordered_map(
+    items: Sequence[T], work: Callable[[T], R], threads: int, ahead: int = 0
+) -> Generator[R, None, None]:
     """``work(item)`` for each item on ``threads`` threads, yielded in input order.
 
-    At most ``2 * threads`` items are started ahead of the one the caller waits for, so memory
-    stays bounded whatever the consumer's pace (``Executor.map`` would start them all).
-    ``work`` must not raise. Closing the iterator early cancels what has not started.
+    At most ``max(2 * threads, ahead)`` items are started ahead of the one the caller waits
+    for, so memory stays bounded whatever the consumer's pace (``Executor.map`` would start
+    them all). ``work`` must not raise. Closing the iterator early cancels what has not
+    started.
     """
     if threads <= 1 or len(items) <= 1:
         yield from map(work, items)
         return
-    window = 2 * threads
+    window = max(2 * threads, ahead)
     pending: deque[Future[R]] = deque()
     pool = ThreadPoolExecutor(max_workers=min(threads, len(items)), thread_name_prefix="dicomweb")
     try:

@@ -1,8 +1,10 @@
 """WADO-RS retrieval of a read unit's instances (a Ray read task's work for DICOMweb sources).
 
 - **One keep-alive session per read task**, ``dicomweb.concurrency`` requests in flight on it
-  (``dicomweb_http.ordered_map``: rows come out in the unit's order, at most a small window
-  of instances is held ahead of the consumer). The credential, CA-bundle and plain-HTTP rules
+  (``dicomweb_http.ordered_map``: rows come out in the unit's order, at most one block of
+  ``rows_per_block`` instances is held ahead of the consumer). A task's unit is up to
+  ``dicomweb.blocks_per_task`` blocks, so the next block is retrieved while Ray decodes the
+  last one in the same (fused read + decode) task. The credential, CA-bundle and plain-HTTP rules
   are ``dicomweb_http.make_session``'s.
 - **Header and pixels in one round trip**: WADO-RS *Retrieve Instance* answers the whole
   DICOM Part 10 object (one multipart part). Metadata (``/metadata``) plus frames
@@ -204,7 +206,9 @@ def read_instances(unit: ReadUnit, options: ReadOptions) -> Iterator[Row]:
         return ref.uri, ref.name, data, error
 
     try:
-        yield from ordered_map(unit.refs, one, settings.concurrency)
+        # A block's worth ahead: while read_unit's consumer decodes one block, the next one
+        # is being retrieved (the memory of two blocks at most).
+        yield from ordered_map(unit.refs, one, settings.concurrency, ahead=options.rows_per_block)
     finally:
         retriever.close()
     if retriever.call.retried:
