@@ -49,10 +49,14 @@ def test_six_file_case_scores_the_frontal_pediatric_chests_and_skips_the_rest(
     assert (r.ok, r.skipped, r.errors) == (2, 4, 0)
     assert {k for k, row in rows.items() if row["status"] == "ok"} == {"pa", "ap_mono1"}
     reasons = {k: row["error"] for k, row in rows.items() if row["status"] == "skipped"}
-    assert reasons["lateral"] == "view LL is outside the model's intended use (PA, AP)"
-    assert reasons["ct"].startswith("modality CT is outside the model's intended use (CR, DX)")
-    assert reasons["hand"].startswith("body part HAND is outside the model's intended use (CHEST)")
-    assert reasons["adult"] == "patient age 45 years is outside the model's intended use (0-17 years)"
+    assert reasons["lateral"] == "out_of_scope: view LL is outside the model's intended use (PA, AP)"
+    assert reasons["ct"].startswith("out_of_scope: modality CT is outside the model's intended use (CR, DX)")
+    assert reasons["hand"].startswith(
+        "out_of_scope: body part HAND is outside the model's intended use (CHEST)"
+    )
+    assert reasons["adult"] == (
+        "out_of_scope: patient age 45 years is outside the model's intended use (0-17 years)"
+    )
     for k, row in rows.items():
         # identifiers in every row, skipped ones included
         tags = instances[k].tags

@@ -1,0 +1,182 @@
+"""Issue 24, defect 2: no output of a run carries an identifier from the input's names.
+
+A real ``cxr-ray score --pseudonymize`` (a subprocess with its own local Ray, so its whole
+console output and Ray's own log files are captured) over a folder named like a patient,
+``DOE_JANE_MRN12345``, holding good images, broken files, links and archives and a Parquet
+table with broken rows, every name carrying the identifier. Every output file is then
+searched for every original identifier: raw bytes of every file in the run folder, every
+Parquet cell stringified, the console, and Ray's session logs.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from cxr_ray.vocabulary import ERROR_CODES
+from tests import imaging
+
+REPO = Path(__file__).resolve().parents[1]
+#: The identifiers of the folder, file, member and link names, and the DICOM tags.
+IDENTIFIERS = ("DOE", "JANE", "MRN12345", "ACC98765", "/etc/hostname", "/home/")
+KEY = "0123456789abcdef0123456789abcdef"
+
+
+def _dicom(*, pixels: bool) -> tuple[bytes, dict[str, str]]:
+    """A DICOM with the patient's name, id, accession and UIDs in its header."""
+    import pydicom
+
+    data = imaging.dicom_bytes(64, 64, seed=3) if pixels else imaging.bad_inputs()["noimage.dcm"]
+    ds = pydicom.dcmread(io.BytesIO(data))
+    ds.PatientName, ds.PatientID, ds.AccessionNumber = "DOE^JANE", "MRN12345", "ACC98765"
+    ds.StudyInstanceUID = pydicom.uid.generate_uid()
+    ds.SeriesInstanceUID = pydicom.uid.generate_uid()
+    if not pixels:  # a CR header without pixels (an SR would be skipped by the intended use)
+        ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID
+        ds.Modality = "CR"
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    uids = {
+        "study": str(ds.StudyInstanceUID),
+        "series": str(ds.SeriesInstanceUID),
+        "sop": str(ds.SOPInstanceUID),
+    }
+    return buf.getvalue(), uids
+
+
+def _patient_folder(root: Path) -> tuple[int, list[str]]:
+    """The hostile folder; returns (entries in it, the DICOM UIDs that must not appear)."""
+    root.mkdir(parents=True)
+    good = imaging.jpeg_bytes(96, 80, seed=1)
+    n = 0
+    for i in range(2):
+        (root / f"DOE_JANE_MRN12345_{i}.jpeg").write_bytes(imaging.jpeg_bytes(96, 80, seed=i))
+        n += 1
+    (root / "DOE_JANE_truncated.jpeg").write_bytes(good[: len(good) // 2])
+    (root / "JANE_MRN12345_garbage.png").write_bytes(os.urandom(300))
+    dicom, uids = _dicom(pixels=True)
+    (root / "DOE_JANE_MRN12345_cr.dcm").write_bytes(dicom)
+    sr, sr_uids = _dicom(pixels=False)
+    (root / "DOE_JANE_MRN12345_sr.dcm").write_bytes(sr)
+    os.symlink("/etc/hostname", root / "DOE_JANE_outside.jpeg")
+    os.symlink(root / "MRN12345_missing.jpeg", root / "DOE_JANE_dangling.jpeg")
+    n += 6
+    with zipfile.ZipFile(root / "DOE_JANE_MRN12345_batch.zip", "w") as zf:
+        zf.writestr("DOE_JANE/MRN12345_ok.jpeg", good)
+        zf.writestr("DOE_JANE/MRN12345_broken.jpeg", b"\xff\xd8\xff\xe0 MRN12345 broken")
+        zf.writestr("../DOE_JANE_escape.jpeg", good)
+        n += 3
+    with tarfile.open(root / "DOE_JANE_MRN12345_batch.tar", "w") as tf:
+        for name, data in (
+            ("JANE/DOE_ok.jpeg", good),
+            ("JANE/DOE_truncated.jpeg", good[:100]),
+            ("/abs/DOE_JANE_abs.jpeg", good),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        link = tarfile.TarInfo("JANE/DOE_link.jpeg")
+        link.type, link.linkname = tarfile.SYMTYPE, "/home/DOE_JANE_MRN12345/secret.jpeg"
+        tf.addfile(link)
+        n += 4
+    (root / "DOE_JANE_MRN12345_broken.zip").write_bytes(b"PK\x03\x04 not a zip DOE_JANE")
+    n += 1
+    names = ["DOE_JANE_row0.jpeg", "DOE_JANE_row1.jpeg", "MRN12345_row2.jpeg"]
+    table = pa.table({"image": pa.array([good, b"JANE DOE garbage", None], pa.binary()), "name": names})
+    pq.write_table(table, root / "DOE_JANE_MRN12345_table.parquet")
+    n += 3
+    return n, [*uids.values(), *sr_uids.values()]
+
+
+def _strings(value: object) -> list[str]:
+    if isinstance(value, dict):
+        return [s for k, v in value.items() for s in (str(k), *_strings(v))]
+    if isinstance(value, list | tuple):
+        return [s for v in value for s in _strings(v)]
+    if isinstance(value, bytes):
+        return [value.decode("latin-1")]
+    return [] if value is None else [str(value)]
+
+
+def _texts(run: Path) -> dict[str, str]:
+    """Every file under ``run`` as text (raw bytes) and every Parquet table's cells."""
+    out: dict[str, str] = {}
+    for path in sorted(p for p in run.rglob("*") if p.is_file()):
+        out[str(path)] = path.read_bytes().decode("latin-1")
+        if path.suffix == ".parquet":
+            t = pq.read_table(path)
+            cells = [*_strings(t.to_pylist()), str(t.schema)]
+            out[f"{path} (cells)"] = "\n".join(cells)
+        if path.suffix == ".json":
+            out[f"{path} (json)"] = "\n".join(_strings(json.loads(path.read_text())))
+    return out
+
+
+def test_a_run_over_a_patient_named_folder_writes_no_identifier(tmp_path, tiny_artifact, request):
+    src = tmp_path / "DOE_JANE_MRN12345"
+    n_in, uids = _patient_folder(src)
+    run = tmp_path / "run"
+    # Ray's socket paths must stay under 108 bytes: a short folder of its own, removed after.
+    raytmp = Path(tempfile.mkdtemp(prefix="cxr-ids-"))
+    request.addfinalizer(lambda: shutil.rmtree(raytmp, ignore_errors=True))
+    env = os.environ | {
+        "RAY_TMPDIR": str(raytmp),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "CXR_SCORE__PSEUDONYM_KEY": KEY,
+        "CXR_SCORE__CACHE_DIR": str(tmp_path / "cache"),
+        "CXR_RAY__NUM_CPUS": "2",
+    }
+    args = ["score", str(src), "--model", str(tiny_artifact), "--out", str(run), "--pseudonymize"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "cxr_ray", *args],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The report of an unlabelled run is written by `cxr-ray report`.
+    report = subprocess.run(
+        [sys.executable, "-m", "cxr_ray", "report", str(run)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert report.returncode == 0, report.stdout + report.stderr
+    preds = pq.read_table(run / "predictions.parquet")
+    assert preds.num_rows == n_in, preds.select(["status", "error"]).to_pylist()
+    rows = preds.to_pylist()
+    bad = [r for r in rows if r["status"] != "ok"]
+    assert len(bad) >= 12, [(r["status"], r["error"]) for r in rows]
+    for r in bad:
+        assert r["error_code"] in ERROR_CODES and r["error"].startswith(r["error_code"]), r
+    codes = {r["error_code"] for r in bad}
+    assert {"truncated", "symlink_outside_root", "link_dangling", "unsafe_member", "link_member"} <= codes
+    assert {"unreadable_container", "dicom_no_pixels", "null_bytes"} <= codes, codes
+    assert all(r["error_code"] is None for r in rows if r["status"] == "ok")
+    texts = _texts(run) | {"stdout": proc.stdout + report.stdout, "stderr": proc.stderr + report.stderr}
+    logs = [p for p in raytmp.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err", ".txt")]
+    assert logs, "Ray's session logs were not found"
+    texts |= {str(p): p.read_bytes().decode("latin-1") for p in logs}
+    assert any(name.endswith("report.html") for name in texts) and any("summary.json" in n for n in texts)
+    leaks = [
+        (ident, name, text[max(0, text.find(ident) - 120) :][:240])
+        for name, text in texts.items()
+        for ident in (*IDENTIFIERS, str(src), *uids)
+        if ident in text
+    ]
+    assert not leaks, "\n".join(map(repr, leaks))
