@@ -1,6 +1,8 @@
 """OpenVINO engine: the exported ONNX model on OpenVINO's CPU runtime, in bf16 where the CPU has it.
 
-Opt-in (``score.engine = "openvino"``; ``auto`` does not pick it). The payload is the same
+Named (``score.engine = "openvino"``) or chosen by ``auto`` on CPU actors per artifact, only
+after its agreement check with onnxruntime fp32 on the artifact's validation images passed
+(``engines.choice``: bf16 first where native, then fp32). The payload is the same
 cached fp32 ONNX model the onnxruntime engine uses; each actor reads it from memory and
 compiles it for its own CPU (about 0.2-0.3 s for MobileNetV2 at 224 px, so nothing is cached).
 ``score.openvino_precision``: ``auto`` runs bf16 where the CPU computes it natively (AVX512-BF16
