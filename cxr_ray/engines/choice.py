@@ -269,7 +269,13 @@ def choose_cpu_engine(art: Artifact, options: EngineOptions, spec: PreprocessSpe
 
 def _fallback(why: str) -> CpuChoice:
     logger.warning("engine auto: %s %s (%s)", *REFERENCE, why)
-    record = {"engine": REFERENCE[0], "precision": REFERENCE[1], "checks": [], "reason": why, "cache": None}
+    record: dict[str, Any] = {
+        "engine": REFERENCE[0],
+        "precision": REFERENCE[1],
+        "checks": [],
+        "reason": why,
+        "cache": None,
+    }
     return CpuChoice(REFERENCE[0], REFERENCE[1], record, None)
 
 
