@@ -75,6 +75,13 @@ def _engine_flags(fn: F) -> F:
             "patient, bands ages, keys image_id and drops sex and manufacturer.",
         ),
         click.option(
+            "--results-to",
+            default=None,
+            metavar="TARGET",
+            help="Store each study's DICOM SR (and a Grad-CAM secondary capture when flagged) in a PACS: "
+            "dicomweb://HOST:PORT/PATH (STOW-RS) or dicom://AET@HOST:PORT (C-STORE). docs/WRITEBACK.md.",
+        ),
+        click.option(
             "--score-outside-intended-use",
             is_flag=True,
             default=None,
@@ -126,8 +133,19 @@ def _score_overrides(flags: dict[str, Any]) -> dict[str, Any]:
             "onnx_precision": flags.pop("onnx_precision", None),
             "openvino_precision": flags.pop("openvino_precision", None),
             "explain": flags.pop("explain", None),
+            "results_to": flags.pop("results_to", None),
         },
     }
+
+
+def _with_delivery(s: Any, source: str) -> Any:
+    """With ``--results-to``: the target checked before anything runs, Grad-CAM for flagged studies."""
+    if s.score.results_to is None:
+        return s
+    from cxr_ray.writeback.deliver import check_results_to, delivery_settings
+
+    check_results_to(s.score.results_to, source, s)
+    return delivery_settings(s)
 
 
 @main.command()
@@ -174,7 +192,7 @@ def score(
     Ends with a summary: images, ok, errors, flagged, img/s. An OUT that already holds a
     run is refused unless --overwrite.
     """
-    s = settings_from(ctx, _score_overrides(flags))
+    s = _with_delivery(settings_from(ctx, _score_overrides(flags)), source)
     require_source(source)
     # Imported after the checks above, so a bad flag or path is refused at once.
     from cxr_ray.cli.progress import Progress
@@ -189,6 +207,10 @@ def score(
     with ray_session(s.ray, verbose=verbosity(ctx)), Progress("scoring") as progress:
         result = run_score(source, art, out, s, history=history, overwrite=overwrite, on_block=progress)
     click.echo(format_summary(result))
+    if s.score.results_to is not None:
+        from cxr_ray.writeback.deliver import deliver_run, format_delivery
+
+        click.echo(format_delivery(deliver_run(out, art, s)))
     if result.metrics:
         from cxr_ray.reporting.report import write_report
 
@@ -216,7 +238,7 @@ def screen(
     skipped / errors, studies per predicted class and the TOP flagged studies, each named by
     its driving image's id (never study UIDs, patient ids or file names).
     """
-    s = settings_from(ctx, _score_overrides(flags))
+    s = _with_delivery(settings_from(ctx, _score_overrides(flags)), source)
     require_source(source)
     from cxr_ray.cli.progress import Progress
     from cxr_ray.cli.runtime import ray_session
@@ -226,9 +248,21 @@ def screen(
     from cxr_ray.scoring.screen import screen as run_screen
 
     art = load_model(artifact)
+    delivered: list[str] = []
+
+    def deliver(_: Any) -> None:
+        from cxr_ray.writeback.deliver import deliver_run, format_delivery
+
+        delivered.append(format_delivery(deliver_run(out, art, s)))
+
+    after = deliver if s.score.results_to is not None else None
     with ray_session(s.ray, verbose=verbosity(ctx)), Progress("screening") as progress:
-        result = run_screen(source, art, out, s, top=top, overwrite=overwrite, on_block=progress)
+        result = run_screen(
+            source, art, out, s, top=top, overwrite=overwrite, on_block=progress, after_score=after
+        )
     click.echo(format_screen(result))
+    for line in delivered:
+        click.echo(line)
     if result.scored.metrics:
         click.echo(format_metrics_summary(result.scored.metrics, title="metrics"))
     click.echo(f"report: {write_report(out)}")
@@ -278,7 +312,7 @@ def nightly(
     --on-busy exit, exits 0 at once). For a DICOMweb SOURCE without
     --study-date, only studies dated since the last committed run are listed.
     """
-    s = settings_from(ctx, _score_overrides(flags))
+    s = _with_delivery(settings_from(ctx, _score_overrides(flags)), source)
     require_source(source)
     from cxr_ray.cli.progress import Progress
     from cxr_ray.cli.runtime import ray_session
@@ -291,8 +325,13 @@ def nightly(
         lease_ttl_s=lease_ttl,
         lease=not no_lease,
     )
+    after = None
+    if s.score.results_to is not None:
+        from cxr_ray.writeback.deliver import nightly_hook
+
+        after = nightly_hook(root, art, s)
     with ray_session(s.ray, verbose=verbosity(ctx)), Progress("nightly") as progress:
-        result = run_nightly(source, art, root, s, on_block=progress, options=options)
+        result = run_nightly(source, art, root, s, on_block=progress, options=options, after_commit=after)
     click.echo(format_nightly(result))
 
 

@@ -136,8 +136,13 @@ def run_nightly(
     *,
     on_block: Callable[[pa.Table], None] | None = None,
     options: NightlyOptions | None = None,
+    after_commit: Callable[[NightlyResult], None] | None = None,
 ) -> NightlyResult:
-    """Score the images of ``source`` that the model has not scored yet into ``root``."""
+    """Score the images of ``source`` that the model has not scored yet into ``root``.
+
+    ``after_commit`` runs after the commit and the side tables, under the lease, also when
+    nothing new was scored (``cxr_ray.writeback.deliver.deliver_nightly``: results to a PACS).
+    """
     import ray
 
     opts = options or NightlyOptions()
@@ -164,8 +169,13 @@ def run_nightly(
         if opts.lease:
             with lease.keep_alive():
                 _score_and_commit(source, art, root, settings, result, counter, on_block, so, lease)
+                if after_commit is not None:
+                    lease.ensure_held()
+                    after_commit(result)
         else:
             _score_and_commit(source, art, root, settings, result, counter, on_block, so, None)
+            if after_commit is not None:
+                after_commit(result)
         result.already_scored = int(ray.get(counter.total.remote()))
     finally:
         ray.kill(counter)
@@ -340,6 +350,8 @@ def format_nightly(r: NightlyResult) -> str:
             f"{r.duplicates} rows left out: their images were already recorded "
             "(the same file bytes twice in the source, or committed first by a concurrent run)"
         )
+    if "delivery" in r.extra:
+        lines.append(str(r.extra["delivery"]))
     if "study_date" in r.extra:
         lines.append(f"PACS studies dated {r.extra['study_date']} (from {r.extra['window_note']})")
     earlier = [x for x in r.extra.get("side_tables_derived", []) if x != r.run_id]

@@ -80,14 +80,18 @@ def screen(
     history: str | None = None,
     overwrite: bool = False,
     on_block: Callable[[pa.Table], None] | None = None,
+    after_score: Callable[[ScoreResult], None] | None = None,
 ) -> ScreenResult:
     """Score every image of ``source`` into ``out`` and write the ranked flagged studies.
 
     ``history`` (default: ``metrics_history.parquet`` beside ``out``), ``overwrite`` and
-    ``on_block`` are passed to ``score``.
+    ``on_block`` are passed to ``score``; ``after_score`` runs once ``out`` holds the run
+    (results delivered to a PACS: ``cxr_ray.writeback.deliver.deliver_run``).
     """
     history = history or storage.join(storage.parent(out), "metrics_history.parquet")
     scored = score(source, artifact, out, settings, history=history, overwrite=overwrite, on_block=on_block)
+    if after_score is not None:
+        after_score(scored)
     studies = storage.read_table(storage.join(out, "studies.parquet")).cast(STUDIES_SCHEMA)
     flagged = flagged_studies(studies)
     flagged_uri = storage.join(out, FLAGGED_FILE)

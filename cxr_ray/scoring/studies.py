@@ -38,7 +38,14 @@ from cxr_ray.labels import LABELS
 from cxr_ray.metrics import Metrics, classification_metrics
 from cxr_ray.vocabulary import Status
 
-__all__ = ["KEY_KINDS", "STUDIES_SCHEMA", "STUDY_INPUT_COLUMNS", "study_metrics", "study_table"]
+__all__ = [
+    "DELIVERY_VALUES",
+    "KEY_KINDS",
+    "STUDIES_SCHEMA",
+    "STUDY_INPUT_COLUMNS",
+    "study_metrics",
+    "study_table",
+]
 
 #: Values of ``study_key_kind``, in the order the rule tries them.
 KEY_KINDS: tuple[str, ...] = ("study_instance_uid", "patient_id", "image_id", "uri")
@@ -65,8 +72,14 @@ _STUDIES_FIELDS = pa.schema(
         pa.field("driving_uri", pa.string()),
         pa.field("model_version", pa.string()),
         pa.field("run_id", pa.string()),
+        # Written by delivery to a PACS (``cxr_ray.writeback.deliver``); null when not delivered.
+        pa.field("delivery", pa.string()),
+        pa.field("delivery_error", pa.string()),
     ]
 )
+#: Values of ``delivery``: the result objects reached the PACS; they did not (why:
+#: ``delivery_error``); the study has no result to deliver (skipped, error, not DICOM).
+DELIVERY_VALUES: tuple[str, ...] = ("delivered", "error", "not_applicable")
 _DRIVING = "the driving image's"
 #: ``studies.parquet``, ``flagged.parquet`` and ROOT/studies: one row per study.
 STUDIES_SCHEMA = described(
@@ -92,9 +105,13 @@ STUDIES_SCHEMA = described(
         "driving_uri": "uri of the driving image",
         "model_version": "the model that scored the study",
         "run_id": "the scoring run",
+        "delivery": "with --results-to: delivered (SR, and a secondary capture when flagged, stored in "
+        "the PACS), error, or not_applicable (no result: skipped, error or not a DICOM study); "
+        "null when the run delivered nothing",
+        "delivery_error": "why delivery failed or does not apply (fixed text, no identifiers)",
     },
     table="studies",
-    version=1,
+    version=2,
 )
 
 _IDENTIFIERS = (
@@ -190,6 +207,8 @@ def study_table(predictions: pa.Table, *, frontal_views: Collection[str] = ("PA"
         **{k: get(k, col[k].type) for k in _RESULT},
         "driving_image_id": get("driving_image_id", pa.string()),
         "driving_uri": get("driving_uri", pa.string()),
+        "delivery": pa.nulls(joined.num_rows, pa.string()),
+        "delivery_error": pa.nulls(joined.num_rows, pa.string()),
     }
     return pa.table({f.name: out[f.name].cast(f.type) for f in STUDIES_SCHEMA}, schema=STUDIES_SCHEMA)
 
