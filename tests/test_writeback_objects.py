@@ -43,6 +43,7 @@ from cxr_ray.writeback import (
 )
 from cxr_ray.writeback.capture import BANNER
 from tests.dicom_factory import Tags, gray_pixels, make_image, real_jpegs
+from tests.orthanc_server import orthanc as orthanc  # the module-scoped fixture
 
 MODEL = ModelInfo(
     name="mobilenet_v2",
@@ -471,3 +472,43 @@ def test_multi_image_study_references_the_driving_image(tmp_path):
         [base.sop_instance_uid, lateral.sop_instance_uid]
     )
     assert gray_pixels(jpegs[0]).ndim == 2  # the real image data was used
+
+
+# ----------------------------------------------------------------------------- a real PACS
+
+
+def test_stow_into_orthanc_lands_in_the_source_study_once(orthanc, scored):
+    """STOW-RS the SR and SC into a real Orthanc holding the source: QIDO finds them in the
+    source study (ModalitiesInStudy, series by modality), the SR's reference resolves to the
+    stored source instance, and storing them again adds nothing."""
+    from dicomweb_client.api import DICOMwebClient
+
+    orthanc.clear()
+    orthanc.upload(scored["data"])
+    source = pydicom.dcmread(io.BytesIO(scored["data"]))
+    study = scored["study"]
+    sr = build_sr(study, source, MODEL, run_id=RUN_ID, threshold=THRESHOLD, intended_use="in_scope")
+    sc = build_capture(study, source, MODEL, overlay=_overlay(scored["data"]), threshold=THRESHOLD)
+    client = DICOMwebClient(url=orthanc.dicomweb_url)
+    client.store_instances([sr, sc])
+    assert orthanc.count_instances() == 3
+    study_uid = source.StudyInstanceUID
+    (found,) = client.search_for_studies(
+        search_filters={"StudyInstanceUID": study_uid}, fields=["ModalitiesInStudy"]
+    )
+    modalities = set(pydicom.Dataset.from_json(found).ModalitiesInStudy)
+    assert {"SR", "OT"} <= modalities and source.Modality in modalities
+    (sr_series,) = client.search_for_series(study_uid, search_filters={"Modality": "SR"})
+    assert pydicom.Dataset.from_json(sr_series).SeriesInstanceUID == sr.SeriesInstanceUID
+    stored = pydicom.dcmread(io.BytesIO(orthanc.file_of(sr.SOPInstanceUID)))
+    ref = _items(_group(stored))["Source of Measurement"].ReferencedSOPSequence[0]
+    (hit,) = client.search_for_instances(
+        study_uid, search_filters={"SOPInstanceUID": ref.ReferencedSOPInstanceUID}
+    )
+    assert pydicom.Dataset.from_json(hit).SOPClassUID == source.SOPClassUID
+    # A rerun builds the same UIDs: the archive still holds one SR and one SC.
+    again = build_sr(
+        study, source, MODEL, run_id="run-2026-12-03", threshold=THRESHOLD, intended_use="in_scope"
+    )
+    client.store_instances([again, sc])
+    assert orthanc.count_instances() == 3
