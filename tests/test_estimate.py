@@ -114,3 +114,33 @@ def _block(probs: np.ndarray, status: str = "ok") -> pa.Table:
             "prob_viral": probs[:, 2].astype(np.float32),
         }
     )
+
+
+def test_images_outside_the_reference_widen_the_interval_to_what_is_unknown():
+    """A site where half the run lies beyond the reference and the model is confidently wrong
+    there (normals called pneumonia): no label-free method sees the errors, so the interval
+    must allow any behaviour on those images; a same-distribution run keeps its width."""
+    rng = np.random.default_rng(7)
+    ref = rng.normal(size=(600, 8))
+    probs, y = _calibrated(400, 8, normal_share=0.5)
+    same = rng.normal(size=(400, 8))
+    calm = est.estimate_arrays(probs, THRESHOLD, run_z=same, ref_z=ref)
+    assert calm["outside_reference"] < 0.03
+    plain = est.summary_block({"cbpe": est.cbpe(probs, THRESHOLD)}, "cbpe", n=400, auc=calm["domain_auc"])
+    for m in ("sensitivity", "specificity", "accuracy"):
+        assert calm[m]["high"] - calm[m]["low"] == pytest.approx(plain[m]["high"] - plain[m]["low"], abs=0.03)
+
+    far = same.copy()
+    shifted = np.arange(400) < 200
+    far[shifted] += 3.0
+    wrong = probs.copy()
+    wrong[shifted & (y == 0)] = [0.02, 0.9, 0.08]  # shifted normals: confidently pneumonia
+    truth = _truth(np.asarray(y), wrong)
+    e = est.estimate_arrays(wrong, THRESHOLD, run_z=far, ref_z=ref)
+    assert 0.4 < e["outside_reference"] <= 0.55
+    for m in ("sensitivity", "specificity", "accuracy"):
+        assert e[m]["low"] <= truth[m] <= e[m]["high"], (m, e[m], truth[m])
+    # Without the widening the estimate (calibration assumed) misses the specificity.
+    narrow = est.summary_block({"cbpe": est.cbpe(wrong, THRESHOLD)}, "cbpe", n=400, auc=e["domain_auc"])
+    assert not narrow["specificity"]["low"] <= truth["specificity"] <= narrow["specificity"]["high"]
+    assert "outside_reference" in e and not e["reliable"]

@@ -34,9 +34,16 @@ unknown labels given the probabilities, delta method for the ratios) plus a syst
 term for calibration that does not hold under shift, which grows with how well a domain
 classifier tells the run from the reference (``domain_auc``; cross-validated, label-free):
 ``half = sqrt((1.96 * se)^2 + (SYSTEMATIC_BASE + SYSTEMATIC_SLOPE * shift)^2)`` with
-``shift = 2 * (domain_auc - 0.5)`` clipped to 0..1. The estimate is flagged unreliable
-(``reliable: false``) below ``MIN_IMAGES`` scored images or when ``domain_auc`` is at or
-above ``SEVERE_DOMAIN_AUC`` (the run's features barely overlap the reference's).
+``shift = 2 * (domain_auc - 0.5)`` clipped to 0..1. Then the images beyond the reference's
+support (``outside_reference``: the share whose cross-fitted P(run | z) exceeds the reference's
+99th percentile, less the 1% a same-distribution run has there; ``domain_shift``) are taken as
+unknown: the metric is ``(1 - u) * inside + u * anything`` with ``u`` their share of the images
+the metric counts (all for accuracy; at worst all of them positives for sensitivity, negatives
+for specificity), so the interval becomes ``[(1 - u) * low, (1 - u) * high + u]``: a worst-case
+bound where the model may be wrong in ways no label-free method sees (the constructed sites).
+The estimate is flagged unreliable (``reliable: false``) below ``MIN_IMAGES`` scored images,
+when ``domain_auc`` is at or above ``SEVERE_DOMAIN_AUC`` (the run's features barely overlap
+the reference's) or when ``outside_reference`` is at or above ``UNRELIABLE_OUTSIDE``.
 
 Memory is bounded: sums for CBPE, counts for ATC (its thresholds are fixed at start), and
 a uniform reservoir of PCA coordinates for the domain classifier.
@@ -62,6 +69,7 @@ from cxr_ray.scoring.estimators import (
     atc,
     cbpe,
     domain_auc,
+    domain_shift,
     importance_weighted,
 )
 from cxr_ray.vocabulary import Status
@@ -91,6 +99,9 @@ METRICS = ("sensitivity", "specificity", "accuracy", "flag_rate")
 MIN_IMAGES = 100
 #: Domain-classifier AUC at or above which the run's features barely overlap the reference's.
 SEVERE_DOMAIN_AUC = 0.95
+#: A share of the run beyond the reference (``outside_reference``) at or above which the point
+#: estimate is marked unreliable (its interval is already widened for them).
+UNRELIABLE_OUTSIDE = 0.2
 #: The systematic half-width at no measurable shift, and its growth with ``shift``.
 SYSTEMATIC_BASE = 0.01
 SYSTEMATIC_SLOPE = 0.15
@@ -108,14 +119,36 @@ def systematic_half_width(auc: float) -> float:
     return SYSTEMATIC_BASE + SYSTEMATIC_SLOPE * shift
 
 
-def _interval(est: float, se: float, systematic: float) -> dict[str, float | None]:
+def _interval(est: float, se: float, systematic: float, unknown: float = 0.0) -> dict[str, float | None]:
+    """``{estimate, low, high}``: the estimate +- its half-width, then widened for a share
+    ``unknown`` of the metric's images whose behaviour nothing label-free can tell (outside the
+    reference): the metric is ``(1 - unknown) * inside + unknown * outside`` with ``outside``
+    anywhere in 0..1 (a worst-case, partial-identification bound)."""
     if not math.isfinite(est):
         return {"estimate": None, "low": None, "high": None}
     half = math.sqrt((_Z * (se if math.isfinite(se) else 0.0)) ** 2 + systematic**2)
+    low, high = max(0.0, est - half), min(1.0, est + half)
+    u = min(max(unknown, 0.0), 1.0)
     return {
         "estimate": round(est, 4),
-        "low": round(max(0.0, est - half), 4),
-        "high": round(min(1.0, est + half), 4),
+        "low": round((1.0 - u) * low, 4),
+        "high": round((1.0 - u) * high + u, 4),
+    }
+
+
+def unknown_shares(outside: float, prevalence: float) -> dict[str, float]:
+    """How much of each metric rests on images outside the reference: all of the run's
+    images for accuracy; among the positives (negatives) for sensitivity (specificity) at
+    worst every outside image is one of them, so ``outside / prevalence`` (``/ (1 -
+    prevalence)``), capped at 1."""
+    if not math.isfinite(outside) or outside <= 0.0:
+        return dict.fromkeys(METRICS, 0.0)
+    prev = min(max(prevalence if math.isfinite(prevalence) else 0.5, 1e-6), 1.0 - 1e-6)
+    return {
+        "sensitivity": min(1.0, outside / prev),
+        "specificity": min(1.0, outside / (1.0 - prev)),
+        "accuracy": outside,
+        "flag_rate": 0.0,
     }
 
 
@@ -125,14 +158,19 @@ def summary_block(
     *,
     n: int,
     auc: float,
+    outside: float = 0.0,
+    prevalence: float = math.nan,
 ) -> dict[str, Any]:
-    """The ``performance_estimate`` block from each method's ``metric -> (estimate, se)``."""
+    """The ``performance_estimate`` block from each method's ``metric -> (estimate, se)``;
+    ``outside``: the share of the run beyond the reference (``domain_shift``), ``prevalence``:
+    the run's expected pneumonia share (the mean P(pneumonia))."""
     sys_half = systematic_half_width(auc)
+    unknown = unknown_shares(outside, prevalence)
     chosen = figures[method]
     out: dict[str, Any] = {"method": method, "n_images": n}
     for m in METRICS:
         # The flag rate is counted, not estimated: no systematic term.
-        out[m] = _interval(*chosen[m], 0.0 if m == "flag_rate" else sys_half)
+        out[m] = _interval(*chosen[m], 0.0 if m == "flag_rate" else sys_half, unknown[m])
     notes = []
     if n < MIN_IMAGES:
         notes.append(f"fewer than {MIN_IMAGES} scored images")
@@ -141,9 +179,15 @@ def summary_block(
             f"severe feature shift (domain classifier AUC {auc:.2f} >= {SEVERE_DOMAIN_AUC}): the "
             "model's probabilities may not hold here; label a sample (cxr-ray site-check / calibrate)"
         )
+    elif outside >= UNRELIABLE_OUTSIDE:
+        notes.append(
+            f"{outside:.0%} of the images lie outside the reference's features: the interval allows any "
+            "performance on them; label a sample (cxr-ray site-check / calibrate)"
+        )
     out["reliable"] = not notes
     out["note"] = "; ".join(notes) if notes else None
     out["domain_auc"] = None if not math.isfinite(auc) else round(auc, 4)
+    out["outside_reference"] = round(outside, 4) if math.isfinite(outside) else None
     out["alternatives"] = {
         k: {m: (None if not math.isfinite(v[m][0]) else round(v[m][0], 4)) for m in METRICS}
         for k, v in figures.items()
@@ -168,16 +212,17 @@ def estimate_arrays(
     figures = {"cbpe": cbpe(probs, threshold)}
     if ref_probs is not None and ref_y is not None:
         figures["atc"] = atc(probs, threshold, AtcThresholds.fit(ref_probs, ref_y, threshold))
-    auc = math.nan
+    auc, outside = math.nan, 0.0
     if ref_z is not None and run_z is not None and len(run_z) >= 2:
-        auc = domain_auc(ref_z, run_z, seed)
+        auc, outside = domain_shift(ref_z, run_z, seed)
         if ref_probs is not None and ref_y is not None:
             figures["iw"] = importance_weighted(
                 ref_probs, ref_y, ref_z, run_z, threshold, flag_rate=figures["cbpe"]["flag_rate"], seed=seed
             )
     if method not in figures:
         method = "cbpe"
-    return summary_block(figures, method, n=len(probs), auc=auc)
+    prevalence = float(np.mean(1.0 - probs[:, _NORMAL])) if len(probs) else math.nan
+    return summary_block(figures, method, n=len(probs), auc=auc, outside=outside, prevalence=prevalence)
 
 
 def estimate_line(e: dict[str, Any]) -> str | None:
@@ -294,10 +339,10 @@ class EstimateAccumulator:
         figures = {"cbpe": self.sums.figures()}
         if self.atc_t is not None:
             figures["atc"] = _atc_figures(self.atc_counts)
-        auc = math.nan
+        auc, outside = math.nan, 0.0
         run_z = self.res[: min(self.seen, self.res.shape[0])]
         if self.ref_z is not None and len(run_z) >= 10:
-            auc = domain_auc(self.ref_z, run_z, self.seed)
+            auc, outside = domain_shift(self.ref_z, run_z, self.seed)
             if self.labels is not None and self.ref_probs is not None:
                 figures["iw"] = importance_weighted(
                     self.ref_probs,
@@ -309,7 +354,8 @@ class EstimateAccumulator:
                     seed=self.seed,
                 )
         method = self.method if self.method in figures else "cbpe"
-        return summary_block(figures, method, n=self.sums.n, auc=auc)
+        prevalence = (self.sums.tp + self.sums.fn) / self.sums.n
+        return summary_block(figures, method, n=self.sums.n, auc=auc, outside=outside, prevalence=prevalence)
 
 
 def _std(ref: DriftReference) -> np.ndarray:

@@ -172,13 +172,30 @@ def _domain_scores(ref_z: np.ndarray, run_z: np.ndarray, seed: int = 0) -> tuple
 def domain_auc(ref_z: np.ndarray, run_z: np.ndarray, seed: int = 0) -> float:
     """How well a (cross-validated, linear) domain classifier tells the run's PCA coordinates
     from the reference's: 0.5 = indistinguishable, 1.0 = disjoint."""
+    return domain_shift(ref_z, run_z, seed)[0]
+
+
+#: A run row is outside the reference when its cross-fitted P(run | z) is above this quantile
+#: of the reference rows' own: by construction about 1 - OUTSIDE_QUANTILE of a same-distribution
+#: run is, so only the excess over that counts.
+OUTSIDE_QUANTILE = 0.99
+
+
+def domain_shift(ref_z: np.ndarray, run_z: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """``(auc, outside)`` of one cross-fitted domain classifier: its AUC (as ``domain_auc``) and
+    the share of the run's rows that lie beyond the reference's support (their P(run | z)
+    above the reference's ``OUTSIDE_QUANTILE`` quantile), less the share a same-distribution
+    run has there. A class-prior change moves run rows towards the reference's own rows of
+    that class, not beyond them, so it barely raises ``outside``; re-rendered images do."""
     if len(ref_z) < 2 or len(run_z) < 2:
-        return math.nan
+        return math.nan, 0.0
     from sklearn.metrics import roc_auc_score
 
     q_ref, q_run = _domain_scores(ref_z, run_z, seed)
     auc = float(roc_auc_score(np.r_[np.zeros(len(q_ref)), np.ones(len(q_run))], np.r_[q_ref, q_run]))
-    return max(auc, 0.5)
+    beyond = float(np.mean(q_run > np.quantile(q_ref, OUTSIDE_QUANTILE)))
+    outside = max(0.0, beyond - (1.0 - OUTSIDE_QUANTILE)) / OUTSIDE_QUANTILE
+    return max(auc, 0.5), min(outside, 1.0)
 
 
 def importance_weighted(
