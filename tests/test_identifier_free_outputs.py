@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import pickle
 import shutil
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from cxr_ray.vocabulary import ERROR_CODES
 from tests import imaging
@@ -180,3 +182,37 @@ def test_a_run_over_a_patient_named_folder_writes_no_identifier(tmp_path, tiny_a
         if ident in text
     ]
     assert not leaks, "\n".join(map(repr, leaks))
+
+
+def test_every_reason_code_is_documented():
+    page = (REPO / "docs" / "OUTPUTS.md").read_text()
+    section = page.split("## Reason codes", 1)[1].split("<!-- BEGIN", 1)[0]
+    missing = [c for c in ERROR_CODES if f"| `{c}` |" not in section]
+    assert not missing, missing
+
+
+def test_row_errors_are_coded_and_cut_what_could_identify():
+    from cxr_ray.errors import DecodeError, error_code, row_error, row_text, safe_row_error
+
+    assert row_error("truncated", "truncated JPEG (OSError)") == "truncated: truncated JPEG (OSError)"
+    assert row_error("too_big", "too_big: file is 9 bytes") == "too_big: file is 9 bytes"
+    with pytest.raises(ValueError):
+        row_error("made_up_code", "x")
+    # A detail that (wrongly) quotes a path, a name, a UID or a value keeps none of them.
+    leaky = "cannot open '/data/DOE_JANE/x.jpeg' at /srv/MRN12345 JANE_DOE.dcm 1.2.840.113619.2.55.3 \"DOE\""
+    text = row_error("undecodable", leaky)
+    assert text.startswith("undecodable: cannot open") and error_code(text) == "undecodable"
+    for ident in ("DOE", "JANE", "MRN12345", "/data", "1.2.840"):
+        assert ident not in text, (ident, text)
+    # Exceptions: ours keep their code across processes; anything else is internal, type only.
+    err = pickle.loads(pickle.dumps(DecodeError("corrupt PNG (OSError)", code="undecodable")))
+    assert row_text(err) == "undecodable: corrupt PNG (OSError)"
+    assert row_text(FileNotFoundError(2, "No such file", "/home/DOE_JANE")) == (
+        "internal: unexpected FileNotFoundError"
+    )
+    # Text not built by row_error is internal, scrubbed; coded text is unchanged.
+    assert safe_row_error("boom at /home/DOE_JANE/a.png") == "internal: boom at [...]"
+    assert safe_row_error("pixel_budget: 3 frame(s) x 512x512 = 786432 values") == (
+        "pixel_budget: 3 frame(s) x 512x512 = 786432 values"
+    )
+    assert error_code("no code here") == "internal" and error_code(None) is None

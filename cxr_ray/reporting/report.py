@@ -34,7 +34,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxr_ray import metrics
-from cxr_ray.errors import CxrRayError
+from cxr_ray.errors import CxrRayError, error_code, safe_detail, safe_row_error
 from cxr_ray.imaging.preprocess import PreprocessSpec, decode
 from cxr_ray.io import storage, uris
 from cxr_ray.reporting.drift_section import drift_section
@@ -170,7 +170,10 @@ def _column_or_nulls(t: pa.Table, name: str) -> pa.ChunkedArray | pa.Array:
 def _intended_use_html(t: pa.Table) -> str:
     """Skipped images counted per reason, and scored images whose intended use has a note."""
     status = t["status"]
-    reasons = Counter(t.filter(pc.equal(status, Status.SKIPPED))["error"].to_pylist())
+    # Reasons are made safe again here (``safe_row_error``), whichever table this is.
+    reasons = Counter(
+        safe_row_error(e) for e in t.filter(pc.equal(status, Status.SKIPPED))["error"].to_pylist()
+    )
     parts = [f"<h2>Skipped images ({sum(reasons.values())})</h2>"]
     if reasons:
         parts.append(
@@ -212,7 +215,7 @@ def _intended_use_html(t: pa.Table) -> str:
             '<p>Scored with a note on the intended use:</p><table class="err" id="use-notes">'
             "<tr><th class=l>intended use</th><th class=l>note</th><th>images</th></tr>"
             + "".join(
-                f"<tr><td>{html.escape(u)}</td><td>{html.escape(n or '')}</td><td>{k}</td></tr>"
+                f"<tr><td>{html.escape(u)}</td><td>{html.escape(safe_detail(n or ''))}</td><td>{k}</td></tr>"
                 for (u, n), k in noted.most_common()
             )
             + "</table>"
@@ -228,9 +231,11 @@ def _errors_html(t: pa.Table, n_errors: int) -> str:
         parts.append('<p class="note">None.</p>')
         return "\n".join(parts)
     parts.append(
-        '<table class="err" id="errors"><tr><th class=l>image</th><th class=l>error</th></tr>'
+        '<table class="err" id="errors"><tr><th class=l>image</th><th class=l>reason</th>'
+        "<th class=l>error</th></tr>"
         + "".join(
-            f"<tr><td>{_ref(r['image_id'])}</td><td>{html.escape(_scrub(r['error'] or '', r))}</td></tr>"
+            f"<tr><td>{_ref(r['image_id'])}</td><td>{html.escape(error_code(r['error']) or '')}</td>"
+            f"<td>{html.escape(_scrub(safe_row_error(r['error']) or '', r))}</td></tr>"
             for r in errors
         )
         + "</table>"

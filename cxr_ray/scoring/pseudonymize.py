@@ -21,9 +21,9 @@ What becomes what (nulls stay null):
 
 Levels (``score.pseudonymize_level``):
 
-- ``basic`` (the default): the above; ``error`` and ``intended_use_note`` texts lose anything
-  quoted, path-like or UID-shaped (``error_code`` is a closed vocabulary and kept). Kept as
-  they are: ``image_id`` (a SHA-256 of the file bytes: whoever holds the
+- ``basic`` (the default): the above; ``error``, ``intended_use_note`` and ``delivery_error``
+  texts lose anything quoted, path-like or UID-shaped (``error_code`` is a closed vocabulary
+  and kept). Kept as they are: ``image_id`` (a SHA-256 of the file bytes: whoever holds the
   file can find its row), exact ``study_date``, ``patient_age_years``, ``patient_sex``,
   ``manufacturer`` and the acquisition columns.
 - ``strict``: also ``study_date`` shifted by a keyed per-patient offset (-365..+365 days, the
@@ -71,7 +71,7 @@ UID_COLUMNS: tuple[str, ...] = ("study_instance_uid", "series_instance_uid", "so
 ID_COLUMNS: tuple[str, ...] = ("patient_id", "accession_number")
 URI_COLUMNS: tuple[str, ...] = ("uri", "driving_uri", "heatmap_uri")
 #: Free-text columns: quoted, path-like and UID-shaped text cut out (``safe_error``).
-TEXT_COLUMNS: tuple[str, ...] = ("error", "intended_use_note")
+TEXT_COLUMNS: tuple[str, ...] = ("error", "intended_use_note", "delivery_error")
 
 
 def _check_key(key: bytes) -> None:

@@ -18,6 +18,7 @@ import pyarrow.compute as pc
 
 from cxr_ray import __version__, metrics
 from cxr_ray.config import Settings
+from cxr_ray.errors import error_code, safe_row_error
 from cxr_ray.io import storage
 from cxr_ray.scoring.drift_io import drift_line
 from cxr_ray.scoring.estimate import estimate_line
@@ -75,6 +76,8 @@ class ScoreResult:
     #: The same metrics per study (labelled studies only), when labels exist.
     study_metrics: dict[str, float] = field(default_factory=dict)
     error_examples: list[dict[str, str]] = field(default_factory=list)
+    #: Error and skipped rows per reason code (``error_code``, docs/OUTPUTS.md).
+    error_codes: dict[str, int] = field(default_factory=dict)
     #: The drift check against the artifact's reference: ``status`` (``checked``,
     #: ``no_reference``, ``disabled``, ``error``), ``alert`` and the key figures
     #: (``DriftFigures.summary``); every figure is in ``drift.parquet``.
@@ -163,11 +166,24 @@ class ScoreAccumulator:
         for name in pc.unique(t["engine"]).to_pylist():
             if name not in r.engines:
                 r.engines.append(name)
+        codes = t["error_code"] if "error_code" in t.column_names else None
+        if codes is not None:
+            for item in pc.value_counts(pc.drop_null(codes)).to_pylist():
+                code, n = item["values"], item["counts"]
+                r.error_codes[code] = r.error_codes.get(code, 0) + n
         room = ERROR_EXAMPLES - len(r.error_examples)
         if room > 0:
-            bad = t.filter(pc.equal(t["status"], Status.ERROR))
-            # image_id and the error only: a uri can carry a patient identifier.
-            r.error_examples += bad.select(["image_id", "error"]).slice(0, room).to_pylist()
+            bad = t.filter(pc.equal(t["status"], Status.ERROR)).slice(0, room)
+            # image_id, the code and the error only: a uri can carry a patient identifier. The
+            # text is made safe again here (``safe_row_error``) whatever table it came from.
+            r.error_examples += [
+                {
+                    "image_id": e["image_id"],
+                    "error_code": error_code(e["error"]),
+                    "error": safe_row_error(e["error"]),
+                }
+                for e in bad.select(["image_id", "error"]).to_pylist()
+            ]
         y, p = labelled_arrays(t)
         if len(y):
             self.y.append(y)
@@ -201,8 +217,12 @@ def format_summary(r: ScoreResult) -> str:
     lines += [x for x in (performance_line(r.performance_check), estimate_line(r.performance_estimate)) if x]
     if r.int8_check:
         lines.append(_int8_line(r.int8_check))
+    if r.error_codes:
+        by_code = sorted(r.error_codes.items(), key=lambda kv: (-kv[1], kv[0]))
+        lines.append("reasons: " + ", ".join(f"{code} {n}" for code, n in by_code))
     for e in r.error_examples[:5]:
-        lines.append(f"  error: image {str(e['image_id'] or '(unreadable)')[:12]}: {e['error']}")
+        text = safe_row_error(e["error"])
+        lines.append(f"  error: image {str(e['image_id'] or '(unreadable)')[:12]}: {text}")
     return "\n".join(lines)
 
 
