@@ -274,7 +274,13 @@ def _prepare_cpu_auto(
     from cxr_ray.engines.onnx_export import cached_onnx
 
     onnx, hit = cached_onnx(art, options.cache_dir)
-    choice = choose_cpu_engine(art, options, spec, onnx)
+
+    def make(name: str, precision: str) -> Engine:
+        opts = replace(options, openvino_precision=precision)
+        engine: Engine = engine_module(name).build(EnginePayload(name, art.card, opts, onnx=onnx))
+        return engine
+
+    choice = choose_cpu_engine(art, options, spec, cpu_candidates(options), make)
     opts = replace(options, openvino_precision=choice.precision) if choice.engine == "openvino" else options
     payload = EnginePayload(choice.engine, art.card, opts, onnx=onnx)
     report = PrepareReport(
@@ -285,6 +291,21 @@ def _prepare_cpu_auto(
         drift_reference=choice.drift_reference,
     )
     return payload, report
+
+
+def cpu_candidates(options: EngineOptions) -> tuple[tuple[str, str], ...]:
+    """The engines faster than onnxruntime fp32 that CPU ``auto`` may use here, fastest first
+    (``engines.choice.CPU_CANDIDATES``), as ``score.openvino_precision`` allows: ``auto``:
+    bf16 where the CPU has it natively, then fp32; ``bf16`` / ``fp32``: that one only."""
+    from cxr_ray.engines.choice import CPU_CANDIDATES
+
+    if availability()["openvino"] is not None:
+        return ()
+    ov = engine_module("openvino")
+    native = bool(ov.native_bf16())
+    if options.openvino_precision == "auto":
+        return tuple(c for c in CPU_CANDIDATES if c[1] != "bf16" or native)
+    return (("openvino", ov.resolve_precision(options.openvino_precision, native=native)[0]),)
 
 
 def _auto_trt_precision(options: EngineOptions) -> str:

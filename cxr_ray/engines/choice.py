@@ -66,6 +66,9 @@ BATCH = 64
 CHOICE_FORMAT = "cxr-ray-engine-choice/1"
 
 Outputs = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+#: Builds the engine ``(engine, precision)`` for this artifact's ONNX model (``engines.base``
+#: passes its registry's ``build``: this module imports no engine module).
+MakeEngine = Callable[[str, str], Outputs]
 
 
 @dataclass(frozen=True)
@@ -106,21 +109,6 @@ def _versions() -> dict[str, str | None]:
     return out
 
 
-def cpu_candidates(options: EngineOptions) -> tuple[tuple[str, str], ...]:
-    """The faster engines ``auto`` may use here, fastest first, as ``score.openvino_precision``
-    allows (``auto``: bf16 where native, then fp32; ``bf16`` / ``fp32``: that one only)."""
-    from cxr_ray.engines.base import availability
-
-    if availability()["openvino"] is not None:
-        return ()
-    from cxr_ray.engines.openvino_engine import native_bf16, resolve_precision
-
-    native = native_bf16()
-    if options.openvino_precision == "auto":
-        return tuple(c for c in CPU_CANDIDATES if c[1] != "bf16" or native)
-    return (("openvino", resolve_precision(options.openvino_precision, native=native)[0]),)
-
-
 def choice_path(art: Artifact, options: EngineOptions, spec: PreprocessSpec, candidates: Any) -> Path:
     """Where the decision for ``art`` under these conditions is cached."""
     key = {
@@ -137,16 +125,8 @@ def choice_path(art: Artifact, options: EngineOptions, spec: PreprocessSpec, can
     return Path(options.cache_dir) / "onnx" / f"{onnx_stem(art)}-auto-{digest}.json"
 
 
-def runner(engine: str, precision: str, onnx: bytes, threads: int | None) -> Outputs:
-    """``model input float32 [N, 1, H, W] -> (logits, features)`` float64, in batches of 64."""
-    if engine == "openvino":
-        from cxr_ray.engines.openvino_engine import OpenVinoEngine
-
-        run: Outputs = OpenVinoEngine(onnx, precision=precision, threads=threads)
-    else:
-        from cxr_ray.engines.onnx_engine import OnnxEngine
-
-        run = OnnxEngine(onnx, threads=threads)
+def batched(run: Outputs) -> Outputs:
+    """``run`` over model input ``float32 [N, 1, H, W]`` in batches of 64, outputs float64."""
 
     def outputs(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         outs = [run(x[i : i + BATCH]) for i in range(0, len(x), BATCH)]
@@ -183,7 +163,7 @@ def _figures(check: dict[str, Any]) -> str:
 
 
 def _decide(
-    art: Artifact, options: EngineOptions, spec: PreprocessSpec, onnx: bytes, candidates: Any
+    art: Artifact, options: EngineOptions, spec: PreprocessSpec, candidates: Any, make: MakeEngine
 ) -> dict[str, Any]:
     """Run the check: the first candidate that passes, else the reference engine."""
     from cxr_ray.models.outputs import split_images
@@ -195,11 +175,11 @@ def _decide(
     if len(pixels) < 2:
         raise EngineUnavailableError("the artifact's split.parquet lists fewer than 2 validation images")
     x = to_model_input(pixels)
-    ref = runner(*REFERENCE, onnx, options.threads)(x)
+    ref = batched(make(*REFERENCE))(x)
     checks, chosen = [], REFERENCE
     for engine, precision in candidates:
         check = {"engine": engine, "precision": precision} | agreement(
-            art, ref, runner(engine, precision, onnx, options.threads)(x)
+            art, ref, batched(make(engine, precision))(x)
         )
         checks.append(check)
         logger.info("engine auto: %s %s vs %s %s: %s", engine, precision, *REFERENCE, _figures(check))
@@ -234,10 +214,17 @@ def _write(path: Path, data: bytes) -> None:
     tmp.replace(path)
 
 
-def choose_cpu_engine(art: Artifact, options: EngineOptions, spec: PreprocessSpec, onnx: bytes) -> CpuChoice:
+def choose_cpu_engine(
+    art: Artifact,
+    options: EngineOptions,
+    spec: PreprocessSpec,
+    candidates: tuple[tuple[str, str], ...],
+    make: MakeEngine,
+) -> CpuChoice:
     """The CPU engine ``auto`` runs for ``art`` (see the module docstring); one log line says
-    which and, when a faster engine was not chosen, why."""
-    candidates = cpu_candidates(options)
+    which and, when a faster engine was not chosen, why. ``candidates``: the faster engines
+    usable here, fastest first (none: OpenVINO is not installed); ``make(engine, precision)``
+    builds one on the artifact's ONNX model with ``options``' threads."""
     if not candidates:
         return _fallback("OpenVINO is not installed here (pip install 'cxr-ray[openvino]')")
     path = choice_path(art, options, spec, candidates)
@@ -248,11 +235,11 @@ def choose_cpu_engine(art: Artifact, options: EngineOptions, spec: PreprocessSpe
         if not path.is_file():
             hit = False
             try:
-                record = _decide(art, options, spec, onnx, candidates)
+                record = _decide(art, options, spec, candidates, make)
             except EngineUnavailableError as exc:
                 return _fallback(f"no agreement check possible ({str(exc).splitlines()[0]})")
             if record["precision"] != "fp32" and art.reference is not None:
-                _write(ref_path, _engine_reference(art, record, onnx, options))
+                _write(ref_path, _engine_reference(art, record, make))
             _write(path, (json.dumps(record, indent=2) + "\n").encode())
         record = json.loads(path.read_text())
         drift_ref = ref_path.read_bytes() if record["precision"] != "fp32" and ref_path.is_file() else None
@@ -279,14 +266,14 @@ def _fallback(why: str) -> CpuChoice:
     return CpuChoice(REFERENCE[0], REFERENCE[1], record, None)
 
 
-def _engine_reference(art: Artifact, record: dict[str, Any], onnx: bytes, options: EngineOptions) -> bytes:
+def _engine_reference(art: Artifact, record: dict[str, Any], make: MakeEngine) -> bytes:
     """The artifact's drift reference recomputed with the chosen engine (same images, same
     number of feature components, default preprocessing as at training)."""
     from cxr_ray.models.reference import build_reference, read_reference
 
     assert art.reference is not None
     original = read_reference(art.reference)
-    run = runner(record["engine"], record["precision"], onnx, options.threads)
+    run = batched(make(record["engine"], record["precision"]))
     return build_reference(
         art,
         components=int(original.meta.get("components", 16)),
