@@ -24,6 +24,21 @@ from cxr_ray.vocabulary import ErrorCode
 _BUFFER = 1 << 20
 
 
+def _open_parquet(f: Any) -> pq.ParquetFile:
+    """A Parquet file read page by page as batches need them: no pre-buffering (which reads
+    every wanted column chunk of a row group first), 1 MiB reads."""
+    return pq.ParquetFile(f, pre_buffer=False, buffer_size=_BUFFER)
+
+
+def _batches(pf: pq.ParquetFile, row_group: int, want: list[str], options: ReadOptions) -> Iterator:
+    """``rows_per_block``-row batches of one row group's ``want`` columns, one thread (a
+    thread per column would decode the next pages ahead). Peak memory is the block plus the
+    file's largest page (a page is Parquet's smallest unit: see ``sources.parquet_layout``)."""
+    return pf.iter_batches(
+        batch_size=options.rows_per_block, row_groups=[row_group], columns=want, use_threads=False
+    )
+
+
 class _Rows:
     """Accumulates rows and emits Arrow blocks of a bounded number of rows."""
 
@@ -220,7 +235,7 @@ def _read_parquet(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
     assert unit.container is not None and unit.row_group is not None
     fs, path = uris.resolve(unit.container)
     with fs.open_input_file(path) as f:
-        pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=_BUFFER)
+        pf = _open_parquet(f)
         start = sum(pf.metadata.row_group(i).num_rows for i in range(unit.row_group))
         names = set(pf.schema_arrow.names)
         want = [c for c in (options.bytes_column, options.name_column) if c and c in names]
@@ -228,9 +243,7 @@ def _read_parquet(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
             n = pf.metadata.row_group(unit.row_group).num_rows
             yield from _parquet_rows(unit.container, start, pa.table({"_": pa.nulls(n)}), names, options)
             return
-        for batch in pf.iter_batches(
-            batch_size=options.rows_per_block, row_groups=[unit.row_group], columns=want
-        ):
+        for batch in _batches(pf, unit.row_group, want, options):
             table = pa.Table.from_batches([batch])
             yield from _parquet_rows(unit.container, start, table, names, options)
             start += table.num_rows
@@ -283,7 +296,7 @@ def _read_members(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
     if kind == "parquet":
         fs, path = uris.resolve(unit.container)
         with fs.open_input_file(path) as f:
-            pf = pq.ParquetFile(f, pre_buffer=False, buffer_size=_BUFFER)
+            pf = _open_parquet(f)
             names = set(pf.schema_arrow.names)
             want = [c for c in (options.bytes_column, options.name_column) if c and c in names]
             start = 0
@@ -291,9 +304,7 @@ def _read_members(unit: ReadUnit, options: ReadOptions) -> Iterator[tuple]:
                 n = pf.metadata.row_group(i).num_rows
                 if any(start <= int(m) < start + n for m in wanted if m and m.isdigit()):
                     first = start
-                    for batch in pf.iter_batches(
-                        batch_size=options.rows_per_block, row_groups=[i], columns=want
-                    ):
+                    for batch in _batches(pf, i, want, options):
                         table = pa.Table.from_batches([batch])
                         for row in _parquet_rows(unit.container, first, table, names, options):
                             member = uris.split_uri(row[0]).member or row[0]

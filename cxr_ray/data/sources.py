@@ -265,6 +265,7 @@ def _list_container(
             pf = pq.ParquetFile(f)
             meta = pf.metadata
             check_parquet_columns(pf.schema_arrow, options)
+        _warn_unstreamable(meta, options)
         firsts = [sum(meta.row_group(k).num_rows for k in range(i)) for i in range(meta.num_row_groups)]
         return [
             ReadUnit(
@@ -282,6 +283,44 @@ def _list_container(
         ReadUnit(kind, shown, refs[i : i + rows], num_rows=len(refs[i : i + rows]))
         for i in range(0, len(refs), rows)
     ]
+
+
+#: A dictionary page of the bytes column above this many bytes gets a warning at listing.
+DICTIONARY_PAGE_WARN = 64 * 1024 * 1024
+
+
+def dictionary_page_bytes(meta: pq.FileMetaData, column: str) -> int:
+    """The largest dictionary page of ``column`` over the row groups (0 without one).
+
+    Parquet reads a page whole, and a dictionary page before any value of its column chunk:
+    pyarrow's default writer keeps adding large values (image bytes) to the dictionary for
+    its first ``write_batch_size`` (1024) rows, so a table of 100 kB images carries a 100 MB
+    dictionary page that every read task of that row group holds, whatever ``rows_per_block``.
+    Files written with small pages and no dictionary for the bytes column (pyarrow:
+    ``use_dictionary=[<name column>]``, ``write_batch_size=16``) stream in block-sized memory.
+    """
+    names = meta.schema.to_arrow_schema().names
+    if column not in names:
+        return 0
+    j, largest = names.index(column), 0
+    for i in range(meta.num_row_groups):
+        chunk = meta.row_group(i).column(j)
+        if chunk.has_dictionary_page and chunk.dictionary_page_offset is not None:
+            largest = max(largest, chunk.data_page_offset - chunk.dictionary_page_offset)
+    return largest
+
+
+def _warn_unstreamable(meta: pq.FileMetaData, options: ReadOptions) -> None:
+    size = dictionary_page_bytes(meta, options.bytes_column)
+    if size > DICTIONARY_PAGE_WARN:
+        # No path in the text: a table's name can be a patient's (logs carry no identifiers).
+        logger.warning(
+            "a Parquet source's bytes column has a %d MB dictionary page: each read task holds "
+            "it whole, whatever data.rows_per_block; rewrite the table without a dictionary for "
+            "that column and with small pages (pyarrow: use_dictionary=[name column], "
+            "write_batch_size=16) for memory bounded by the block",
+            size // 1_000_000,
+        )
 
 
 def member_ref(container: str, member: str, problem: str | None, span=None) -> ImageRef:
