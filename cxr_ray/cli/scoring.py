@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -18,10 +19,25 @@ from cxr_ray.cli._app import (
     verbosity,
 )
 from cxr_ray.config import ScoreSettings
-from cxr_ray.scoring.nightly import NightlyOptions
 from cxr_ray.vocabulary import ENGINES
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _NightlyChoice(click.Choice):
+    """``literal_choice(NightlyOptions, name)``, resolved when first used: importing
+    ``cxr_ray.scoring.nightly`` (the drift check's scipy with it, about a second) is then not
+    the start-up cost of every command."""
+
+    def __init__(self, name: str) -> None:
+        self._field = name
+        self.case_sensitive = True
+
+    @functools.cached_property
+    def choices(self) -> tuple[str, ...]:  # type: ignore[override]
+        from cxr_ray.scoring.nightly import NightlyOptions
+
+        return tuple(str(c) for c in literal_choice(NightlyOptions, self._field).choices)
 
 
 def _engine_flags(fn: F) -> F:
@@ -200,12 +216,13 @@ def score(
     from cxr_ray.io import storage
     from cxr_ray.metrics import format_metrics_summary
     from cxr_ray.scoring.pipeline import score as run_score
-    from cxr_ray.scoring.result import format_summary
 
     art = load_model(artifact)
     history = history or storage.join(storage.parent(out), "metrics_history.parquet")
     with ray_session(s.ray, verbose=verbosity(ctx)), Progress("scoring") as progress:
         result = run_score(source, art, out, s, history=history, overwrite=overwrite, on_block=progress)
+    from cxr_ray.scoring.result import format_summary  # imported by the run, off its start-up
+
     click.echo(format_summary(result))
     if s.score.results_to is not None:
         from cxr_ray.writeback.deliver import deliver_run, format_delivery
@@ -275,7 +292,7 @@ def screen(
 @_engine_flags
 @click.option(
     "--on-busy",
-    type=literal_choice(NightlyOptions, "on_busy"),
+    type=_NightlyChoice("on_busy"),
     default="wait",
     show_default=True,
     help="When another run holds this root's lease: wait for it, or exit 0 at once.",

@@ -26,13 +26,17 @@ Output folder::
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import itertools
 import logging
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -46,24 +50,43 @@ from cxr_ray.io import storage
 from cxr_ray.models.artifact import Artifact, load_artifact
 from cxr_ray.models.card import spec_for
 from cxr_ray.models.intended_use import IntendedUse
-from cxr_ray.scoring.drift import DriftAccumulator
-from cxr_ray.scoring.drift_io import drift_accumulator, write_drift
-from cxr_ray.scoring.estimate import EstimateAccumulator, run_estimator
-from cxr_ray.scoring.evaluation import write_metrics, write_studies
-from cxr_ray.scoring.performance import append_history_rows, check_accumulated
-from cxr_ray.scoring.pseudonymize import pseudonym_uri, pseudonymize_table
-from cxr_ray.scoring.result import (
-    ScoreAccumulator,
-    ScoreResult,
-    library_versions,
-    redacted_settings,
-    safe_uri,
-)
-from cxr_ray.scoring.schema import PREDICTIONS_SCHEMA, with_run_columns
 from cxr_ray.scoring.stages import CxrPredictor, SeenFilter, decode_stage
-from cxr_ray.scoring.studies import study_metrics
+
+if TYPE_CHECKING:
+    from cxr_ray.scoring.drift import DriftAccumulator
+    from cxr_ray.scoring.estimate import EstimateAccumulator
+    from cxr_ray.scoring.result import ScoreAccumulator, ScoreResult
 
 logger = logging.getLogger(__name__)
+
+#: What a run needs only once rows arrive: the drift check (scipy.stats, about a second of
+#: imports), the estimators, metrics, the result. ``score`` imports them on a thread while
+#: Ray Data starts the predictor actors and decodes the first block, off the path to the
+#: first rows; ``import cxr_ray.scoring.pipeline`` stays light for the CLI.
+AFTER_FIRST_ROWS: tuple[str, ...] = (
+    "cxr_ray.scoring.result",
+    "cxr_ray.scoring.drift_io",
+    "cxr_ray.scoring.estimate",
+    "cxr_ray.scoring.evaluation",
+    "cxr_ray.scoring.performance",
+    "cxr_ray.scoring.pseudonymize",
+    "cxr_ray.scoring.schema",
+    "cxr_ray.scoring.studies",
+)
+
+
+def import_in_background(names: Sequence[str] = AFTER_FIRST_ROWS) -> threading.Thread:
+    """A started daemon thread importing ``names`` (join it before using them; an import
+    that fails there fails again, with its error, where the module is used)."""
+
+    def run() -> None:
+        for name in names:
+            with contextlib.suppress(Exception):
+                importlib.import_module(name)
+
+    thread = threading.Thread(target=run, name="cxr-imports", daemon=True)
+    thread.start()
+    return thread
 
 
 def new_run_id() -> str:
@@ -229,6 +252,7 @@ def score(
     (``summary.json``) is refused unless ``overwrite``.
     """
     started = time.perf_counter()
+    warm = import_in_background()
     art = artifact if isinstance(artifact, Artifact) else load_artifact(artifact, verify_shapes=False)
     summary_uri = storage.join(out, "summary.json")
     if not overwrite and storage.exists(summary_uri):
@@ -236,14 +260,28 @@ def score(
             f"{out} already holds a committed scoring run ({summary_uri}); choose another --out, "
             "or pass --overwrite to replace it"
         )
+    run_id = run_id or new_run_id()
     plan = plan_run(art, settings)
-    result = _new_result(out, run_id or new_run_id(), art, plan)
-    result.source, result.settings = _shown_source(source, settings), redacted_settings(settings)
     ds = build_dataset(source, art, plan, settings, out_dir=out, seen=seen)
+    # Ray Data starts executing here; what only the rows need is set up while it does.
+    blocks = (b for b in ds.iter_batches(batch_format="pyarrow", batch_size=None) if b.num_rows)
+    first = next(blocks, None)
+    first_row_seconds = time.perf_counter() - started if first is not None else 0.0
+    warm.join()
+    from cxr_ray.scoring.drift_io import drift_accumulator, write_drift
+    from cxr_ray.scoring.estimate import run_estimator
+    from cxr_ray.scoring.evaluation import write_metrics
+    from cxr_ray.scoring.performance import append_history_rows, check_accumulated
+    from cxr_ray.scoring.result import redacted_settings
+
+    result = _new_result(out, run_id, art, plan)
+    result.source, result.settings = _shown_source(source, settings), redacted_settings(settings)
+    result.first_row_seconds = first_row_seconds
     drift, result.drift = drift_accumulator(art, settings.drift, reference=plan.report.drift_reference)
     estimator = run_estimator(art, drift.ref if drift is not None else None)  # the reference read once
+    rows = itertools.chain([first], blocks) if first is not None else iter(())
     acc = _write_predictions(
-        ds, result, settings.score, drift=drift, on_block=on_block, started=started, estimator=estimator
+        rows, result, settings.score, drift=drift, on_block=on_block, estimator=estimator
     )
     _write_studies(result, art)
     result.seconds = time.perf_counter() - started
@@ -264,6 +302,9 @@ def score(
 def _shown_source(source: str, settings: Settings) -> str:
     """The source as summary.json shows it: keyed like every ``uri`` in a pseudonymised run
     (a folder's name can be a patient's), without credentials and query string otherwise."""
+    from cxr_ray.scoring.pseudonymize import pseudonym_uri
+    from cxr_ray.scoring.result import safe_uri
+
     sc = settings.score
     if sc.pseudonymize and sc.pseudonym_key:
         return pseudonym_uri(source, sc.pseudonym_key.get_secret_value().encode())
@@ -271,7 +312,10 @@ def _shown_source(source: str, settings: Settings) -> str:
 
 
 def _new_result(out: str, run_id: str, art: Artifact, plan: ScorePlan) -> ScoreResult:
-    """The run's result before any row: what the driver resolved (engine, precision, cache)."""
+    """The run's result before any row is written: what the driver resolved (engine,
+    precision, cache)."""
+    from cxr_ray.scoring.result import ScoreResult, library_versions
+
     report = plan.report
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     return ScoreResult(
@@ -291,27 +335,26 @@ def _new_result(out: str, run_id: str, art: Artifact, plan: ScorePlan) -> ScoreR
 
 
 def _write_predictions(
-    ds: Any,
+    blocks: Iterable[pa.Table],
     result: ScoreResult,
     sc: ScoreSettings,
     *,
     drift: DriftAccumulator | None,
     on_block: Callable[[pa.Table], None] | None,
-    started: float,
     estimator: EstimateAccumulator | None = None,
 ) -> ScoreAccumulator:
-    """Stream the dataset's blocks into ``OUT/predictions.parquet`` (committed at the end),
-    feeding the drift check, the result's counts and ``on_block`` on the way."""
+    """Stream the dataset's (non-empty) blocks into ``OUT/predictions.parquet`` (committed
+    at the end), feeding the drift check, the result's counts and ``on_block`` on the way."""
+    from cxr_ray.scoring.pseudonymize import pseudonymize_table
+    from cxr_ray.scoring.result import ScoreAccumulator
+    from cxr_ray.scoring.schema import PREDICTIONS_SCHEMA, with_run_columns
+
     key = sc.pseudonym_key.get_secret_value().encode() if sc.pseudonymize and sc.pseudonym_key else None
     acc = ScoreAccumulator(result)
     storage.ensure_dir(result.out)
     uri = storage.join(result.out, "predictions.parquet")
     with storage.atomic_parquet_writer(uri, PREDICTIONS_SCHEMA) as w:
-        for block in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-            if block.num_rows == 0:
-                continue
-            if not result.first_row_seconds:
-                result.first_row_seconds = time.perf_counter() - started
+        for block in blocks:
             if drift is not None:  # before the internal columns (features, input_stats) go
                 drift.add(block)
             if estimator is not None:  # the label-free performance estimate (features too)
@@ -328,6 +371,9 @@ def _write_predictions(
 
 def _write_studies(result: ScoreResult, art: Artifact) -> None:
     """``OUT/studies.parquet`` and the result's study counts and study-level metrics."""
+    from cxr_ray.scoring.evaluation import write_studies
+    from cxr_ray.scoring.studies import study_metrics
+
     studies = write_studies(result.out, art.card)
     result.studies = studies.num_rows
     result.flagged_studies = int(pc.sum(pc.fill_null(studies["flagged"], False)).as_py() or 0)
