@@ -12,11 +12,17 @@ nightly run's ``StudyDate`` window works the same for both protocols.
   match (a PACS with a result cap truncates; narrow ``study_date``). Studies are packed
   whole into read units of at most ``data.rows_per_block`` instances (``dicomweb.pack``).
 - **Retrieval** (inside Ray read tasks): ``dicomweb.dimse.retrieve = "get"`` (default)
-  C-GETs each instance on the association the task opens, proposing, for each SOP class of
-  the unit's instances, one presentation context per transfer syntax, so the PACS sends the
-  instance as stored (no transcoding; measured on Orthanc 1.10: with one context listing
-  every syntax it chose Explicit VR Little Endian and sent a JPEG as 151 kB instead of
-  8.7 kB). ``"move"`` C-MOVEs to a storage SCP cxr-ray runs for the task on
+  C-GETs on the association the task opens, one SERIES-level request per study of the unit
+  (its series as a UID list; an instance that does not arrive is then asked for alone at
+  IMAGE level), proposing, for each SOP class of the unit's studies (one C-FIND for
+  ``SOPClassesInStudy``), one presentation context per transfer syntax, so the PACS sends
+  each instance as stored (no transcoding; measured on Orthanc 1.10: with one context
+  listing every syntax it chose Explicit VR Little Endian and sent a JPEG as 151 kB instead
+  of 8.7 kB). Measured on Orthanc 1.10 over loopback, one read task, 48 instances in 24
+  studies: C-GET 5.1 s (9 instances/s; 9.0 s with one C-GET per instance), C-MOVE 7.3 s,
+  WADO-RS 0.2-1.0 s; Orthanc answers each DIMSE message after ~45 ms (C-ECHO round trip,
+  also with dcmtk's echoscu), so DIMSE throughput comes from read tasks in parallel.
+  ``"move"`` C-MOVEs to a storage SCP cxr-ray runs for the task on
   ``dimse.move_port`` (the PACS must have ``calling_aet`` registered at this host and port);
   the SCP accepts associations from the source's AE title only, and one read task per node
   holds the port at a time. The bytes are the dataset as received with a file meta header
@@ -213,14 +219,25 @@ def list_units(source: str, options: ReadOptions) -> list[ReadUnit]:
 # ----------------------------------------------------------------------------- retrieval
 
 
-def _sop_classes(assoc: Any, studies: list[str]) -> dict[str, str]:
-    """SOP Instance UID -> SOP Class UID of every instance of ``studies`` (C-FIND IMAGE)."""
-    out: dict[str, str] = {}
-    for study in studies:
-        for ds in find(assoc, _image_query(study)):
-            if ds.get("SOPInstanceUID") and ds.get("SOPClassUID"):
-                out[str(ds.SOPInstanceUID)] = str(ds.SOPClassUID)
-    return out
+def _sop_classes(assoc: Any, studies: list[str]) -> set[str]:
+    """The SOP classes of ``studies``' instances: one STUDY-level C-FIND for
+    ``SOPClassesInStudy``, else (a PACS that does not return it) IMAGE level per study."""
+    from pydicom.dataset import Dataset
+
+    q = Dataset()
+    q.QueryRetrieveLevel = "STUDY"
+    q.StudyInstanceUID = studies if len(studies) > 1 else studies[0]
+    q.SOPClassesInStudy = ""
+    answers = find(assoc, q)
+    if answers and all(a.get("SOPClassesInStudy") for a in answers):
+        values = [a.SOPClassesInStudy for a in answers]
+        return {str(v) for value in values for v in ([value] if isinstance(value, str) else value)}
+    return {
+        str(ds.SOPClassUID)
+        for study in studies
+        for ds in find(assoc, _image_query(study))
+        if ds.get("SOPClassUID")
+    }
 
 
 class _Received:
@@ -250,6 +267,10 @@ class _Received:
         with self.lock:
             return self.data.pop(sop, None)
 
+    def clear(self) -> None:
+        with self.lock:
+            self.data.clear()
+
 
 def _retrieve_query(study: str, series: str, sop: str) -> Any:
     from pydicom.dataset import Dataset
@@ -259,6 +280,17 @@ def _retrieve_query(study: str, series: str, sop: str) -> Any:
     q.StudyInstanceUID = study
     q.SeriesInstanceUID = series
     q.SOPInstanceUID = sop
+    return q
+
+
+def _series_query(study: str, series: list[str]) -> Any:
+    """A SERIES-level retrieval of ``series`` of ``study`` (UID list matching, PS3.4 C.2.2.2.2)."""
+    from pydicom.dataset import Dataset
+
+    q = Dataset()
+    q.QueryRetrieveLevel = "SERIES"
+    q.StudyInstanceUID = study
+    q.SeriesInstanceUID = series if len(series) > 1 else series[0]
     return q
 
 
@@ -292,16 +324,36 @@ def read_instances(
             yield ref.uri, ref.name, None, row_error(ErrorCode.UNRETRIEVABLE, "not a DIMSE address")
         return
     received = _Received(options.max_file_bytes)
-    with _session(target, settings, todo, received) as session:
-        for ref in todo:
-            yield ref.uri, ref.name, *session(ref)
+    with _session(target, settings, todo, received) as (one, batch):
+        for group in _study_groups(todo):
+            batch(group)  # one request for the group; what it did not bring is asked one by one
+            for ref in group:
+                p = parse_instance_uri(ref.uri)
+                got = received.pop(p[3]) if p is not None else None
+                if isinstance(got, bytes):
+                    yield ref.uri, ref.name, got, None
+                elif isinstance(got, str):
+                    yield ref.uri, ref.name, None, got
+                else:
+                    yield ref.uri, ref.name, *one(ref)
+            received.clear()  # instances of those series outside this unit (a split study)
+
+
+def _study_groups(refs: list[ImageRef], size: int = 256) -> list[list[ImageRef]]:
+    """Refs grouped by study, at most ``size`` each, in first-seen order."""
+    groups: dict[str, list[ImageRef]] = {}
+    for ref in refs:
+        p = parse_instance_uri(ref.uri)
+        groups.setdefault(p[1] if p is not None else ref.uri, []).append(ref)
+    return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
 @contextlib.contextmanager
 def _session(
     target: Peer, settings: DicomwebSettings, refs: list[ImageRef], received: _Received
-) -> Iterator[Callable[[ImageRef], tuple[bytes | None, str | None]]]:
-    """A function retrieving one ref over an association that is re-made when it breaks."""
+) -> Iterator[tuple[Callable[[ImageRef], tuple[bytes | None, str | None]], Callable[[list[ImageRef]], None]]]:
+    """(one, batch): retrieve one ref (its bytes or why not), or request a series' refs at
+    once (what arrives waits in ``received``), over an association re-made when it breaks."""
     from pynetdicom import evt
 
     dimse = settings.dimse
@@ -321,12 +373,32 @@ def _session(
             finally:
                 if finder.is_established:
                     finder.release()
-        classes = sorted(set(state["classes"].values()))[:_MAX_CLASSES]
+        classes = sorted(state["classes"])[:_MAX_CLASSES]
         contexts: list[tuple[str, tuple[str, ...] | None]] = [(GET, None)]
         contexts += [(c, (ts,)) for c in classes for ts in TRANSFER_SYNTAXES]
         return associate(
             target, dimse, contexts, scp_roles=tuple(classes), handlers=[(evt.EVT_C_STORE, received.handle)]
         )
+
+    def request(query: Any) -> int | None:
+        """One C-GET / C-MOVE; ``DimseError`` when no association can be made."""
+        if state["assoc"] is None or not state["assoc"].is_established:
+            state["assoc"] = _connect(settings, open_assoc, 0 if state["down"] else None)
+        if move:
+            return _status_of(state["assoc"].send_c_move(query, dimse.calling_aet, MOVE))
+        return _status_of(state["assoc"].send_c_get(query, GET))
+
+    def batch(group: list[ImageRef]) -> None:
+        keys = [parsed[r.uri] for r in group]
+        if state["down"] or len(group) < 2 or any(k is None for k in keys):
+            return
+        study = keys[0][1]  # type: ignore[index]
+        series = sorted({k[2] for k in keys if k is not None})
+        try:
+            request(_series_query(study, series))
+            state["down"] = False
+        except DimseError:
+            state["down"] = True  # after a full backoff: each instance is then tried once
 
     def one(ref: ImageRef) -> tuple[bytes | None, str | None]:
         p = parsed[ref.uri]
@@ -335,15 +407,7 @@ def _session(
         _, study, series, sop = p
         for attempt in range(2):  # a broken association is made again once per instance
             try:
-                if state["assoc"] is None or not state["assoc"].is_established:
-                    attempts = 0 if state["down"] else None
-                    state["assoc"] = _connect(settings, open_assoc, attempts)
-                assoc = state["assoc"]
-                query = _retrieve_query(study, series, sop)
-                if move:
-                    status = _status_of(assoc.send_c_move(query, dimse.calling_aet, MOVE))
-                else:
-                    status = _status_of(assoc.send_c_get(query, GET))
+                status = request(_retrieve_query(study, series, sop))
             except DimseError as exc:
                 state["down"] = True  # after a full backoff: the rest are tried once each
                 return None, row_error(ErrorCode.UNRETRIEVABLE, f"cannot retrieve the instance: {exc.reason}")
@@ -363,7 +427,7 @@ def _session(
 
     with scp:
         try:
-            yield one
+            yield one, batch
         finally:
             if state["assoc"] is not None and state["assoc"].is_established:
                 state["assoc"].release()
