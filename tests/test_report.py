@@ -95,7 +95,10 @@ def test_skipped_reasons_and_study_metrics(run):
     page = render(str(run))
     preds = pq.read_table(run / "predictions.parquet")
     reasons = Counter(preds.filter(pc.equal(preds["status"], "skipped"))["error"].to_pylist())
-    assert sum(reasons.values()) == 4 and "view LL is outside the model's intended use (PA, AP)" in reasons
+    assert (
+        sum(reasons.values()) == 4
+        and "out_of_scope: view LL is outside the model's intended use (PA, AP)" in reasons
+    )
     skipped = page.split('id="skipped"', 1)[1].split("</table>", 1)[0]
     for reason, n in reasons.items():
         assert f"<td>{html.escape(reason)}</td><td>{n}</td>" in skipped
