@@ -44,7 +44,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import threading
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -58,12 +57,13 @@ from cxr_ray.data.dimse_net import (
     PENDING,
     DimseError,
     Peer,
+    Received,
     associate,
     find,
     is_dimse,
     peer,
-    quiet_pynetdicom,
     retrying,
+    storage_scp,
 )
 from cxr_ray.data.sources import ImageRef, ReadOptions, ReadUnit
 from cxr_ray.errors import DataError, row_error
@@ -240,38 +240,6 @@ def _sop_classes(assoc: Any, studies: list[str]) -> set[str]:
     }
 
 
-class _Received:
-    """What the storage handler received, by SOP Instance UID (thread-safe)."""
-
-    def __init__(self, max_bytes: int) -> None:
-        self.max_bytes = max_bytes
-        self.data: dict[str, bytes | str] = {}
-        self.lock = threading.Lock()
-
-    def handle(self, event: Any) -> int:
-        try:
-            sop = str(event.request.AffectedSOPInstanceUID)
-            data = event.encoded_dataset()
-        except Exception:
-            return 0xC210  # cannot understand
-        value: bytes | str = bytes(data)
-        if len(value) > self.max_bytes:
-            value = row_error(
-                ErrorCode.TOO_BIG, f"instance is {len(value)} bytes, over the {self.max_bytes}-byte limit"
-            )
-        with self.lock:
-            self.data[sop] = value
-        return 0x0000
-
-    def pop(self, sop: str) -> bytes | str | None:
-        with self.lock:
-            return self.data.pop(sop, None)
-
-    def clear(self) -> None:
-        with self.lock:
-            self.data.clear()
-
-
 def _retrieve_query(study: str, series: str, sop: str) -> Any:
     from pydicom.dataset import Dataset
 
@@ -323,7 +291,7 @@ def read_instances(
         for ref in todo:
             yield ref.uri, ref.name, None, row_error(ErrorCode.UNRETRIEVABLE, "not a DIMSE address")
         return
-    received = _Received(options.max_file_bytes)
+    received = Received(options.max_file_bytes)
     with _session(target, settings, todo, received) as (one, batch):
         for group in _study_groups(todo):
             batch(group)  # one request for the group; what it did not bring is asked one by one
@@ -348,37 +316,45 @@ def _study_groups(refs: list[ImageRef], size: int = 256) -> list[list[ImageRef]]
     return [g[i : i + size] for g in groups.values() for i in range(0, len(g), size)]
 
 
+def _classes_of(target: Peer, dimse: DimseSettings, studies: list[str]) -> set[str]:
+    finder = associate(target, dimse, [(FIND, None)])
+    try:
+        return _sop_classes(finder, studies)
+    finally:
+        if finder.is_established:
+            finder.release()
+
+
+def _get_association(target: Peer, dimse: DimseSettings, classes: set[str], received: Received) -> Any:
+    """A C-GET association: a storage context per (SOP class, transfer syntax), SCP role."""
+    from pynetdicom import evt
+
+    chosen = sorted(classes)[:_MAX_CLASSES]
+    contexts: list[tuple[str, tuple[str, ...] | None]] = [(GET, None)]
+    contexts += [(c, (ts,)) for c in chosen for ts in TRANSFER_SYNTAXES]
+    handlers = [(evt.EVT_C_STORE, received.handle)]
+    return associate(target, dimse, contexts, scp_roles=tuple(chosen), handlers=handlers)
+
+
 @contextlib.contextmanager
 def _session(
-    target: Peer, settings: DicomwebSettings, refs: list[ImageRef], received: _Received
+    target: Peer, settings: DicomwebSettings, refs: list[ImageRef], received: Received
 ) -> Iterator[tuple[Callable[[ImageRef], tuple[bytes | None, str | None]], Callable[[list[ImageRef]], None]]]:
     """(one, batch): retrieve one ref (its bytes or why not), or request a series' refs at
     once (what arrives waits in ``received``), over an association re-made when it breaks."""
-    from pynetdicom import evt
-
     dimse = settings.dimse
     move = dimse.retrieve == "move"
     parsed = {ref.uri: parse_instance_uri(ref.uri) for ref in refs}
     studies = sorted({p[1] for p in parsed.values() if p is not None})
     state: dict[str, Any] = {"assoc": None, "classes": None, "down": False}
-    scp = _storage_scp(target, dimse, received) if move else contextlib.nullcontext()
+    scp = storage_scp(target, dimse, received) if move else contextlib.nullcontext()
 
     def open_assoc() -> Any:
         if move:
             return associate(target, dimse, [(MOVE, None)])
         if state["classes"] is None:  # the SOP classes decide the storage contexts (C-GET)
-            finder = associate(target, dimse, [(FIND, None)])
-            try:
-                state["classes"] = _sop_classes(finder, studies)
-            finally:
-                if finder.is_established:
-                    finder.release()
-        classes = sorted(state["classes"])[:_MAX_CLASSES]
-        contexts: list[tuple[str, tuple[str, ...] | None]] = [(GET, None)]
-        contexts += [(c, (ts,)) for c in classes for ts in TRANSFER_SYNTAXES]
-        return associate(
-            target, dimse, contexts, scp_roles=tuple(classes), handlers=[(evt.EVT_C_STORE, received.handle)]
-        )
+            state["classes"] = _classes_of(target, dimse, studies)
+        return _get_association(target, dimse, state["classes"], received)
 
     def request(query: Any) -> int | None:
         """One C-GET / C-MOVE; ``DimseError`` when no association can be made."""
@@ -437,37 +413,3 @@ def _connect(settings: DicomwebSettings, open_assoc: Callable[[], Any], attempts
     if attempts == 0:
         return open_assoc()
     return retrying(settings, "association", open_assoc)
-
-
-@contextlib.contextmanager
-def _storage_scp(target: Peer, dimse: DimseSettings, received: _Received) -> Iterator[None]:
-    """Our storage SCP on ``dimse.move_port`` for the C-MOVEs of one read task (accepting
-    only ``target``'s AE title); waits (with backoff) while another task holds the port."""
-    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
-
-    quiet_pynetdicom()
-    ae = AE(ae_title=dimse.calling_aet)
-    ae.require_calling_aet = [target.aet]
-    for cx in StoragePresentationContexts:
-        if cx.abstract_syntax is not None:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
-    server = None
-    deadline = time.monotonic() + max(dimse.dimse_timeout_s, 30.0)
-    delay = 0.2
-    while server is None:
-        try:
-            server = ae.start_server(
-                (dimse.move_bind, dimse.move_port),
-                block=False,
-                evt_handlers=[(evt.EVT_C_STORE, received.handle)],
-            )
-        except OSError:
-            if time.monotonic() > deadline:
-                busy = "the C-MOVE storage port (dicomweb.dimse.move_port) stayed in use"
-                raise DimseError(busy) from None
-            time.sleep(delay)
-            delay = min(delay * 2, 5.0)
-    try:
-        yield None
-    finally:
-        server.shutdown()

@@ -9,15 +9,18 @@ Failures are ``DimseError`` with a fixed, identifier-free ``reason``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from cxr_ray.config import DicomwebSettings, DimseSettings, check_ae_title
-from cxr_ray.errors import DataError
+from cxr_ray.errors import DataError, row_error
+from cxr_ray.vocabulary import ErrorCode
 
 __all__ = [
     "FIND",
@@ -26,11 +29,13 @@ __all__ = [
     "PENDING",
     "DimseError",
     "Peer",
+    "Received",
     "associate",
     "find",
     "is_dimse",
     "peer",
     "retrying",
+    "storage_scp",
 ]
 
 logger = logging.getLogger("cxr_ray.data.dimse")
@@ -164,3 +169,69 @@ def find(assoc: Any, query: Any) -> list[Any]:
         elif status.Status != 0x0000:
             raise DimseError(f"the DICOM peer failed a C-FIND (status 0x{status.Status:04X})")
     return answers
+
+
+class Received:
+    """What the storage handler received, by SOP Instance UID (thread-safe)."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self.data: dict[str, bytes | str] = {}
+        self.lock = threading.Lock()
+
+    def handle(self, event: Any) -> int:
+        try:
+            sop = str(event.request.AffectedSOPInstanceUID)
+            data = event.encoded_dataset()
+        except Exception:
+            return 0xC210  # cannot understand
+        value: bytes | str = bytes(data)
+        if len(value) > self.max_bytes:
+            value = row_error(
+                ErrorCode.TOO_BIG, f"instance is {len(value)} bytes, over the {self.max_bytes}-byte limit"
+            )
+        with self.lock:
+            self.data[sop] = value
+        return 0x0000
+
+    def pop(self, sop: str) -> bytes | str | None:
+        with self.lock:
+            return self.data.pop(sop, None)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.data.clear()
+
+
+@contextlib.contextmanager
+def storage_scp(target: Peer, dimse: DimseSettings, received: Received) -> Iterator[None]:
+    """Our storage SCP on ``dimse.move_port`` for the C-MOVEs of one read task (accepting
+    only ``target``'s AE title); waits (with backoff) while another task holds the port."""
+    from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, StoragePresentationContexts, evt
+
+    quiet_pynetdicom()
+    ae = AE(ae_title=dimse.calling_aet)
+    ae.require_calling_aet = [target.aet]
+    for cx in StoragePresentationContexts:
+        if cx.abstract_syntax is not None:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    server = None
+    deadline = time.monotonic() + max(dimse.dimse_timeout_s, 30.0)
+    delay = 0.2
+    while server is None:
+        try:
+            server = ae.start_server(
+                (dimse.move_bind, dimse.move_port),
+                block=False,
+                evt_handlers=[(evt.EVT_C_STORE, received.handle)],
+            )
+        except OSError:
+            if time.monotonic() > deadline:
+                busy = "the C-MOVE storage port (dicomweb.dimse.move_port) stayed in use"
+                raise DimseError(busy) from None
+            time.sleep(delay)
+            delay = min(delay * 2, 5.0)
+    try:
+        yield None
+    finally:
+        server.shutdown()
