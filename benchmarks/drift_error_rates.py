@@ -84,7 +84,7 @@ def check(card: Any, ref: tuple, run: tuple, settings: DriftSettings) -> dict[st
         acc.add(block.slice(i, 1000))
     fig = acc.figures()
     tests = {t["check"]: t for t in fig.tests()}
-    return {"alert": fig.alert, **{c: tests[c]["alert"] for c in TESTS}, "ks": tests["p_pneumonia"]["value"]}
+    return {"alert": fig.alert, **{c: tests[c]["alert"] for c in TESTS}, "ks": tests["p_pneumonia"]["effect"]}
 
 
 def _smooth(rng: np.random.Generator, pool: tuple, n: int) -> tuple:
@@ -136,6 +136,8 @@ def main() -> None:
     ap.add_argument("--work", default="/tmp/drift-error-rates")
     ap.add_argument("--sites", action="store_true", help="power on the constructed sites (runs the network)")
     ap.add_argument("--fullres", default=None, help="folder of full-resolution originals to score")
+    ap.add_argument("--deltas", default="0.8,1.0,1.2,1.4,1.6", help="score shifts to measure the power of")
+    ap.add_argument("--no-halves", action="store_true", help="skip the patient-halves null")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -161,9 +163,12 @@ def main() -> None:
         ]
         print(f"  n = {n:5d}: {_rate(rows)}   [{time.time() - t0:.0f} s]")
 
-    score_shift(card, ref.n, pool, rng, args.trials, settings)
+    deltas = [float(d) for d in args.deltas.split(",") if d]
+    score_shift(card, ref.n, pool, rng, args.trials, settings, deltas)
     split_uri = storage.join(art.uri, "split.parquet")
-    if storage.exists(split_uri):
+    if args.no_halves:
+        pass
+    elif storage.exists(split_uri):
         patient_halves(art, pool, rng, args, work, settings)
     else:
         print(f"\n(no {split_uri}: the patient-halves null and the constructed sites need it; skipped)")
@@ -231,10 +236,16 @@ def fullres(art: Any, folder: Path, work: Path, settings: Any) -> None:
 
 
 def score_shift(
-    card: Any, ref_n: int, pool: tuple, rng: np.random.Generator, trials: int, settings: Any
+    card: Any,
+    ref_n: int,
+    pool: tuple,
+    rng: np.random.Generator,
+    trials: int,
+    settings: Any,
+    deltas: list[float],
 ) -> None:
     print("\npower, pure score shift (pneumonia logits + delta; inputs and features unchanged), n = 600:")
-    for delta in (0.8, 1.0, 1.2, 1.4, 1.6):
+    for delta in deltas:
         rows = []
         for _ in range(trials):
             run = _smooth(rng, pool, 600)

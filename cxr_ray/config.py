@@ -296,6 +296,10 @@ class DriftSettings(_Section):
     min_images: int = Field(default=100, ge=1)
     #: P(pneumonia): smallest Kolmogorov-Smirnov statistic (largest CDF gap, 0..1) to alert.
     score_ks_min: float = Field(default=0.05, ge=0)
+    #: Share of ``alpha`` given to the P(pneumonia) test in the weighted Holm correction (the
+    #: other tested checks share the rest equally): the score is what a site acts on, and a
+    #: score-only shift is the hardest to see (power measured in docs/MONITORING.md).
+    score_weight: float = Field(default=0.5, gt=0, lt=1)
     #: Predicted-class mix: smallest population stability index to alert.
     class_psi_min: float = Field(default=0.1, ge=0)
     #: Model-input statistics (intensity percentiles, mean, spread): smallest largest

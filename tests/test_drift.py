@@ -403,6 +403,24 @@ def test_holm_step_down_by_hand():
     assert np.allclose(holm([0.2, 0.9]), [0.4, 0.9]) and np.allclose(holm([0.5, 0.9]), [1.0, 1.0])
 
 
+def test_weighted_holm_by_hand_and_its_family_wise_rate():
+    from cxr_ray.scoring.drift_stats import holm
+
+    # Weights 0.5 / 0.25 / 0.25 (renormalised over the tests that ran; the NaN drops out).
+    # Sorted by p / w: 0.004 (x 1 / 0.5 = 0.008), 0.04 (x 0.5 / 0.25 = 0.08), 0.2 (x 1) -> 0.2.
+    adj = holm([0.004, 0.04, np.nan, 0.2], [0.5, 0.25, 0.1, 0.25])
+    assert np.allclose(adj[[0, 1, 3]], [0.008, 0.08, 0.2]) and np.isnan(adj[2])
+    assert np.allclose(holm([0.01, 0.04, 0.03, 0.005], [1, 1, 1, 1]), holm([0.01, 0.04, 0.03, 0.005]))
+    with pytest.raises(ValueError):
+        holm([0.1, 0.2], [1.0, 0.0])
+    # Under the global null (independent uniform p-values) any rejection at alpha is rare.
+    rng = np.random.default_rng(0)
+    p = rng.uniform(size=(20_000, 4))
+    w = [0.5, 1 / 6, 1 / 6, 1 / 6]
+    rate = np.mean([(holm(row, w) <= 0.05).any() for row in p])
+    assert 0.04 < rate <= 0.055, rate  # ~alpha, not more
+
+
 def test_hotelling_matches_a_direct_computation():
     from cxr_ray.scoring.drift_stats import Moments, hotelling
 
@@ -462,15 +480,20 @@ def test_same_distribution_runs_do_not_alert_and_a_real_sized_score_shift_does()
     assert sum(alerts) == 0, sum(alerts)  # 40 runs; at alpha 0.01 the expected count is <= 0.4
     # A pure score shift like the real later collection's: KS ~0.12 at 600 vs 745 images.
     shifted = _array_figures(ref, card, _arrays(rng, 600, shift=0.75))
-    ks = next(t for t in shifted.tests() if t["check"] == "p_pneumonia")
-    assert 0.09 < ks["value"] < 0.16 and ks["p_value"] < 1e-3, ks
-    assert shifted.alert and "p_pneumonia ks" in shifted.alerts()
-    assert ks["value"] < 0.25  # the old fixed threshold (ks_alert 0.25) missed it
+    ad = next(t for t in shifted.tests() if t["check"] == "p_pneumonia")
+    assert ad["statistic"] == "anderson_darling" and ad["method"].startswith("anderson_ksamp")
+    assert 0.09 < ad["effect"] < 0.16 and ad["p_value"] <= 1e-3, ad  # effect: the KS statistic
+    ks = next(r for r in shifted.rows if r["check"] == "p_pneumonia" and r["statistic"] == "ks")
+    assert ks["role"] == "info" and abs(ks["value"] - ad["effect"]) < 1e-3 and ks["p_value"] < 1e-3
+    assert shifted.alert and "p_pneumonia anderson_darling" in shifted.alerts()
+    assert ad["effect"] < 0.25  # the old fixed threshold (ks_alert 0.25) missed it
     # The effect-size floor: a trivial shift in a huge run stays quiet although significant.
     big = _array_figures(ref, card, _arrays(rng, 20_000, shift=0.75), DriftSettings(score_ks_min=0.2))
-    big_ks = next(t for t in big.tests() if t["check"] == "p_pneumonia")
-    assert big_ks["p_adjusted"] < 1e-6 and "p_pneumonia ks" not in big.alerts()
-    assert big_ks["method"].startswith("ks on exact counts")  # beyond the reservoir: binned
+    big_ad = next(t for t in big.tests() if t["check"] == "p_pneumonia")
+    assert big_ad["p_adjusted"] <= 0.002 and "p_pneumonia anderson_darling" not in big.alerts()
+    assert big_ad["n_used"] == 2000 and "uniform sample of 2000 rows" in big_ad["method"]
+    big_ks = next(r for r in big.rows if r["check"] == "p_pneumonia" and r["statistic"] == "ks")
+    assert big_ks["p_value"] < 1e-6 and big_ks["method"].startswith("ks on exact counts")  # binned
 
 
 # -- storage, not drift: full-resolution originals against a reference of 224 px copies ----

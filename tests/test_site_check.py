@@ -75,3 +75,58 @@ def test_site_check_alerts_estimates_and_recommends(site_folder, promising_model
     page = Path(check.report).read_text()
     assert 'id="performance-check"' in page and "PERFORMANCE ALERT" in page  # the banner
     assert 'id="performance-estimate"' in page
+
+
+# -- the worklist's random sample, by strata of P(pneumonia) ---------------------------------
+
+
+def _predictions(scores, flagged):
+    import pyarrow as pa
+
+    n = len(scores)
+    return pa.table(
+        {
+            "status": ["ok"] * n,
+            "image_id": [f"{i:064x}" for i in range(n)],
+            "uri": [None] * n,
+            "model_version": ["m"] * n,
+            "pred_label": ["normal"] * n,
+            "prob_normal": [1 - s for s in scores],
+            "prob_bacterial": [s / 2 for s in scores],
+            "prob_viral": [s / 2 for s in scores],
+            "prob_pneumonia": list(scores),
+            "flagged": list(flagged),
+        }
+    )
+
+
+def test_worklist_sample_is_drawn_by_score_strata_in_proportion():
+    import numpy as np
+
+    from cxr_ray.reporting.review import stratified_sample, worklist
+
+    rng = np.random.default_rng(3)
+    # 1,000 unflagged studies, most of them confident normals, a tail just below the threshold
+    # 0.9, and 50 flagged ones above it.
+    unflagged = np.concatenate([rng.uniform(0, 0.05, 800), rng.uniform(0.3, 0.9, 200)])
+    scores = np.concatenate([unflagged, rng.uniform(0.9, 1.0, 50)])
+    quartile = np.searchsorted(np.sort(unflagged)[[250, 500, 750]], unflagged, side="right")
+    for seed in range(30):
+        picked = stratified_sample(unflagged, 40, seed=seed)
+        assert len(set(picked)) == 40
+        # Proportional allocation: each quarter of the score range exactly its share (a simple
+        # random sample of 40 gets 10 +- 2.7 per quarter).
+        assert np.bincount(quartile[picked], minlength=4).tolist() == [10, 10, 10, 10], seed
+    assert stratified_sample(unflagged, 0).size == 0 and len(stratified_sample(unflagged[:3], 10)) == 3
+    # Uneven strata sizes: systematic rounding, total exact, inclusion n / N for every item.
+    hits = np.zeros(7)
+    for seed in range(2000):
+        hits[stratified_sample(np.arange(7.0), 3, seed=seed)] += 1
+    assert np.allclose(hits / 2000, 3 / 7, atol=0.05), hits / 2000
+    # The worklist: every flagged study, and 40 unflagged ones drawn by strata; the band just
+    # below the threshold (the top quarter of the unflagged scores) has its 10.
+    work = worklist(None, _predictions(scores, scores >= 0.9), sample=40, limit=300, seed=1)
+    random_scores = np.array([i.prob_pneumonia for i in work.items if i.selection == "random"])
+    assert sum(i.selection == "flagged" for i in work.items) == 50 and len(random_scores) == 40
+    top = np.sort(unflagged)[750]
+    assert int(np.sum(random_scores >= top - 1e-6)) == 10

@@ -44,7 +44,16 @@ from cxr_ray.vocabulary import REVIEW_CSV_COLUMNS, Status
 if TYPE_CHECKING:
     from PIL import Image
 
-__all__ = ["CSV_HEADER", "REVIEW_LABELS", "ReviewItem", "Worklist", "review_html", "static_text", "worklist"]
+__all__ = [
+    "CSV_HEADER",
+    "REVIEW_LABELS",
+    "ReviewItem",
+    "Worklist",
+    "review_html",
+    "static_text",
+    "stratified_sample",
+    "worklist",
+]
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +107,37 @@ def _items(rows: list[dict[str, Any]], selection: str, heatmaps: dict[str, str |
     ]
 
 
+#: Equal-count strata of the unflagged studies' P(pneumonia) the random sample is drawn from.
+SCORE_STRATA = 4
+
+
+def stratified_sample(scores: np.ndarray, n: int, *, seed: int = 0, strata: int = SCORE_STRATA) -> np.ndarray:
+    """Sorted indices of ``n`` of ``scores``, drawn (seeded, without replacement) from
+    ``strata`` equal-count strata of the scores with proportional allocation (systematic
+    rounding): every item keeps the same chance n / N as in a simple random sample,
+    so calibration's class mix stays representative, but every score band, the one just
+    below the flag threshold included, is sure to get its share."""
+    total = len(scores)
+    n = min(max(n, 0), total)
+    if n == 0:
+        return np.zeros(0, np.int64)
+    rng = np.random.default_rng(seed)
+    order = np.lexsort((np.arange(total), scores))  # by score, ties by position
+    groups = [g for g in np.array_split(order, min(strata, total)) if len(g)]
+    # Systematic rounding of the cumulative quotas from a random start: each stratum gets the
+    # floor or the ceiling of its share n * size / N, exactly that share on average.
+    cum = np.floor(np.cumsum([n * len(g) / total for g in groups]) + rng.uniform())
+    cum[-1] = n  # float rounding never loses or adds one
+    take = np.diff(np.concatenate([[0.0], cum])).astype(np.int64)
+    picked = [rng.choice(g, size=k, replace=False) for g, k in zip(groups, take, strict=True) if k]
+    return np.sort(np.concatenate(picked)).astype(np.int64)
+
+
 def worklist(
     studies: pa.Table | None, predictions: pa.Table, *, sample: int = 40, limit: int = 300, seed: int = 0
 ) -> Worklist:
-    """The flagged studies and a seeded random ``sample`` of the unflagged scored ones.
+    """The flagged studies and a seeded random ``sample`` of the unflagged scored ones, drawn
+    by strata of P(pneumonia) (``stratified_sample``).
 
     A run without ``studies.parquet`` (``studies=None``) lists its scored images one by one.
     At most ``limit`` items: the random sample is kept whole (it is what a threshold is fitted
@@ -124,7 +160,8 @@ def worklist(
     unflagged = units.filter(pc.invert(is_flagged)).sort_by([("image_id", "ascending")])
     sample, limit = max(sample, 0), max(limit, 0)
     n_random = min(sample, unflagged.num_rows, limit)
-    picked = np.sort(np.random.default_rng(seed).choice(unflagged.num_rows, size=n_random, replace=False))
+    scores = pc.fill_null(unflagged["prob_pneumonia"], 0.0).to_numpy(zero_copy_only=False)
+    picked = stratified_sample(np.asarray(scores, np.float64), n_random, seed=seed)
     random_rows = (
         unflagged.take(pa.array(picked, pa.int64()))
         .sort_by([("prob_pneumonia", "descending"), ("image_id", "ascending")])
@@ -260,7 +297,9 @@ def review_html(work: Worklist, *, run_dir: str, run_id: str) -> str:
     notes = [
         f"<p>{n_flagged} flagged studies (every flagged study, most suspicious first) and "
         f"{n_random} unflagged ones drawn at random (seeded; --review-sample {work.sample}) from the "
-        f"run's {work.unflagged_total} unflagged scored studies (column <code>selection</code>). "
+        f"run's {work.unflagged_total} unflagged scored studies, in proportion from each quarter of "
+        "their P(pneumonia) range, so the band just below the flag threshold is sure to be in it "
+        "(column <code>selection</code>). "
         "A sample of flagged studies only would be useless for fitting a threshold: every image in it "
         "is predicted positive, so it cannot show how many pneumonias the threshold misses or how "
         "many normals a higher threshold would spare.</p>",

@@ -16,9 +16,11 @@ coordinates (``DriftAccumulator.reservoir()``). Only ``ok`` rows count.
 Tested checks: hypothesis tests of "the run and the reference are samples of one
 distribution" (``role = test`` in ``drift.parquet``; ``cxr_ray.scoring.drift_stats``):
 
-- ``p_pneumonia`` ``ks``: two-sample Kolmogorov-Smirnov; exact values (``ks_2samp``) while
-  the whole run fits in the reservoir, else exact counts in 1,602 fine logit bins with the
-  asymptotic p-value (conservative); effect: the KS statistic;
+- ``p_pneumonia`` ``anderson_darling``: two-sample Anderson-Darling (``anderson_ksamp``) of
+  P(pneumonia) on every row while the run fits in the reservoir, else on the reservoir (a
+  uniform sample of the run: still a valid test); effect: the KS statistic on every row
+  (exact values, or exact counts in 1,602 fine logit bins beyond the reservoir), which is
+  also its own ``ks`` row (info, with its p-value);
 - ``pred_label`` ``chi2``: chi-squared test of the predicted-class counts; effect: PSI;
 - ``inputs`` ``hotelling_t2``: Hotelling T^2 of the mean of the model-input statistics
   (``MODEL_INPUT_STATS``: intensity percentiles, mean, spread) over every row; effect: the
@@ -26,7 +28,8 @@ distribution" (``role = test`` in ``drift.parquet``; ``cxr_ray.scoring.drift_sta
 - ``features`` ``hotelling_t2``: Hotelling T^2 of the mean of the penultimate features in the
   reference's PCA space (standardized), over every row; effect: the RMS of those mean shifts.
 
-A check alerts when its Holm-adjusted p-value is <= ``drift.alpha`` and its effect is >= its
+A check alerts when its weighted-Holm-adjusted p-value (``drift.score_weight`` of alpha for the
+score test, the rest shared equally) is <= ``drift.alpha`` and its effect is >= its
 minimum (``DriftSettings``) and the run has at least ``min_images`` images. Informational rows
 (``role = info``, never an alert): P(pneumonia) PSI, per-statistic mean shift / KS (with
 p-values) / Wasserstein of every input statistic, feature energy coefficient, and the
@@ -213,7 +216,10 @@ class DriftAccumulator:
         """Every check's row, Holm across the tested ones, the alerts and the plot data."""
         rows = self._score_rows() + self._input_rows() + self._feature_rows() + self._category_rows()
         tested = [i for i, r in enumerate(rows) if r["role"] == "test"]
-        adjusted = ds.holm([np.nan if rows[i]["p_value"] is None else rows[i]["p_value"] for i in tested])
+        adjusted = ds.holm(
+            [np.nan if rows[i]["p_value"] is None else rows[i]["p_value"] for i in tested],
+            self._holm_weights([rows[i]["check"] for i in tested]),
+        )
         enough = self.n >= self.s.min_images
         for i, adj in zip(tested, adjusted, strict=True):
             r = rows[i]
@@ -229,6 +235,13 @@ class DriftAccumulator:
                 r["note"] = f"fewer than {self.s.min_images} images: no alert"
         alert = any(r["alert"] for r in rows)
         return DriftFigures(rows, alert, self.n, self.ref.n, self.s.alpha, plot_data(self))
+
+    def _holm_weights(self, checks: list[str]) -> list[float]:
+        """The score test gets ``score_weight`` of alpha, every other tested check an equal share
+        of the rest (``drift_stats.holm`` renormalises over the tests that ran)."""
+        others = max(1, sum(c != "p_pneumonia" for c in checks))
+        w = self.s.score_weight
+        return [w if c == "p_pneumonia" else (1.0 - w) / others for c in checks]
 
     def _row(self, check: str, stat: str, value: float | None, **kw: Any) -> dict[str, Any]:
         row: dict[str, Any] = {
@@ -261,22 +274,28 @@ class DriftAccumulator:
         rows = [
             self._row("p_pneumonia", "psi", ds.psi(self.p_psi, ref_psi), method="deciles of the reference")
         ]
+        kept = self.res[: min(self.res_seen, self.res.shape[0]), 3]
         if self.res_seen <= self.res.shape[0]:  # every row is in the reservoir: exact values
-            d, p, method = ds.ks_values(self.res[: self.res_seen, 3], ref_p)
+            d, p, method = ds.ks_values(kept, ref_p)
         else:
             d, p, method = ds.ks_binned(self.p_fine, np.histogram(_logit(ref_p), bins=_KS_EDGES)[0])
+        a2, p_ad, ad_method = ds.ad_values(kept, ref_p)
+        if self.res_seen > self.res.shape[0]:
+            ad_method += f" on a uniform sample of {len(kept)} rows"
         rows.append(
             self._row(
                 "p_pneumonia",
-                "ks",
-                d,
+                "anderson_darling",
+                a2,
                 role="test",
-                p_value=p,
+                p_value=p_ad,
                 effect=d,
                 threshold=s.score_ks_min,
-                method=method,
+                n_used=int(np.isfinite(kept).sum()),
+                method=f"{ad_method}; effect: KS statistic",
             )
         )
+        rows.append(self._row("p_pneumonia", "ks", d, p_value=p, method=method))
         ref_pred = self.ref.pred_counts(self.card)
         chi2, p = ds.chi2_mix(self.pred, ref_pred)
         class_psi = ds.psi(self.pred, ref_pred)

@@ -38,7 +38,7 @@ DRIFT_SCHEMA = pa.schema(
         pa.field("note", pa.string()),
         pa.field("role", pa.string()),  # "test" (in the Holm family, may alert) or "info"
         pa.field("p_value", pa.float64()),
-        pa.field("p_adjusted", pa.float64()),  # Holm, across the run's tested checks
+        pa.field("p_adjusted", pa.float64()),  # weighted Holm, across the run's tested checks
         pa.field("effect", pa.float64()),  # the effect size compared with ``threshold``
         pa.field("n_used", pa.int64()),  # run rows the statistic used (e.g. the reservoir)
         pa.field("method", pa.string()),

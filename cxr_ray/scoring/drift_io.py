@@ -43,7 +43,10 @@ DRIFT_TABLE_SCHEMA = described(
         "note": "why a figure could not be computed, or what it means",
         "role": "test (in the Holm family, may alert) or info (informational, never alerts)",
         "p_value": ("the test's p-value", "probability"),
-        "p_adjusted": ("Holm-adjusted p-value across the run's tested checks", "probability"),
+        "p_adjusted": (
+            "weighted-Holm-adjusted p-value across the run's tested checks (drift.score_weight)",
+            "probability",
+        ),
         "effect": "the effect size compared with threshold",
         "n_used": ("run rows the statistic used (e.g. the reservoir sample)", "images"),
         "method": "how the statistic and p-value were computed",

@@ -7,38 +7,50 @@ Each test returns a statistic, a p-value and the method used; scipy does the dis
   counts over fixed bins (the statistic is the largest CDF gap at the bin edges, which is
   never larger than the gap on the exact values, so the asymptotic p-value from
   ``scipy.stats.kstwobign`` is conservative);
+- ``ad_values``: two-sample Anderson-Darling (``scipy.stats.anderson_ksamp``, midrank), the
+  score test: more weight in the tails than KS, hence more power for a shift of the scores
+  (measured in docs/MONITORING.md); scipy's p-value is interpolated and floored at 0.001;
 - ``chi2_mix``: chi-squared test of a 2 x C contingency table (run vs reference counts per
   category, ``scipy.stats.chi2_contingency``), with the population stability index as effect;
 - ``hotelling``: two-sample Hotelling T^2 of a mean shift in p dimensions from the run's
   streaming sums (``Moments``: every row counts, memory O(p^2)) and the reference's rows,
   pooled covariance, F distribution (``scipy.stats.f``);
-- ``holm``: Holm's step-down adjusted p-values (family-wise error rate across the checks);
+- ``holm``: Holm's step-down adjusted p-values (family-wise error rate across the checks),
+  optionally weighted (Holm 1979: a share of alpha per check, the weights summing to 1);
 - ``energy_coefficient`` (effect only), ``wasserstein`` (effect only).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from scipy import stats
 from scipy.spatial.distance import cdist
 
 
-def holm(p_values: list[float] | np.ndarray) -> np.ndarray:
-    """Holm's step-down adjusted p-values: sorted ascending, the i-th (0-based) of K is
-    multiplied by K - i, made monotone with a running maximum and capped at 1. Rejecting
-    where the adjusted value is <= alpha controls the family-wise error rate at alpha.
-    NaN (a test that could not run) stays NaN and does not count in K."""
+def holm(p_values: list[float] | np.ndarray, weights: list[float] | np.ndarray | None = None) -> np.ndarray:
+    """Holm's step-down adjusted p-values. Unweighted: sorted ascending, the i-th (0-based) of
+    K is multiplied by K - i, made monotone with a running maximum and capped at 1. Weighted
+    (Holm 1979; ``weights`` > 0, renormalised over the tests that ran): sorted by p / w, the
+    i-th is multiplied by (sum of the weights from the i-th on) / its own weight; equal weights
+    are the unweighted rule. Rejecting where the adjusted value is <= alpha controls the
+    family-wise error rate at alpha whatever the dependence between the tests. NaN (a test
+    that could not run) stays NaN and does not count."""
     p = np.asarray(p_values, np.float64)
+    w = np.ones(p.shape) if weights is None else np.asarray(weights, np.float64)
     out = np.full(p.shape, np.nan)
     ok = np.flatnonzero(np.isfinite(p))
     if len(ok) == 0:
         return out
-    order = ok[np.argsort(p[ok], kind="stable")]
-    k = len(order)
-    scaled = p[order] * (k - np.arange(k))
-    out[order] = np.minimum(np.maximum.accumulate(scaled), 1.0)
+    if not (w[ok] > 0).all():
+        raise ValueError("Holm weights must be positive")
+    wk = w[ok] / w[ok].sum()
+    order = np.argsort(p[ok] / wk, kind="stable")
+    remaining = np.cumsum(wk[order][::-1])[::-1]  # weight of the hypotheses not yet rejected
+    scaled = p[ok][order] * remaining / wk[order]
+    out[ok[order]] = np.minimum(np.maximum.accumulate(scaled), 1.0)
     return out
 
 
@@ -49,6 +61,22 @@ def ks_values(run: np.ndarray, ref: np.ndarray) -> tuple[float, float, str]:
         return math.nan, math.nan, "ks_2samp"
     res = stats.ks_2samp(run, ref, method="auto")
     return float(res.statistic), float(res.pvalue), "ks_2samp (exact values)"
+
+
+def ad_values(run: np.ndarray, ref: np.ndarray) -> tuple[float, float, str]:
+    """Two-sample Anderson-Darling statistic (standardized), p-value and method on exact
+    values (``scipy.stats.anderson_ksamp``, midrank: ties allowed). scipy interpolates the
+    p-value from tabulated critical values and clips it to 0.001..0.25 (a floored 0.001 means
+    "0.001 or smaller"; still a valid, conservative p-value)."""
+    run, ref = run[np.isfinite(run)], ref[np.isfinite(ref)]
+    if len(run) < 2 or len(ref) < 2 or np.ptp(np.concatenate([run, ref])) == 0:
+        return math.nan, math.nan, "anderson_ksamp"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "p-value floored/capped": said in method
+        res = stats.anderson_ksamp([run, ref])
+    p = float(res.pvalue)
+    note = " (p floored at 0.001)" if p <= 0.001 else ""
+    return float(res.statistic), p, f"anderson_ksamp (exact values){note}"
 
 
 def ks_binned(run_counts: np.ndarray, ref_counts: np.ndarray) -> tuple[float, float, str]:
