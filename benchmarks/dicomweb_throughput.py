@@ -1,6 +1,7 @@
 """Scoring from a PACS: DICOMweb from Orthanc on loopback vs the same images as local files.
 
-    python benchmarks/dicomweb_throughput.py [--images 2000] [--model ARTIFACT]
+    python benchmarks/dicomweb_throughput.py [--images 2000] [--model ARTIFACT] [--retrieval 200]
+        [--blocks-ab]
 
 From the full-resolution Kermany originals in ../shared/data/kermany-fullres (479 JPEGs,
 cycled up to --images, each copy a DICOM with its own UIDs), three sources of the same
@@ -86,6 +87,11 @@ def main() -> None:
     ap.add_argument("--model", default=None, help="artifact (default: MobileNetV2, random head)")
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--retrieval", type=int, default=200, help="instances in the retrieval-only runs")
+    ap.add_argument(
+        "--blocks-ab",
+        action="store_true",
+        help="also score DICOMweb with dicomweb.blocks_per_task = 4 (next block retrieved during decode)",
+    )
     args = ap.parse_args()
 
     from cxr_ray.config import load_settings
@@ -122,8 +128,10 @@ def main() -> None:
                 f"{art.card.version} at {art.card.input_size[0]}px; {os.cpu_count()} CPUs"
             )
 
-            def timed(source: str, out: str, n: int = args.images) -> tuple[float, float, float]:
-                t = timed_score(source, artifact, str(tmpd / out), settings)
+            def timed(
+                source: str, out: str, n: int = args.images, s: Any = settings
+            ) -> tuple[float, float, float]:
+                t = timed_score(source, artifact, str(tmpd / out), s)
                 assert t.result.images == n, (out, t.result.images)
                 assert t.result.errors == 0, (out, t.result.error_examples)
                 return t.end_to_end, t.steady, t.first_rows_s
@@ -145,16 +153,22 @@ def main() -> None:
                 "dicom": timed(str(tmpd / "dicom"), "out-dicom"),
                 "dicomweb": timed(server.source, "out-dicomweb"),
             }
+            if args.blocks_ab:
+                four = settings.model_copy(
+                    update={"dicomweb": settings.dicomweb.model_copy(update={"blocks_per_task": 4})}
+                )
+                runs["dicomweb-4b"] = timed(server.source, "out-dicomweb-4b", s=four)
         finally:
             server.stop()
 
     print(f"\nDICOMweb listing (QIDO-RS, driver, {len(units)} read units): {listing:.1f} s")
     print("\nratios (end to end / steady):")
-    for a, b in (("dicomweb", "dicom"), ("dicom", "jpeg"), ("dicomweb", "jpeg")):
+    pairs = [("dicomweb", "dicom"), ("dicom", "jpeg"), ("dicomweb", "jpeg")]
+    for a, b in pairs + ([("dicomweb-4b", "dicomweb")] if "dicomweb-4b" in runs else []):
         print(f"  {a}/{b}: {runs[a][0] / runs[b][0]:.2f} / {runs[a][1] / runs[b][1]:.2f}")
-    print(f"\n{'source':<10} {'img/s end to end':>17} {'img/s steady':>13} {'first rows s':>13}")
+    print(f"\n{'source':<11} {'img/s end to end':>17} {'img/s steady':>13} {'first rows s':>13}")
     for name, (e2e, steady, first) in runs.items():
-        print(f"{name:<10} {e2e:>17.1f} {steady:>13.1f} {first:>13.1f}")
+        print(f"{name:<11} {e2e:>17.1f} {steady:>13.1f} {first:>13.1f}")
     goals = (
         ("DICOM files steady / JPEG steady", runs["dicom"][1] / runs["jpeg"][1], 0.8),
         ("DICOM files end to end / JPEG end to end", runs["dicom"][0] / runs["jpeg"][0], 0.8),

@@ -450,9 +450,11 @@ class DicomwebSettings(_Section):
     #: Requests in flight at once: listing studies' instances on the driver, and retrieving
     #: instances in each Ray read task (on top of the read tasks running in parallel).
     concurrency: int = Field(default=4, ge=1, le=64)
-    #: Blocks of ``data.rows_per_block`` instances per read task (whole studies): while one
-    #: block is decoded, the next one is being retrieved. 1: a task waits for its block.
-    blocks_per_task: int = Field(default=4, ge=1, le=64)
+    #: Blocks of ``data.rows_per_block`` instances per read task (whole studies). Over 1,
+    #: the next block is retrieved while the last is decoded, but Ray Data merges a task's
+    #: output blocks, so its rows reach the model together at the task's end (later first
+    #: rows, less overlap with the model): measured in benchmarks/RESULTS.md.
+    blocks_per_task: int = Field(default=1, ge=1, le=64)
     #: DIMSE sources and C-STORE delivery (``[dicomweb.dimse]``, ``CXR_DICOMWEB__DIMSE__*``).
     dimse: DimseSettings = DimseSettings()
 

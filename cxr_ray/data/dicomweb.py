@@ -14,7 +14,7 @@ in TOML, ``CXR_DICOMWEB__*`` in the environment); credentials never go in the UR
   study attributes such as ``AccessionNumber``, ``PatientID`` or ``StudyDescription``.
   Studies are packed whole into read units of at most ``data.rows_per_block`` times
   ``dicomweb.blocks_per_task`` instances (a bigger study is split), so each Ray read task
-  retrieves whole studies, a block at a time, the next block while the last is decoded.
+  retrieves whole studies, a block at a time (the next block while the last is decoded).
 - **Retrieval** (inside Ray read tasks, in parallel across the cluster; ``dicomweb_wado``):
   WADO-RS Retrieve Instance, header and pixels in one response, ``dicomweb.concurrency``
   requests in flight per task on one keep-alive session, in the transfer syntax the instance

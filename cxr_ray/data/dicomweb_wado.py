@@ -2,10 +2,10 @@
 
 - **One keep-alive session per read task**, ``dicomweb.concurrency`` requests in flight on it
   (``dicomweb_http.ordered_map``: rows come out in the unit's order, at most one block of
-  ``rows_per_block`` instances is held ahead of the consumer). A task's unit is up to
-  ``dicomweb.blocks_per_task`` blocks, so the next block is retrieved while Ray decodes the
-  last one in the same (fused read + decode) task. The credential, CA-bundle and plain-HTTP rules
-  are ``dicomweb_http.make_session``'s.
+  ``rows_per_block`` instances is held ahead of the consumer). With
+  ``dicomweb.blocks_per_task`` over 1 a task's unit is several blocks, and the next block is
+  retrieved while Ray decodes the last one in the same (fused read + decode) task. The
+  credential, CA-bundle and plain-HTTP rules are ``dicomweb_http.make_session``'s.
 - **Header and pixels in one round trip**: WADO-RS *Retrieve Instance* answers the whole
   DICOM Part 10 object (one multipart part). Metadata (``/metadata``) plus frames
   (``/frames/1``) would be two requests per image, and a file to rebuild for the decoder
