@@ -1,7 +1,7 @@
 """Reduced-resolution DICOM decode vs the full-resolution path, per transfer syntax.
 
     python benchmarks/dicom_agreement.py [--images 479] [--model /work/art/mnv2]
-                                         [--variants jpeg-baseline,j2k,...] [--oversample 1,2]
+                                         [--variants jpeg-baseline,j2k,...] [--oversample 2,4]
 
 Every full-resolution Kermany original in ../shared/data/kermany-fullres (479 JPEGs) is
 written as a DICOM in each of ``tests.dicom_factory.SYNTAX_VARIANTS`` (JPEG baseline, JPEG
@@ -117,7 +117,7 @@ def main() -> None:
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--data", default=str(DATA))
     ap.add_argument("--variants", default=",".join(dicom_factory.SYNTAX_VARIANTS))
-    ap.add_argument("--oversample", default="1,2", help="comma-separated reduced-decode oversampling factors")
+    ap.add_argument("--oversample", default=None, help="comma-separated reduced-decode oversampling factors")
     args = ap.parse_args()
 
     from cxr_ray.models.artifact import load_artifact
@@ -131,7 +131,9 @@ def main() -> None:
     jpegs = [f.read_bytes() for f in files]
     art = load_artifact(args.model)
     spec = spec_for(art.card)
-    oversamples = [int(o) for o in args.oversample.split(",")]
+    from cxr_ray.imaging.dicom_reduced import DEFAULT_OVERSAMPLE
+
+    oversamples = [int(o) for o in (args.oversample or str(DEFAULT_OVERSAMPLE)).split(",")]
     print(
         f"{len(jpegs)} full-resolution originals, model {art.card.version} "
         f"at {spec.width}px, onnxruntime fp32"
