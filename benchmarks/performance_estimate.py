@@ -123,7 +123,7 @@ def evaluate(
     probs = card.probabilities(run["logits"])
     z = ref["reference"].project(run["features"]) / est._std(ref["reference"])
     rows: dict[str, dict[str, list[float]]] = {}
-    aucs, unreliable = [], 0
+    aucs, outside, unreliable = [], [], 0
     for idx in subsets:
         m = metrics.binary_metrics(run["labels"][idx], probs[idx], t)
         truth = {
@@ -146,15 +146,18 @@ def evaluate(
                 r.setdefault(f"{k}_err", []).append(abs(v["estimate"] - truth[k]))
                 r.setdefault(f"{k}_signed", []).append(v["estimate"] - truth[k])
                 r.setdefault(f"{k}_cov", []).append(float(v["low"] <= truth[k] <= v["high"]))
+                r.setdefault(f"{k}_width", []).append(v["high"] - v["low"])
                 r.setdefault(f"{k}_truth", []).append(truth[k])
                 r.setdefault(f"{k}_est", []).append(v["estimate"])
             if method == est.DEFAULT_METHOD:
                 aucs.append(e["domain_auc"] or float("nan"))
+                outside.append(e.get("outside_reference") or 0.0)
                 unreliable += not e["reliable"]
     summary = {method: {k: float(np.mean(v)) for k, v in r.items()} for method, r in rows.items()}
     return {
         "methods": summary,
         "domain_auc": float(np.nanmean(aucs)),
+        "outside": float(np.mean(outside)),
         "unreliable": unreliable / len(subsets),
     }
 
@@ -188,7 +191,10 @@ def main() -> None:
     if args.only:
         names = args.only.split(",")
     results: dict[str, Any] = {}
-    header = f"{'run':<22} {'method':<6} {'auc':>5} " + " ".join(f"{m[:4]}:err  cov " for m in METRICS)
+    header = (
+        f"{'run':<22} {'method':<6} {'auc':>5} {'out':>5} {'unrel':>5} "
+        + " ".join(f"{m[:4]}:err  cov width" for m in METRICS)
+    )
     print(header)
     runs: list[tuple[str, dict[str, np.ndarray], float | None]] = []
     for name in names:
@@ -205,8 +211,11 @@ def main() -> None:
         res = evaluate(data, ref, art.card, subsets)
         results[name] = res
         for method, r in res["methods"].items():
-            cells = " ".join(f"{r[f'{m}_err']:8.3f} {r[f'{m}_cov']:4.2f}" for m in METRICS)
-            print(f"{name:<22} {method:<6} {res['domain_auc']:5.2f} {cells}", flush=True)
+            cells = " ".join(
+                f"{r[f'{m}_err']:8.3f} {r[f'{m}_cov']:4.2f} {r[f'{m}_width']:5.2f}" for m in METRICS
+            )
+            auc, out, unrel = res["domain_auc"], res["outside"], res["unreliable"]
+            print(f"{name:<22} {method:<6} {auc:5.2f} {out:5.2f} {unrel:5.2f} {cells}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 
