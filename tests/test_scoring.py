@@ -262,7 +262,8 @@ def test_score_folder_with_broken_files_yields_one_row_per_file(ray_local, tiny_
     assert Counter(t["status"].to_pylist()) == {"ok": n - n_bad, "error": n_bad - 1, "skipped": 1}
     (sr,) = t.filter(pa.compute.equal(t["status"], "skipped")).to_pylist()
     assert sr["uri"].endswith("noimage.dcm") and sr["modality"] == "SR"
-    assert sr["error"] == "modality SR is outside the model's intended use (CR, DX)"
+    assert sr["error"] == "out_of_scope: modality SR is outside the model's intended use (CR, DX)"
+    assert sr["error_code"] == "out_of_scope"
     assert len(set(t["uri"].to_pylist())) == n
     assert r.engine == "onnxruntime" and set(t["engine"].to_pylist()) == {"onnxruntime"}
     labelled = t.filter(
@@ -367,6 +368,7 @@ def test_a_runs_outputs_describe_themselves(ray_local, tiny_artifact, tmp_path):
     """summary.json says what was scored, when, with which versions and settings (no secret),
     and every Parquet output carries its column descriptions and schema version."""
     from cxr_ray.io.columns import SCHEMA_VERSION, description, undescribed
+    from cxr_ray.scoring import schema_doc
 
     root = imaging.kermany_folder(tmp_path / "in", per_class=2)
     key = "k" * 24  # a pseudonym key: must never reach summary.json
@@ -397,7 +399,8 @@ def test_a_runs_outputs_describe_themselves(ray_local, tiny_artifact, tmp_path):
             continue
         schema = pq.read_schema(path)
         assert undescribed(schema) == [], name
-        assert schema.metadata[SCHEMA_VERSION] == (b"2" if name == "predictions" else b"1"), name
+        declared = {f: t for f, _, t in schema_doc.TABLES}[f"{name}.parquet"]
+        assert schema.metadata[SCHEMA_VERSION] == declared.metadata[SCHEMA_VERSION], name
     preds = pq.read_schema(out / "predictions.parquet")
     assert "PatientAge" in description(preds.field("patient_age_years"))
     assert preds.field("patient_age_years").metadata[b"unit"] == b"years"
