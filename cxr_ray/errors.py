@@ -19,6 +19,7 @@ row's location is in its own ``uri`` column, which pseudonymization keys.
 from __future__ import annotations
 
 import re
+from typing import Any
 
 from cxr_ray.vocabulary import ERROR_CODES, ErrorCode
 
@@ -43,7 +44,8 @@ class DataError(CxrRayError):
         super().__init__(message)
         self.code = ErrorCode(code) if code is not None else self.default_code
 
-    def __reduce__(self):  # type: ignore[no-untyped-def]  # keeps ``code`` across processes (Ray)
+    def __reduce__(self) -> tuple[Any, tuple[type[DataError], str, str]]:
+        """Keeps ``code`` across processes (Ray pickles exceptions)."""
         return (_rebuild, (type(self), str(self), self.code.value))
 
 

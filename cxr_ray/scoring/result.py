@@ -75,7 +75,7 @@ class ScoreResult:
     metrics: dict[str, float] = field(default_factory=dict)
     #: The same metrics per study (labelled studies only), when labels exist.
     study_metrics: dict[str, float] = field(default_factory=dict)
-    error_examples: list[dict[str, str]] = field(default_factory=list)
+    error_examples: list[dict[str, str | None]] = field(default_factory=list)
     #: Error and skipped rows per reason code (``error_code``, docs/OUTPUTS.md).
     error_codes: dict[str, int] = field(default_factory=dict)
     #: The drift check against the artifact's reference: ``status`` (``checked``,
