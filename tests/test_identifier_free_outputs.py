@@ -216,3 +216,18 @@ def test_row_errors_are_coded_and_cut_what_could_identify():
         "pixel_budget: 3 frame(s) x 512x512 = 786432 values"
     )
     assert error_code("no code here") == "internal" and error_code(None) is None
+
+
+def test_pseudonymize_scrubs_every_free_text_column():
+    from cxr_ray.scoring.pseudonymize import TEXT_COLUMNS, pseudonymize_table
+
+    leaky = "internal: at '/srv/DOE_JANE/a.dcm' /home/MRN12345 1.2.840.113619.2.55.3.4"
+    table = pa.table({c: [leaky, None] for c in TEXT_COLUMNS} | {"error_code": ["internal", None]})
+    out = pseudonymize_table(table, KEY.encode())
+    assert set(TEXT_COLUMNS) >= {"error", "intended_use_note", "delivery_error"}
+    for name in TEXT_COLUMNS:
+        text = out.column(name)[0].as_py()
+        assert out.column(name)[1].as_py() is None and text.startswith("internal: at")
+        for ident in ("DOE", "JANE", "MRN12345", "/srv", "1.2.840"):
+            assert ident not in text, (name, text)
+    assert out.column("error_code").to_pylist() == ["internal", None]
