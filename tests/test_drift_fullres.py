@@ -6,7 +6,8 @@ path's decode of an original (JPEG draft + bilinear) agrees with the Kermany 224
 same image in its coarse content but not in its fine detail (the copies are 224 px JPEGs), and
 the network is sensitive to that detail: on the same images its penultimate features move by
 ~0.23 reference std (RMS) and P(pneumonia) by -0.7 logits. Also, 412 of the 479 are the
-artifact's own training images (their 224 px copies alert on features too). The alert is a
+artifact's own training images and the sample is class-balanced (their 224 px copies alert
+too, with less than half the feature shift). The alert is a
 true statement about the model's view, so ``test_default_artifact_does_not_alert`` is a strict
 xfail until the training recipe sees what the scoring path sees. Skipped without the data or
 the artifact.
@@ -131,9 +132,13 @@ def test_default_artifact_on_the_originals_alerts_only_on_what_the_model_sees(de
     dz = default_run["original"]["z"] - default_run["copy"]["z"]
     assert float(np.sqrt(np.mean(dz.mean(0) ** 2))) > 0.15
     assert float(np.mean(default_run["original"]["logit"] - default_run["copy"]["logit"])) < -0.3
-    # The 224 px copies of the same images: no score alert (their label mix and training
-    # membership alone do not move the scores enough).
-    assert "p_pneumonia anderson_darling" not in default_run["copy"]["figures"].alerts()
+    # The 224 px copies of the same images differ from the validation split as well (a
+    # class-balanced sample, 26% normals in validation, and 412 of the 479 are the artifact's
+    # training images), but their features far less: the decode is most of the feature shift.
+    copy = {t["check"]: t for t in default_run["copy"]["figures"].tests()}
+    original = {t["check"]: t for t in fig.tests()}
+    assert copy["features"]["effect"] < 0.6 * original["features"]["effect"]
+    assert copy["p_pneumonia"]["effect"] < 0.7 * original["p_pneumonia"]["effect"]
 
 
 @pytest.mark.slow
