@@ -75,6 +75,7 @@ def sample_manifest(source: str, out: str, settings: Settings, n: int, seed: int
             "bytes": none.cast(pa.int64()),
             "status": pa.array([Status.OK.value] * len(chosen), pa.string()),
             "error": none.cast(pa.string()),
+            "error_code": none.cast(pa.string()),
         },
         schema=manifest_schema_for(source),  # its rows may point into SOURCE only
     )
