@@ -2,6 +2,7 @@
 
     python benchmarks/dicom_agreement.py [--images 479] [--model /work/art/mnv2]
                                          [--variants jpeg-baseline,j2k,...] [--oversample 2,4]
+                                         [--min-side 1792]
 
 Every full-resolution Kermany original in ../shared/data/kermany-fullres (479 JPEGs) is
 written as a DICOM in each of ``tests.dicom_factory.SYNTAX_VARIANTS`` (JPEG baseline, JPEG
@@ -13,9 +14,13 @@ then decoded and preprocessed twice by ``cxr_ray.imaging.preprocess.decode``: th
 
 Prints per variant and oversample: argmax agreement (bar >= 0.995), |dP(pneumonia)| max,
 p99 and the share of images within 0.02 (bar >= 0.99), the mean and max absolute difference
-of the preprocessed 224 px images (0..255), and decode + preprocess ms/image, old vs new.
-One process, one core's worth of decode work at a time; timings move with the machine's load,
-compare the ratios within one run. Not a test.
+of the preprocessed 224 px images (0..255), decode + preprocess ms/image old vs new, and how
+many images were large enough to be reduced at all (``k>=2``: at least 2 x 2 source pixels
+per reduced pixel; the rest take the reduced path's decoder at full size, or the old path).
+``--min-side 1792`` keeps only the originals large enough to be reduced at the default
+oversample (19 of the 479; the median original is 1368 x 944). One process, one core's
+worth of decode work at a time; timings move with the machine's load, compare the ratios
+within one run. Not a test.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ BATCH = 64
 class Arm:
     pixels: list[np.ndarray] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    reduced: int = 0  # images large enough for a reduction (2 x 2 blocks or more)
 
 
 def engine_for(art: Any, cache: str) -> Any:
@@ -79,8 +85,11 @@ def decode_arms(jpegs: list[bytes], variant: str, spec: Any, oversamples: list[i
         for o in oversamples:
             dicom_reduced.DEFAULT_OVERSAMPLE = o
             t = time.perf_counter()
-            arms[f"new x{o}"].pixels.append(decode(data, spec).pixels)
+            out = decode(data, spec)
             arms[f"new x{o}"].seconds += time.perf_counter() - t
+            arms[f"new x{o}"].pixels.append(out.pixels)
+            need = (o * spec.width, o * spec.height)
+            arms[f"new x{o}"].reduced += dicom_reduced.block_factor(out.width, out.height, need) >= 2
         if i % 100 == 99:
             print(f"  {variant}: {i + 1}/{len(jpegs)}", file=sys.stderr, flush=True)
     dicom_reduced.DEFAULT_OVERSAMPLE = default
@@ -104,7 +113,8 @@ def report(variant: str, arms: dict[str, Arm], probs: dict[str, np.ndarray]) -> 
         ok = "ok" if agree >= 0.995 and within >= 0.99 else "FAIL"
         lines.append(
             f"{variant:27s} {name:7s} {n:4d} {agree:7.4f} {dp.max():7.4f} {np.quantile(dp, 0.99):7.4f} "
-            f"{within:7.4f} {px.mean():6.2f} {px.max():4d} {old_ms:7.1f} {ms:7.1f} {old_ms / ms:6.2f}x {ok}"
+            f"{within:7.4f} {px.mean():6.2f} {px.max():4d} {old_ms:7.1f} {ms:7.1f} {old_ms / ms:6.2f}x "
+            f"{arm.reduced:4d} {ok}"
         )
     return lines
 
@@ -116,6 +126,7 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=479)
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--data", default=str(DATA))
+    ap.add_argument("--min-side", type=int, default=0, help="only originals with a shorter side this long")
     ap.add_argument("--variants", default=",".join(dicom_factory.SYNTAX_VARIANTS))
     ap.add_argument("--oversample", default=None, help="comma-separated reduced-decode oversampling factors")
     args = ap.parse_args()
@@ -124,6 +135,10 @@ def main() -> None:
     from cxr_ray.models.card import spec_for
 
     files = sorted(Path(args.data).rglob("*.jpeg"))
+    if args.min_side:  # only originals large enough to be reduced (the 2-3k px of a CR/DX export)
+        from PIL import Image
+
+        files = [f for f in files if min(Image.open(f).size) >= args.min_side]
     if 0 < args.images < len(files):  # evenly spaced, so both classes are in a subset
         files = [files[i * len(files) // args.images] for i in range(args.images)]
     if not files:
@@ -140,7 +155,7 @@ def main() -> None:
     )
     header = (
         f"{'variant':27s} {'arm':7s} {'n':>4s} {'argmax':>7s} {'dPmax':>7s} {'dPp99':>7s} {'<=0.02':>7s} "
-        f"{'pxmean':>6s} {'pxmx':>4s} {'old_ms':>7s} {'new_ms':>7s} {'speed':>7s}"
+        f"{'pxmean':>6s} {'pxmx':>4s} {'old_ms':>7s} {'new_ms':>7s} {'speed':>7s} {'k>=2':>4s}"
     )
     rows = []
     with tempfile.TemporaryDirectory() as cache:

@@ -76,8 +76,8 @@ def test_reduction_levels_are_the_smallest_still_at_least_the_need():
     need = (448, 448)  # 224 px at oversample 2 (the default, 4, is checked below)
     sizes = ((2000, 1800), (1790, 1790), (3600, 3600), (400, 900))
     assert [dicom_reduced.dct_scale(w, h, need) for w, h in sizes] == [4, 2, 8, 1]
-    sizes = ((2000, 1800), (1343, 1000), (2239, 4000))
-    assert [dicom_reduced.block_factor(w, h, need) for w, h in sizes] == [4, 2, 4]
+    blocks = ((2000, 1800), (1343, 1000), (2239, 4000))
+    assert [dicom_reduced.block_factor(w, h, need) for w, h in blocks] == [4, 2, 4]
     assert dicom_reduced.j2k_reduce(2000, 1800, need, levels=5) == 2
     assert dicom_reduced.j2k_reduce(2000, 1800, need, levels=1) == 1  # never past the codestream's levels
     assert dicom_reduced.j2k_reduce(3000, 3000, need, levels=5) == 2  # 750 px; 375 would be too small
