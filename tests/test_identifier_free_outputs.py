@@ -125,7 +125,8 @@ def _texts(run: Path) -> dict[str, str]:
     return out
 
 
-def test_a_run_over_a_patient_named_folder_writes_no_identifier(tmp_path, tiny_artifact, request):
+def _run(tmp_path: Path, artifact: Path, request, *, pseudonymize: bool) -> dict:
+    """``cxr-ray score`` (then ``cxr-ray report``) over the patient-named folder."""
     src = tmp_path / "DOE_JANE_MRN12345"
     n_in, uids = _patient_folder(src)
     run = tmp_path / "run"
@@ -137,28 +138,21 @@ def test_a_run_over_a_patient_named_folder_writes_no_identifier(tmp_path, tiny_a
         "RAY_USAGE_STATS_ENABLED": "0",
         "CXR_SCORE__PSEUDONYM_KEY": KEY,
         "CXR_SCORE__CACHE_DIR": str(tmp_path / "cache"),
-        "CXR_RAY__NUM_CPUS": "2",
     }
-    args = ["score", str(src), "--model", str(tiny_artifact), "--out", str(run), "--pseudonymize"]
-    proc = subprocess.run(
-        [sys.executable, "-m", "cxr_ray", *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=540,
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    args = ["score", str(src), "--model", str(artifact), "--out", str(run)]
+    console = ""
     # The report of an unlabelled run is written by `cxr-ray report`.
-    report = subprocess.run(
-        [sys.executable, "-m", "cxr_ray", "report", str(run)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert report.returncode == 0, report.stdout + report.stderr
+    for command in ([*args, "--pseudonymize"] if pseudonymize else args, ["report", str(run)]):
+        proc = subprocess.run(
+            [sys.executable, "-m", "cxr_ray", *command],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=540,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        console += proc.stdout + proc.stderr
     preds = pq.read_table(run / "predictions.parquet")
     assert preds.num_rows == n_in, preds.select(["status", "error"]).to_pylist()
     rows = preds.to_pylist()
@@ -170,17 +164,54 @@ def test_a_run_over_a_patient_named_folder_writes_no_identifier(tmp_path, tiny_a
     assert {"truncated", "symlink_outside_root", "link_dangling", "unsafe_member", "link_member"} <= codes
     assert {"unreadable_container", "dicom_no_pixels", "null_bytes"} <= codes, codes
     assert all(r["error_code"] is None for r in rows if r["status"] == "ok")
-    texts = _texts(run) | {"stdout": proc.stdout + report.stdout, "stderr": proc.stderr + report.stderr}
-    logs = [p for p in raytmp.rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err", ".txt")]
+    return {"src": src, "uids": uids, "run": run, "rows": rows, "console": console, "raytmp": raytmp}
+
+
+def _leaks(texts: dict[str, str], idents: tuple[str, ...]) -> list[tuple[str, str, str]]:
+    return [
+        (ident, name, text[max(0, text.find(ident) - 120) :][:240])
+        for name, text in texts.items()
+        for ident in idents
+        if ident in text
+    ]
+
+
+def test_a_pseudonymized_run_over_a_patient_named_folder_writes_no_identifier(
+    tmp_path, tiny_artifact, request
+):
+    r = _run(tmp_path, tiny_artifact, request, pseudonymize=True)
+    texts = _texts(r["run"]) | {"console": r["console"]}
+    logs = [p for p in r["raytmp"].rglob("*") if p.is_file() and p.suffix in (".log", ".out", ".err", ".txt")]
     assert logs, "Ray's session logs were not found"
     texts |= {str(p): p.read_bytes().decode("latin-1") for p in logs}
     assert any(name.endswith("report.html") for name in texts) and any("summary.json" in n for n in texts)
-    leaks = [
-        (ident, name, text[max(0, text.find(ident) - 120) :][:240])
-        for name, text in texts.items()
-        for ident in (*IDENTIFIERS, str(src), *uids)
-        if ident in text
+    leaks = _leaks(texts, (*IDENTIFIERS, str(r["src"]), *r["uids"]))
+    assert not leaks, "\n".join(map(repr, leaks))
+
+
+def test_error_texts_of_a_plain_run_carry_no_identifier(tmp_path, tiny_artifact, request):
+    """Without --pseudonymize a hospital's own outputs keep uri and patient id (to find the
+    image), but no error text, summary or report line quotes a name, path, link or UID."""
+    r = _run(tmp_path, tiny_artifact, request, pseudonymize=False)
+    assert any(str(r["src"]) in row["uri"] for row in r["rows"])  # the location is kept, in uri
+    summary = json.loads((r["run"] / "summary.json").read_text())
+    assert summary["error_codes"] and summary["error_examples"]
+    page = (r["run"] / "report.html").read_text()
+    tables = [
+        page.split(f'id="{t}"', 1)[1].split("</table>", 1)[0]
+        for t in ("errors", "skipped")
+        if f'id="{t}"' in page
     ]
+    texts = {
+        "error column": "\n".join(str(row["error"]) for row in r["rows"]),
+        "summary error_examples": json.dumps(summary["error_examples"]),
+        "console error lines": "\n".join(
+            ln for ln in r["console"].splitlines() if ln.lstrip().startswith(("error:", "reasons:"))
+        ),
+        "report error tables": "\n".join(tables),
+    }
+    assert texts["console error lines"] and texts["report error tables"]
+    leaks = _leaks(texts, (*IDENTIFIERS, str(r["src"]), *r["uids"]))
     assert not leaks, "\n".join(map(repr, leaks))
 
 
