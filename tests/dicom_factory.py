@@ -15,6 +15,9 @@ The API (kept small, other test modules import it):
   ``YBR_FULL_422``; progressive originals are re-encoded as baseline first). ``"explicit"``
   stores the decoded gray pixels uncompressed (Explicit VR Little Endian), 8 bit or 12 bit in
   16 allocated, ``MONOCHROME1`` (inverted values) or ``MONOCHROME2``.
+- ``make_syntax(jpeg, Tags(...), variant)``: the image in one of ``SYNTAX_VARIANTS`` (every
+  transfer syntax the reduced decode handles: JPEG baseline/extended, JPEG-LS, JPEG 2000,
+  RLE, uncompressed with MONOCHROME1 / rescale + window / VOI LUT table; dcmtk for two).
 - ``make_sr(Tags(...))``: a Basic Text SR (no pixel data).
 - ``six_file_case()``: the issue's six files (see the function), as ``Instance`` records with
   the expectation for each.
