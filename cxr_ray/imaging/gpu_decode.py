@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from cxr_ray.errors import DecodeError
+from cxr_ray.errors import DecodeError, row_text
 from cxr_ray.imaging.preprocess import PreprocessSpec, check_pixels, decode, sniff_format
 
 logger = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def decode_pixels(datas: list[bytes], spec: PreprocessSpec, device: str = "cuda"
         try:
             route, header = _route(data, spec)
         except DecodeError as exc:
-            errors[i] = str(exc)
+            errors[i] = row_text(exc)
             continue
         if route == "gpu" and header is not None:
             gpu_rows.append(i)
@@ -209,12 +209,11 @@ def decode_pixels(datas: list[bytes], spec: PreprocessSpec, device: str = "cuda"
     for i in sorted(cpu_rows):
         try:
             d = decode(datas[i], spec)
-        except DecodeError as exc:
-            errors[i], sizes[i] = str(exc), (0, 0)
-            continue
         except Exception as exc:  # one unreadable file must not fail the whole batch
-            logger.warning("row %d: unexpected decode failure", i, exc_info=True)
-            errors[i], sizes[i] = f"decode failed: {type(exc).__name__}: {exc}", (0, 0)
+            if not isinstance(exc, DecodeError):
+                logger.warning("row %d: unexpected decode failure (%s)", i, type(exc).__name__)
+            # The reason code and a fixed detail; never the library's message (it may name paths).
+            errors[i], sizes[i] = row_text(exc), (0, 0)
             continue
         # torch.tensor copies: PIL's arrays are read-only and from_numpy would warn.
         pixels[i, 0] = torch.tensor(d.pixels, device=dev)
