@@ -18,7 +18,7 @@ import torch
 import torchvision.io
 from PIL import Image
 
-from cxr_ray.errors import DecodeError
+from cxr_ray.errors import DecodeError, row_text
 from cxr_ray.imaging.gpu_decode import decode_batch, draft_scale
 from cxr_ray.imaging.preprocess import PreprocessSpec, decode, to_model_input
 from tests import imaging
@@ -91,7 +91,7 @@ def test_bad_inputs_are_handled_per_row():
     assert x.shape == (len(datas), 1, 64, 64)
     assert errors[0] is None and errors[4] is None and errors[5] is None
     assert "truncated" in (errors[1] or "")
-    assert errors[2] == "empty file (0 bytes)"
+    assert errors[2] == "empty_file: empty file (0 bytes)"
     assert "unsupported format (text)" in (errors[3] or "")
     assert errors[6] is not None
     # The CPU fallback gives exactly the CPU contract (bit-identical scaling to 0..1).
@@ -102,7 +102,7 @@ def test_bad_inputs_are_handled_per_row():
     for i, what in ((1, "truncated"), (6, "corrupt")):
         with pytest.raises(DecodeError, match=what) as info:
             decode(datas[i], spec)
-        assert errors[i] == str(info.value)
+        assert errors[i] == row_text(info.value)
 
 
 def test_pixel_limit_is_enforced_before_decoding(monkeypatch):
