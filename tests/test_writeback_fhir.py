@@ -21,6 +21,7 @@ from fhir.resources.imagingselection import ImagingSelection
 from fhir.resources.observation import Observation
 
 from cxr_ray.scoring.pseudonymize import pseudonymize_table
+from cxr_ray.scoring.studies import study_table
 from cxr_ray.writeback import SourceRef, result_uids, study_resources, write_ndjson
 from cxr_ray.writeback import fhir as wfhir
 from tests.dicom_factory import Tags
@@ -248,3 +249,23 @@ def test_an_invalid_resource_is_refused():
                 "conclusionCode": [{"concept": {"text": "x"}}],
             }
         )
+
+
+def test_a_runs_ndjson_has_the_assessed_studies_only(tmp_path):
+    """``run_resources`` over a run's tables: two scored studies and a skipped one."""
+    files = [_source()[0], _source()[0], _source(Tags(modality="DX", patient_age="045Y"))[0]]
+    predictions = _predictions(
+        files, ["ok", "ok", "skipped"], [(0.1, 0.8, 0.1), (0.9, 0.05, 0.05), (0.1, 0.1, 0.8)]
+    )
+    studies = study_table(predictions)
+    resources = wfhir.run_resources(studies, predictions, MODEL, threshold=THRESHOLD)
+    path = tmp_path / wfhir.FHIR_NDJSON
+    n = write_ndjson(resources, str(path))
+    lines = [json.loads(line) for line in path.read_text().splitlines()]
+    assert n == len(lines)
+    reports = [r for r in lines if r["resourceType"] == "DiagnosticReport"]
+    assert len(reports) == 2 and sum(r["resourceType"] == "Device" for r in lines) == 1
+    skipped_uid = pydicom.dcmread(io.BytesIO(files[2])).StudyInstanceUID
+    assert skipped_uid not in path.read_text()
+    codes = sorted(r["conclusionCode"][0]["coding"][0]["code"] for r in reports)
+    assert codes == ["17621005", "53084003"]  # normal, bacterial

@@ -8,12 +8,13 @@ it imports scoring, models and below, never the other way round.
 
 from cxr_ray.writeback.capture import build_capture, wants_capture
 from cxr_ray.writeback.context import CAUTION, ModelInfo, SourceRef, assessed
-from cxr_ray.writeback.fhir import study_resources, write_ndjson
+from cxr_ray.writeback.fhir import FHIR_NDJSON, run_resources, study_resources, write_ndjson
 from cxr_ray.writeback.sr import build_sr
 from cxr_ray.writeback.uids import ResultUIDs, result_uids
 
 __all__ = [
     "CAUTION",
+    "FHIR_NDJSON",
     "ModelInfo",
     "ResultUIDs",
     "SourceRef",
@@ -21,6 +22,7 @@ __all__ = [
     "build_capture",
     "build_sr",
     "result_uids",
+    "run_resources",
     "study_resources",
     "wants_capture",
     "write_ndjson",

@@ -28,6 +28,10 @@ references, not resources written here. Status is ``preliminary`` (unverified, a
 Identifiers come from the ``SourceRef`` as in the SR (pseudonyms stay pseudonyms), and ids
 are derived like the DICOM UIDs from (study, model version), so rewriting a run's NDJSON
 gives the same ids.
+
+A run's file: ``write_ndjson(run_resources(studies, predictions, model, threshold=t),
+storage.join(run_dir, FHIR_NDJSON))`` (one Device, then each assessed DICOM study's
+resources; skipped, error and non-DICOM studies write nothing).
 """
 
 from __future__ import annotations
@@ -37,17 +41,30 @@ import json
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pydicom
 from fhir.resources.device import Device
 from fhir.resources.diagnosticreport import DiagnosticReport
 from fhir.resources.imagingselection import ImagingSelection
 from fhir.resources.observation import Observation
 
-from cxr_ray.writeback.context import CAUTION, CLASS_CODES, MANUFACTURER, PNEUMONIA, ModelInfo, SourceRef
+from cxr_ray.writeback.context import (
+    CAUTION,
+    CLASS_CODES,
+    MANUFACTURER,
+    PNEUMONIA,
+    ModelInfo,
+    SourceRef,
+    assessed,
+)
 from cxr_ray.writeback.sr import FLAGGED, INTENDED_USE, INTENDED_USE_CODES, check_study, source_ref
 from cxr_ray.writeback.uids import ResultUIDs, derived_id, result_uids
 
-__all__ = ["study_resources", "write_ndjson"]
+__all__ = ["FHIR_NDJSON", "run_resources", "study_resources", "write_ndjson"]
+
+#: The file name in the run folder (``write_ndjson(run_resources(...), join(run_dir, FHIR_NDJSON))``).
+FHIR_NDJSON = "results.fhir.ndjson"
 
 _SYSTEMS = {
     "SCT": "http://snomed.info/sct",
@@ -287,6 +304,27 @@ def _conclusion(study: Mapping[str, Any], threshold: float) -> str:
         f"AI result: {CLASS_CODES[study['pred_label']].meaning}; P(pneumonia) "
         f"{float(study['prob_pneumonia']):.2f}, {flag} at threshold {threshold:g}."
     )
+
+
+def run_resources(
+    studies: pa.Table, predictions: pa.Table, model: ModelInfo, *, threshold: float
+) -> list[dict[str, Any]]:
+    """The resources of every assessed DICOM study of a run (``studies.parquet`` and the
+    predictions it was built from); skipped, error and non-DICOM studies give none."""
+    rows = [s for s in studies.to_pylist() if assessed(s) and s.get("study_instance_uid")]
+    wanted = pa.array(sorted({str(s["driving_image_id"]) for s in rows}), pa.string())
+    driving = predictions.filter(pc.is_in(predictions["image_id"], value_set=wanted)).to_pylist()
+    # Keyed with the study: the same bytes (one image id) can sit in two studies.
+    by_image = {(r["image_id"], r.get("study_instance_uid")): r for r in driving if r.get("sop_instance_uid")}
+    out: list[dict[str, Any]] = []
+    for study in rows:
+        source = by_image.get((study["driving_image_id"], study["study_instance_uid"]))
+        if source is not None:
+            ref = SourceRef.from_row(source)
+            out += study_resources(
+                study, ref, model, threshold=threshold, intended_use=source.get("intended_use")
+            )
+    return out
 
 
 def _validated(resource: dict[str, Any]) -> dict[str, Any]:
