@@ -312,7 +312,7 @@ def run_resources(
     """The resources of every assessed DICOM study of a run (``studies.parquet`` and the
     predictions it was built from); skipped, error and non-DICOM studies give none."""
     rows = [s for s in studies.to_pylist() if assessed(s) and s.get("study_instance_uid")]
-    wanted = pa.array(sorted({str(s["driving_image_id"]) for s in rows}), pa.string())
+    wanted = pa.array(sorted({s["driving_image_id"] for s in rows if s["driving_image_id"]}), pa.string())
     driving = predictions.filter(pc.is_in(predictions["image_id"], value_set=wanted)).to_pylist()
     # Keyed with the study: the same bytes (one image id) can sit in two studies.
     by_image = {(r["image_id"], r.get("study_instance_uid")): r for r in driving if r.get("sop_instance_uid")}
