@@ -1,7 +1,9 @@
 """A real Orthanc PACS for tests: Debian's ``orthanc`` with the ``orthanc-dicomweb`` plugin.
 
 Started as a plain process with its own JSON config: HTTP on a free loopback port
-(``RemoteAccessAllowed: false``), the DICOM port disabled, storage and index in a tmp folder,
+(``RemoteAccessAllowed: false``), the DICOM port disabled unless ``dicom_port`` is given (then
+on every interface, Orthanc has no option to narrow it, with ``dicom_modalities`` as the peers
+allowed to query and retrieve), storage and index in a tmp folder,
 the DICOMweb plugin loaded from where Debian installs it, and either no authentication or
 HTTP basic auth for one user (``RegisteredUsers``). Tests that use it skip with a reason
 where Orthanc or the plugin is absent (``apt-get install orthanc orthanc-dicomweb``; ``.ci/run``
