@@ -224,6 +224,7 @@ def score(
     from cxr_ray.scoring.result import format_summary  # imported by the run, off its start-up
 
     click.echo(format_summary(result))
+    _write_fhir(out, art)
     if s.score.results_to is not None:
         from cxr_ray.writeback.deliver import deliver_run, format_delivery
 
@@ -233,6 +234,21 @@ def score(
 
         click.echo(format_metrics_summary(result.metrics, title="metrics"))
         click.echo(f"report: {write_report(out)}")
+
+
+def _write_fhir(out: str, art: Any) -> None:
+    """OUT/results.fhir.ndjson: a FHIR DiagnosticReport (+ Observations, the model's Device)
+    per assessed DICOM study; nothing for runs of plain image files."""
+    from cxr_ray.writeback.context import ModelInfo
+    from cxr_ray.writeback.fhir import FHIR_NDJSON, write_run_fhir
+
+    try:
+        n = write_run_fhir(out, ModelInfo.from_card(art.card), threshold=art.card.pneumonia_threshold)
+    except Exception as exc:  # the run is committed: an export problem must not fail it
+        click.echo(f"fhir: not written ({type(exc).__name__}); the run's tables are complete", err=True)
+        return
+    if n:
+        click.echo(f"fhir: {n} resources in {FHIR_NDJSON}")
 
 
 @main.command()
@@ -278,6 +294,7 @@ def screen(
             source, art, out, s, top=top, overwrite=overwrite, on_block=progress, after_score=after
         )
     click.echo(format_screen(result))
+    _write_fhir(out, art)
     for line in delivered:
         click.echo(line)
     if result.scored.metrics:

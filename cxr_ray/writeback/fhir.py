@@ -61,7 +61,7 @@ from cxr_ray.writeback.context import (
 from cxr_ray.writeback.sr import FLAGGED, INTENDED_USE, INTENDED_USE_CODES, check_study, source_ref
 from cxr_ray.writeback.uids import ResultUIDs, derived_id, result_uids
 
-__all__ = ["FHIR_NDJSON", "run_resources", "study_resources", "write_ndjson"]
+__all__ = ["FHIR_NDJSON", "run_resources", "study_resources", "write_ndjson", "write_run_fhir"]
 
 #: The file name in the run folder (``write_ndjson(run_resources(...), join(run_dir, FHIR_NDJSON))``).
 FHIR_NDJSON = "results.fhir.ndjson"
@@ -350,3 +350,19 @@ def write_ndjson(resources: Iterable[Mapping[str, Any]], uri: str) -> int:
 
     storage.write_bytes("".join(line + "\n" for line in lines).encode(), uri)
     return len(lines)
+
+
+def write_run_fhir(out: str, model: ModelInfo, *, threshold: float) -> int:
+    """``OUT/results.fhir.ndjson`` for the scoring run in ``out``: the resources of its
+    assessed DICOM studies (``run_resources``), validated; no file when there are none (a run
+    of plain image files has no ImagingStudy to refer to). Returns the number of lines."""
+    from cxr_ray.io import storage
+
+    studies = storage.read_table(storage.join(out, "studies.parquet"))
+    if studies.num_rows == 0 or "study_instance_uid" not in studies.column_names:
+        return 0
+    if pc.count(studies["study_instance_uid"]).as_py() == 0:
+        return 0
+    predictions = storage.read_table(storage.join(out, "predictions.parquet"))
+    resources = run_resources(studies, predictions, model, threshold=threshold)
+    return write_ndjson(resources, storage.join(out, FHIR_NDJSON)) if resources else 0
