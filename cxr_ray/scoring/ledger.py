@@ -57,6 +57,8 @@ STUDIES = "studies"
 LEASES = "leases"
 #: The drift figures of every nightly run (``nightly.append_drift``).
 DRIFT_HISTORY = "drift_history"
+#: ROOT/deliveries: every result delivery attempt (written by cxr_ray.writeback.deliver).
+DELIVERIES = "deliveries"
 RUNS = "runs"
 PARTITION_BY = ["model_version"]
 #: Ids per lookup query (an ``IN`` list); larger blocks are split.
@@ -243,7 +245,7 @@ def staged_blocks(uri: str, rows_per_block: int = 65_536) -> Callable[[], Iterat
     return gen
 
 
-TABLE_NAMES = (PREDICTIONS, METRICS_HISTORY, STUDIES, DRIFT_HISTORY, LEASES)
+TABLE_NAMES = (PREDICTIONS, METRICS_HISTORY, STUDIES, DRIFT_HISTORY, DELIVERIES, LEASES)
 
 
 @dataclass

@@ -70,7 +70,7 @@ logger = logging.getLogger(__name__)
 
 DELIVERED, ERROR, NOT_APPLICABLE = "delivered", "error", "not_applicable"
 #: ROOT/deliveries: every delivery attempt of a nightly root.
-DELIVERIES = "deliveries"
+DELIVERIES = ledger.DELIVERIES
 DELIVERIES_SCHEMA = pa.schema(
     [
         pa.field("model_version", pa.string(), nullable=False),
