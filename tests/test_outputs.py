@@ -90,7 +90,9 @@ def test_delta_keeps_field_metadata_and_the_schema_version(tmp_path):
     )
     assert schema.field("prob_pneumonia").metadata[columns.UNIT] == b"probability"
     # Delta drops schema-level Arrow metadata: the version lives in the table configuration.
-    assert dt.metadata().configuration["cxr_ray.schema_version"] == "1"
+    declared = STUDIES_SCHEMA.metadata[columns.SCHEMA_VERSION].decode()
+    assert declared == "2"  # v2: delivery, delivery_error
+    assert dt.metadata().configuration["cxr_ray.schema_version"] == declared
     assert dt.metadata().configuration["cxr_ray.table"] == "studies"
 
 
