@@ -292,16 +292,21 @@ def list_units(source: str, options: ReadOptions) -> list[ReadUnit]:
         else:
             by_study.append(refs)
     units = pack(ep.source, by_study, options.rows_per_block * settings.blocks_per_task)
+    log_listing(ep.source, len(studies), units, t0, failed)
+    return units
+
+
+def log_listing(source: str, studies: int, units: list[ReadUnit], t0: float, failed: int) -> None:
+    """The listing's one log line (a PACS source: DICOMweb or DIMSE); counts only, no UIDs."""
     logger.info(
         "listed %s: %d studies, %d instances, %d read units in %.1f s%s",
-        ep.source,
-        len(studies),
+        source,
+        studies,
         sum(u.num_rows for u in units),
         len(units),
         time.monotonic() - t0,
         f" ({failed} studies could not be listed: error rows)" if failed else "",
     )
-    return units
 
 
 def pack(base: str, studies: Iterable[list[ImageRef]], rows: int) -> list[ReadUnit]:

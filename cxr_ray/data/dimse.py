@@ -49,7 +49,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from cxr_ray.config import DicomwebSettings, DimseSettings
-from cxr_ray.data.dicomweb import pack
+from cxr_ray.data.dicomweb import log_listing, pack
 from cxr_ray.data.dimse_net import (
     FIND,
     GET,
@@ -204,15 +204,7 @@ def list_units(source: str, options: ReadOptions) -> list[ReadUnit]:
     units = pack(target.source, by_study, options.rows_per_block)
     for unit in units:
         unit.kind = "dimse"
-    logger.info(
-        "listed %s: %d studies, %d instances, %d read units in %.1f s%s",
-        target.source,
-        len(studies),
-        sum(u.num_rows for u in units),
-        len(units),
-        time.monotonic() - t0,
-        f" ({failed} studies could not be listed: error rows)" if failed else "",
-    )
+    log_listing(target.source, len(studies), units, t0, failed)
     return units
 
 
