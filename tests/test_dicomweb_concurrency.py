@@ -63,23 +63,29 @@ class Proxy:
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
         try:
-            time.sleep(self.delay_s)
-            sop = h.path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
-            accept = h.headers.get("Accept") or ""
-            if sop in self.redirect:
-                return self._answer(h, 302, b"", {"Location": self.redirect[sop]})
-            if sop in self.fail:
-                return self._answer(h, 500, b"broken", {"Content-Type": "text/plain"})
-            if self.refuse_any_syntax and "transfer-syntax=*" in accept:
-                return self._answer(h, 406, b"not acceptable", {"Content-Type": "text/plain"})
-            if not h.path.startswith("/dicom-web/"):
-                return self._answer(h, 404, b"", {})
-            headers = {"Accept": accept} if accept else {}
-            r = requests.get(self.upstream + h.path, headers=headers, auth=self.auth, timeout=30)
-            self._answer(h, r.status_code, r.content, {"Content-Type": r.headers.get("Content-Type", "")})
+            answer = self._answer_for(h)
         finally:
+            # Out of flight before the answer is written: once the client has the body it may
+            # send its next request, and that must not count as overlapping this one.
             with self.lock:
                 self.in_flight -= 1
+        self._answer(h, *answer)
+
+    def _answer_for(self, h: http.server.BaseHTTPRequestHandler) -> tuple[int, bytes, dict]:
+        time.sleep(self.delay_s)
+        sop = h.path.split("?")[0].rstrip("/").rsplit("/", 1)[-1]
+        accept = h.headers.get("Accept") or ""
+        if sop in self.redirect:
+            return 302, b"", {"Location": self.redirect[sop]}
+        if sop in self.fail:
+            return 500, b"broken", {"Content-Type": "text/plain"}
+        if self.refuse_any_syntax and "transfer-syntax=*" in accept:
+            return 406, b"not acceptable", {"Content-Type": "text/plain"}
+        if not h.path.startswith("/dicom-web/"):
+            return 404, b"", {}
+        headers = {"Accept": accept} if accept else {}
+        r = requests.get(self.upstream + h.path, headers=headers, auth=self.auth, timeout=30)
+        return r.status_code, r.content, {"Content-Type": r.headers.get("Content-Type", "")}
 
     @staticmethod
     def _answer(h: http.server.BaseHTTPRequestHandler, status: int, body: bytes, headers: dict) -> None:
