@@ -43,12 +43,13 @@ from cxr_ray.data.site_shift import SiteShift, render_site
 from cxr_ray.imaging.preprocess import decode
 from cxr_ray.imaging.stats import input_stats
 from cxr_ray.io import storage
-from cxr_ray.labels import LABELS, NORMAL
+from cxr_ray.labels import LABELS, NORMAL, parse_kermany_path
 from cxr_ray.models.artifact import load_artifact
 from cxr_ray.models.card import spec_for
 from cxr_ray.models.outputs import network_outputs
 from cxr_ray.models.reference import read_reference, reference_from_arrays
 from cxr_ray.scoring.drift import DriftAccumulator
+from cxr_ray.scoring.drift_units import reference_units
 
 SITES = {
     "mild site (site_calibration SITE)": SiteShift(
@@ -59,10 +60,14 @@ SITES = {
 TESTS = ("p_pneumonia", "pred_label", "inputs", "features")
 
 
-def _block(card: Any, logits: np.ndarray, stats: np.ndarray, feats: np.ndarray) -> pa.Table:
+def _block(
+    card: Any, logits: np.ndarray, stats: np.ndarray, feats: np.ndarray, patients: np.ndarray | None = None
+) -> pa.Table:
     probs = card.probabilities(np.asarray(logits, np.float64))
+    extra = {} if patients is None else {"patient_id": [str(p) for p in patients]}
     return pa.table(
         {
+            **extra,
             "status": ["ok"] * len(logits),
             **{f"prob_{k}": probs[:, i].astype(np.float32) for i, k in enumerate(LABELS)},
             "prob_pneumonia": (1 - probs[:, LABELS.index(NORMAL)]).astype(np.float32),
@@ -73,13 +78,23 @@ def _block(card: Any, logits: np.ndarray, stats: np.ndarray, feats: np.ndarray) 
     )
 
 
-def check(card: Any, ref: tuple, run: tuple, settings: DriftSettings) -> dict[str, Any]:
+def check(
+    card: Any,
+    ref: tuple,
+    run: tuple,
+    settings: DriftSettings,
+    ref_patients: np.ndarray | None = None,
+    run_patients: np.ndarray | None = None,
+) -> dict[str, Any]:
     """One drift check of arrays ``run`` against a reference built from arrays ``ref``
     ((logits, stats, features) each); the features are 16-d PCA coordinates (a rotation of
-    the reference's basis: every test is invariant to it)."""
+    the reference's basis: every test is invariant to it). With ``*_patients`` the tests count
+    one image per patient, as a scoring run does (``scoring.drift_units``); without, every
+    row is its own unit (the i.i.d. draws of the bootstrap are)."""
     reference = read_reference(reference_from_arrays(card, *ref, components=ref[2].shape[1]))
-    acc = DriftAccumulator(reference, card, settings)
-    block = _block(card, *run)
+    units = None if ref_patients is None else [f"patient_id:{p}" for p in ref_patients]
+    acc = DriftAccumulator(reference, card, settings, reference_units=units)
+    block = _block(card, *run, run_patients)
     for i in range(0, block.num_rows, 1000):
         acc.add(block.slice(i, 1000))
     fig = acc.figures()
@@ -164,8 +179,17 @@ def main() -> None:
         print(f"  n = {n:5d}: {_rate(rows)}   [{time.time() - t0:.0f} s]")
 
     deltas = [float(d) for d in args.deltas.split(",") if d]
-    score_shift(card, ref.n, pool, rng, args.trials, settings, deltas)
     split_uri = storage.join(art.uri, "split.parquet")
+    score_shift(card, ref.n, pool, rng, args.trials, settings, deltas)
+    # A scoring run's tests use one reference image per validation patient (drift_units): the
+    # power with a reference of that many independent rows.
+    ref_units = reference_units(art, ref)
+    if ref_units is not None and len(set(ref_units)) < ref.n:
+        print(
+            f"\nthe same with a reference of {len(set(ref_units))} rows "
+            "(one per validation patient, as runs use):"
+        )
+        score_shift(card, len(set(ref_units)), pool, rng, args.trials, settings, deltas)
     if args.no_halves:
         pass
     elif storage.exists(split_uri):
@@ -191,27 +215,26 @@ def patient_halves(
         halves.append((np.flatnonzero(in_a), np.flatnonzero(~in_a)))
     print("\nfalse-alarm rate, patient halves (reference: one half's images, run: n of the other half's):")
     for n in (100, 300):
-        rows = [
-            check(card, _take(pool, a), _take(pool, rng.choice(b, min(n, len(b)), replace=False)), settings)
-            for a, b in halves
+        picks = [(a, rng.choice(b, min(n, len(b)), replace=False)) for a, b in halves]
+        naive = [check(card, _take(pool, a), _take(pool, b), settings) for a, b in picks]
+        units = [
+            check(card, _take(pool, a), _take(pool, b), settings, patients[a], patients[b]) for a, b in picks
         ]
-        print(f"  n = {n:5d}: {_rate(rows)}")
+        print(f"  n = {n:5d}, every image a unit (before): {_rate(naive)}")
+        print(f"  n = {n:5d}, one image per patient (now):  {_rate(units)}")
 
     if args.sites:
         blobs = [storage.read_bytes(u) for u in val["uri"].to_pylist()]
         for name, shift in SITES.items():
             site = network_rows(art, blobs, work, "val", shift)
             for n in (100, 300):
-                rows = [
-                    check(
-                        card,
-                        _take(pool, a),
-                        _take(site, rng.choice(b, min(n, len(b)), replace=False)),
-                        settings,
+                rows = []
+                for a, b in halves:
+                    pick = rng.choice(b, min(n, len(b)), replace=False)
+                    rows.append(
+                        check(card, _take(pool, a), _take(site, pick), settings, patients[a], patients[pick])
                     )
-                    for a, b in halves
-                ]
-                print(f"power, {name}, n = {n}: {_rate(rows)}")
+                print(f"power, {name}, n = {n}, one image per patient: {_rate(rows)}")
 
 
 def fullres(art: Any, folder: Path, work: Path, settings: Any) -> None:
@@ -220,9 +243,10 @@ def fullres(art: Any, folder: Path, work: Path, settings: Any) -> None:
         files = sorted(folder.rglob("*.jpeg"))
         run = network_rows(art, [f.read_bytes() for f in files], work, f"fullres{len(files)}")
         reference = read_reference(art.reference)
-        acc = DriftAccumulator(reference, card, settings)
+        acc = DriftAccumulator(reference, card, settings, reference_units=reference_units(art, reference))
         feats = reference.feature_mean + run[2] @ reference.pca_components.astype(np.float64)
-        acc.add(_block(card, run[0], run[1], feats))
+        patients = np.array([parse_kermany_path(str(f)).patient_id or f.name for f in files])
+        acc.add(_block(card, run[0], run[1], feats, patients))  # patients from the names, as a run has
         fig = acc.figures()
         print(
             f"\nfull-resolution originals ({len(files)}) against the artifact's reference: alert {fig.alert}"

@@ -311,6 +311,9 @@ class DriftSettings(_Section):
     #: Rows kept (a uniform reservoir) for the distribution checks of inputs and features;
     #: bounds the driver's memory whatever the run's size.
     reservoir_size: int = Field(default=2000, ge=100, le=100_000)
+    #: The tests count one image per patient (else study, else image): at most this many of
+    #: the run's units (a uniform, order-independent sample of them; ``scoring.drift_units``).
+    unit_sample_size: int = Field(default=5000, ge=100, le=100_000)
     #: Reference (at training, ``cxr-ray drift-reference``): PCA components kept of the
     #: penultimate-layer features, and the most validation images used (a seeded sample).
     reference_components: int = Field(default=16, ge=1, le=256)

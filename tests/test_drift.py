@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import shutil
 from collections import defaultdict
 from pathlib import Path
@@ -86,6 +87,7 @@ def _split_table(files: list[Path]) -> pa.Table:
         {
             "uri": [str(f) for f in files],
             "label": [parse_kermany_path(str(f)).label for f in files],
+            "patient_id": [parse_kermany_path(str(f)).patient_id for f in files],
             "split": ["val"] * len(files),
         }
     )
@@ -211,10 +213,12 @@ def test_accumulator_memory_is_bounded():
             components=8,
         )
     )
-    settings = DriftSettings(reservoir_size=200)
+    settings = DriftSettings(reservoir_size=200, unit_sample_size=1000)
     acc = DriftAccumulator(ref, _card(), settings)
-    before = acc.nbytes()
+    before = None
     for b in range(60):  # 60 blocks of 500 rows
+        if b == 10:
+            before = acc.nbytes()  # the unit sample is full (1,000 of 4,990 units)
         stats = rng.normal(100, 10, size=(500, len(INPUT_STATS)))
         stats[:, 0] = b * 500 + np.arange(500)  # a row counter, to check the reservoir is uniform
         acc.add(
@@ -235,6 +239,10 @@ def test_accumulator_memory_is_bounded():
     sample = acc.reservoir()
     assert sample["input_stats"].shape == (200, len(INPUT_STATS)) and sample["pca"].shape == (200, 8)
     assert sample["prob_pneumonia"].shape == (200,) and sample["probabilities"].shape == (200, 3)
+    # The tests' unit sample (one unit per image here) is uniform over the run too.
+    units = acc.unit_rows()["input_stats"][:, 0]
+    assert len(units) == 1000 and acc.units.sampled
+    assert scipy.stats.kstest(units, "uniform", args=(0, 30_000)).pvalue > 0.01
     kept = sample["input_stats"][:, 0]
     # Drawn uniformly from the whole run (29,940 ok rows), not its first rows: a uniform
     # sample of 200 has its median within ~2,100 of the middle (3 standard errors).
@@ -292,6 +300,19 @@ def test_scoring_own_validation_images_does_not_alert(ray_local, artifact, folde
     assert r.drift["status"] == "checked" and r.drift["alert"] is False, r.drift
     # The engine (onnxruntime) and the reference (torch) see the same inputs and features.
     assert r.drift["feature_pca_mean_shift"] < 0.01 and r.drift["input_max_mean_shift"] < 1e-3
+    # The tests counted patients (from the file names; the reference's from split.parquet).
+    patients = len({parse_kermany_path(str(f)).patient_id for f in folders["val"].glob("*/*.jpeg")})
+    assert patients < N_VAL
+    assert r.drift["units"] == {
+        "run": patients,
+        "run_sampled": False,
+        "reference": patients,
+        "reference_grouped": True,
+    }
+    assert (
+        f"{N_VAL} images ({patients} patients/studies) vs {N_VAL} validation images ({patients} patients)"
+        in (format_summary(r))
+    )
     assert not any("DRIFT" in rec.getMessage() for rec in caplog.records)
     assert "drift: no alert" in format_summary(r)
     assert "No drift alert" in drift_section(str(out))
@@ -339,7 +360,10 @@ def test_nightly_appends_the_drift_rows_to_the_history(ray_local, artifact, imag
     assert hist.num_rows > 0 and set(hist["run_id"].to_pylist()) == {r.run_id}
     # 12 images: the figures are recorded, below min_images nothing alerts.
     assert not any(hist["alert"].to_pylist()) and set(hist["n_images"].to_pylist()) == {12}
-    assert "drift: no alert (12 images vs 150 validation images" in format_nightly(r)
+    # The tests counted one image per patient (the Kermany names carry the patient).
+    assert re.search(
+        r"drift: no alert \(12 images( \(\d+ patients/studies\))? vs 150 validation images", format_nightly(r)
+    ), format_nightly(r)
 
 
 # -- the statistics: scipy against the implementations it replaced, Holm by hand ----------
@@ -491,7 +515,9 @@ def test_same_distribution_runs_do_not_alert_and_a_real_sized_score_shift_does()
     big = _array_figures(ref, card, _arrays(rng, 20_000, shift=0.75), DriftSettings(score_ks_min=0.2))
     big_ad = next(t for t in big.tests() if t["check"] == "p_pneumonia")
     assert big_ad["p_adjusted"] <= 0.002 and "p_pneumonia anderson_darling" not in big.alerts()
-    assert big_ad["n_used"] == 2000 and "uniform sample of 2000 rows" in big_ad["method"]
+    # The test used a bounded, uniform sample of the run's units (each image its own unit here).
+    assert big_ad["n_used"] == 5000 and "a uniform sample of the run's units" in big_ad["method"]
+    assert big.units == {"run": 5000, "run_sampled": True, "reference": 745, "reference_grouped": False}
     big_ks = next(r for r in big.rows if r["check"] == "p_pneumonia" and r["statistic"] == "ks")
     assert big_ks["p_value"] < 1e-6 and big_ks["method"].startswith("ks on exact counts")  # binned
 

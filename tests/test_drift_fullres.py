@@ -25,12 +25,13 @@ import pytest
 from cxr_ray.config import DriftSettings
 from cxr_ray.imaging.preprocess import PreprocessSpec, decode
 from cxr_ray.imaging.stats import input_stats
-from cxr_ray.labels import LABELS, NORMAL
+from cxr_ray.labels import LABELS, NORMAL, parse_kermany_path
 from cxr_ray.models.artifact import load_artifact
 from cxr_ray.models.card import spec_for
 from cxr_ray.models.outputs import network_outputs
 from cxr_ray.models.reference import read_reference
 from cxr_ray.scoring.drift import DriftAccumulator
+from cxr_ray.scoring.drift_units import reference_units
 
 pytestmark = pytest.mark.data
 
@@ -70,10 +71,15 @@ def test_the_scoring_decode_of_an_original_matches_its_224_copy_in_coarse_conten
     assert np.mean(fine) > 1.5 * np.mean(coarse)  # the difference is fine detail
 
 
-def _block(card: Any, logits: np.ndarray, stats: np.ndarray, feats: np.ndarray) -> pa.Table:
+def _block(
+    card: Any, logits: np.ndarray, stats: np.ndarray, feats: np.ndarray, files: list[Path]
+) -> pa.Table:
     probs = card.probabilities(np.asarray(logits, np.float64))
     return pa.table(
         {
+            # As a scoring run has it: the patient from the Kermany file name (the tests' unit).
+            "patient_id": [parse_kermany_path(str(f)).patient_id for f in files],
+            "image_id": [f.name for f in files],
             "status": ["ok"] * len(logits),
             **{f"prob_{k}": probs[:, i].astype(np.float32) for i, k in enumerate(LABELS)},
             "prob_pneumonia": (1 - probs[:, LABELS.index(NORMAL)]).astype(np.float32),
@@ -100,8 +106,8 @@ def default_run(kermany224, kermany_fullres) -> dict[str, Any]:
         px = np.stack([d.pixels for d in decoded])
         logits, feats = network_outputs(art, px)
         stats = input_stats(px, np.array([d.width for d in decoded]), np.array([d.height for d in decoded]))
-        acc = DriftAccumulator(ref, art.card, DriftSettings())
-        acc.add(_block(art.card, logits, stats, feats))
+        acc = DriftAccumulator(ref, art.card, DriftSettings(), reference_units=reference_units(art, ref))
+        acc.add(_block(art.card, logits, stats, feats, files))
         p = 1 - art.card.probabilities(logits.astype(np.float64))[:, LABELS.index(NORMAL)]
         p = np.clip(p, 1e-7, 1 - 1e-7)
         out[name] = {

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,7 @@ from cxr_ray.models.card import ModelCard
 from cxr_ray.models.reference import HIST_BINS, DriftReference
 from cxr_ray.scoring import drift_stats as ds
 from cxr_ray.scoring.drift_figures import CATEGORIES, DRIFT_SCHEMA, DriftFigures, finite, plot_data
+from cxr_ray.scoring.drift_units import UnitSample, one_per_unit, row_units
 from cxr_ray.scoring.stages import tensor_column
 from cxr_ray.vocabulary import Status
 
@@ -85,7 +87,15 @@ def _logit(p: np.ndarray) -> np.ndarray:
 class DriftAccumulator:
     """Block-by-block figures of a run (bounded memory), compared with ``reference`` at the end."""
 
-    def __init__(self, reference: DriftReference, card: ModelCard, settings: DriftSettings, *, seed: int = 0):
+    def __init__(
+        self,
+        reference: DriftReference,
+        card: ModelCard,
+        settings: DriftSettings,
+        *,
+        seed: int = 0,
+        reference_units: Sequence[str] | None = None,
+    ):
         self.ref = reference
         self.card = card
         self.s = settings
@@ -116,6 +126,14 @@ class DriftAccumulator:
         self.res_seen = 0
         self.categories: dict[str, Counter[str]] = {c: Counter() for c in CATEGORIES}
         self.has_stats = self.has_features = False
+        # The tests' units (``drift_units``): one image per patient/study of the run (a bounded
+        # sample of units, each row [reservoir columns | predicted class index]) and one
+        # reference row per patient (every row when the reference's patients are unknown).
+        self.units = UnitSample(settings.unit_sample_size, self.res.shape[1] + 1)
+        grouped = reference_units is not None and len(reference_units) == reference.n
+        self.ref_grouped = grouped
+        self.ref_idx = one_per_unit(list(reference_units or [])) if grouped else np.arange(reference.n)
+        self.ref_pred = card.probabilities(reference.logits.astype(np.float64)).argmax(axis=1)
 
     # -- streaming ------------------------------------------------------------------------
 
@@ -161,6 +179,8 @@ class DriftAccumulator:
                 vec[np.flatnonzero(fine), self._cols :] = z
                 self.has_features = True
         self._reservoir(vec)
+        pred_idx = np.array([LABELS.index(v) if v in LABELS else np.nan for v in labels], np.float64)
+        self.units.add(*row_units(block, idx, self.units.images), np.column_stack([vec, pred_idx]))
         self._count_categories(block, idx)
 
     def _count_categories(self, block: pa.Table, idx: np.ndarray) -> None:
@@ -208,7 +228,35 @@ class DriftAccumulator:
         """What the accumulator holds (constant after construction)."""
         arrays = [self.res, self.p_fine, self.p_psi, self.p_hist, self.stat_sum, self.stat_n]
         arrays += [self.inputs.s2, self.inputs.s1, self.feats.s2, self.feats.s1]
-        return int(sum(a.nbytes for a in arrays))
+        return int(sum(a.nbytes for a in arrays)) + self.units.nbytes()
+
+    def unit_rows(self) -> dict[str, np.ndarray]:
+        """The tests' run rows, one image per unit (``drift_units``), as ``reservoir()``
+        names them, plus ``pred`` (the predicted class index)."""
+        rows = self.units.rows()
+        return {
+            "prob_pneumonia": rows[:, 3],
+            "input_stats": rows[:, 4 : self._cols],
+            "pca": rows[:, self._cols : -1],
+            "pred": rows[:, -1],
+        }
+
+    def units_summary(self) -> dict[str, Any]:
+        """How many independent units the tests counted, on each side."""
+        return {
+            "run": self.units.n,
+            "run_sampled": self.units.sampled,
+            "reference": len(self.ref_idx),
+            "reference_grouped": self.ref_grouped,
+        }
+
+    def _units_note(self) -> str:
+        ref = "patients" if self.ref_grouped else "images (patients unknown)"
+        sampled = " (a uniform sample of the run's units)" if self.units.sampled else ""
+        return (
+            f"one image per patient/study: {self.units.n} units of {self.n} images{sampled} vs "
+            f"{len(self.ref_idx)} reference {ref} of {self.ref.n}"
+        )
 
     # -- comparison -----------------------------------------------------------------------
 
@@ -234,7 +282,9 @@ class DriftAccumulator:
             if not enough and r["note"] is None:
                 r["note"] = f"fewer than {self.s.min_images} images: no alert"
         alert = any(r["alert"] for r in rows)
-        return DriftFigures(rows, alert, self.n, self.ref.n, self.s.alpha, plot_data(self))
+        return DriftFigures(
+            rows, alert, self.n, self.ref.n, self.s.alpha, plot_data(self), units=self.units_summary()
+        )
 
     def _holm_weights(self, checks: list[str]) -> list[float]:
         """The score test gets ``score_weight`` of alpha, every other tested check an equal share
@@ -279,9 +329,8 @@ class DriftAccumulator:
             d, p, method = ds.ks_values(kept, ref_p)
         else:
             d, p, method = ds.ks_binned(self.p_fine, np.histogram(_logit(ref_p), bins=_KS_EDGES)[0])
-        a2, p_ad, ad_method = ds.ad_values(kept, ref_p)
-        if self.res_seen > self.res.shape[0]:
-            ad_method += f" on a uniform sample of {len(kept)} rows"
+        unit_p = self.unit_rows()["prob_pneumonia"]
+        a2, p_ad, ad_method = ds.ad_values(unit_p, ref_p[self.ref_idx])
         rows.append(
             self._row(
                 "p_pneumonia",
@@ -291,13 +340,18 @@ class DriftAccumulator:
                 p_value=p_ad,
                 effect=d,
                 threshold=s.score_ks_min,
-                n_used=int(np.isfinite(kept).sum()),
-                method=f"{ad_method}; effect: KS statistic",
+                n_used=int(np.isfinite(unit_p).sum()),
+                method=f"{ad_method}, {self._units_note()}; effect: KS statistic on every image",
             )
         )
         rows.append(self._row("p_pneumonia", "ks", d, p_value=p, method=method))
         ref_pred = self.ref.pred_counts(self.card)
-        chi2, p = ds.chi2_mix(self.pred, ref_pred)
+        unit_pred = self.unit_rows()["pred"]
+        unit_pred = unit_pred[np.isfinite(unit_pred)].astype(np.int64)
+        chi2, p = ds.chi2_mix(
+            np.bincount(unit_pred, minlength=len(LABELS)),
+            np.bincount(self.ref_pred[self.ref_idx], minlength=len(LABELS)),
+        )
         class_psi = ds.psi(self.pred, ref_pred)
         rows.append(self._row("pred_label", "psi", class_psi, method="predicted-class mix"))
         rows.append(
@@ -309,7 +363,8 @@ class DriftAccumulator:
                 p_value=p,
                 effect=class_psi,
                 threshold=s.class_psi_min,
-                method="chi2_contingency; effect: PSI",
+                n_used=len(unit_pred),
+                method=f"chi2_contingency, {self._units_note()}; effect: PSI on every image",
             )
         )
         return rows
@@ -354,7 +409,10 @@ class DriftAccumulator:
                     f"input:{name}", "wasserstein", w, n_used=n_used, note=note, method="reference std units"
                 )
             )
-        t2, p, dims = ds.hotelling(self.inputs, ref_stats[:, self.model_cols])
+        unit_inputs = self.unit_rows()["input_stats"][:, self.model_cols]
+        moments = ds.Moments(self.inputs.centre)
+        moments.add(unit_inputs)
+        t2, p, dims = ds.hotelling(moments, ref_stats[self.ref_idx][:, self.model_cols])
         effect = max(shifts) if shifts else None
         rows.insert(
             0,
@@ -366,8 +424,11 @@ class DriftAccumulator:
                 p_value=p,
                 effect=effect,
                 threshold=self.s.input_shift_min,
-                n_used=self.inputs.n,
-                method=f"Hotelling T2, {dims} dims; effect: largest mean shift (std units)",
+                n_used=moments.n,
+                method=(
+                    f"Hotelling T2, {dims} dims, {self._units_note()}; "
+                    "effect: largest mean shift (std units) on every image"
+                ),
             ),
         )
         return rows
@@ -387,7 +448,9 @@ class DriftAccumulator:
             ]
         shift = self.feats.mean() - self.ref_z.mean(0)
         rms = float(np.sqrt(np.mean(shift**2)))
-        t2, p, dims = ds.hotelling(self.feats, self.ref_z)
+        moments = ds.Moments(self.feats.centre)
+        moments.add(self.unit_rows()["pca"])
+        t2, p, dims = ds.hotelling(moments, self.ref_z[self.ref_idx])
         z = self.reservoir()["pca"]
         z = z[np.isfinite(z).all(axis=1)]
         return [
@@ -399,8 +462,11 @@ class DriftAccumulator:
                 p_value=p,
                 effect=rms,
                 threshold=s.feature_shift_min,
-                n_used=self.feats.n,
-                method=f"Hotelling T2 on {dims} PCA dims; effect: RMS mean shift (std units)",
+                n_used=moments.n,
+                method=(
+                    f"Hotelling T2 on {dims} PCA dims, {self._units_note()}; "
+                    "effect: RMS mean shift (std units) on every image"
+                ),
             ),
             self._row(
                 "features", "pca_mean_shift", rms, n_used=self.feats.n, method="RMS, reference std units"

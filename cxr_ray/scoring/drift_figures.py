@@ -60,6 +60,8 @@ class DriftFigures:
     reference_n: int
     alpha: float = 0.01
     plot: dict[str, Any] = field(default_factory=dict)
+    #: The tests' independent units (``DriftAccumulator.units_summary``).
+    units: dict[str, Any] = field(default_factory=dict)
 
     def table(self, *, run_id: str, model_version: str) -> pa.Table:
         rows = [dict(r, run_id=run_id, model_version=model_version) for r in self.rows]
@@ -106,6 +108,7 @@ class DriftFigures:
             "alpha": self.alpha,
             "n_images": self.n_images,
             "reference_n": self.reference_n,
+            "units": self.units,
             "tests": self.tests(),
             "acquisition_differs": acquisition,
             "p_pneumonia_psi": get("p_pneumonia", "psi"),

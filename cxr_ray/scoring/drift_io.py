@@ -24,6 +24,7 @@ from cxr_ray.io.columns import described
 from cxr_ray.models.artifact import Artifact
 from cxr_ray.models.reference import read_reference
 from cxr_ray.scoring.drift import DRIFT_SCHEMA, DriftAccumulator
+from cxr_ray.scoring.drift_units import reference_units
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ def drift_accumulator(
         logger.info("drift: no reference in this artifact (add one with `cxr-ray drift-reference`)")
         return None, {"status": "no_reference", "alert": False}
     try:
-        return DriftAccumulator(read_reference(reference or art.reference), art.card, settings), {}
+        ref = read_reference(reference or art.reference)
+        return DriftAccumulator(ref, art.card, settings, reference_units=reference_units(art, ref)), {}
     except ModelError as exc:  # the scoring run goes on; the check says why it did not run
         logger.warning("drift: the artifact's reference cannot be used: %s", exc)
         return None, {"status": "error", "alert": False, "note": str(exc)}
@@ -106,7 +108,10 @@ def drift_line(d: dict[str, Any]) -> str | None:
         figures += f", feature shift {_fig(d.get('feature_pca_mean_shift'))}"
     if d.get("input_max_mean_shift") is not None:
         figures += f", largest input shift {_fig(d.get('input_max_mean_shift'))}"
-    against = f"{d['n_images']} images vs {d['reference_n']} validation images"
+    against = (
+        f"{d['n_images']} images{_units(d, 'run')} vs "
+        f"{d['reference_n']} validation images{_units(d, 'reference')}"
+    )
     tests = d.get("tests") or []
     if d.get("alert"):
         shown = "; ".join(
@@ -122,6 +127,16 @@ def drift_line(d: dict[str, Any]) -> str | None:
     if adjusted:
         figures += f"; smallest Holm p {_p(min(adjusted))} vs alpha {d.get('alpha')}"
     return f"drift: no alert ({against}; {figures})"
+
+
+def _units(d: dict[str, Any], side: str) -> str:
+    """`` (N patients/studies)`` when the tests counted fewer units than images on ``side``."""
+    units = (d.get("units") or {}).get(side)
+    n = d["n_images"] if side == "run" else d["reference_n"]
+    if units is None or units >= n:
+        return ""
+    sampled = "a sample of " if side == "run" and (d.get("units") or {}).get("run_sampled") else ""
+    return f" ({sampled}{units} {'patients/studies' if side == 'run' else 'patients'})"
 
 
 def _p(v: Any) -> str:
