@@ -42,7 +42,6 @@ never an alert on their own. Measured false-alarm rate and power: docs/MONITORIN
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any
@@ -52,10 +51,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from cxr_ray.config import DriftSettings
-from cxr_ray.imaging.stats import ACQUISITION_STATS, MODEL_INPUT_STATS
+from cxr_ray.imaging.stats import MODEL_INPUT_STATS
 from cxr_ray.labels import LABELS
 from cxr_ray.models.card import ModelCard
 from cxr_ray.models.reference import HIST_BINS, DriftReference
+from cxr_ray.scoring import drift_checks as checks
 from cxr_ray.scoring import drift_stats as ds
 from cxr_ray.scoring.drift_figures import CATEGORIES, DRIFT_SCHEMA, DriftFigures, finite, plot_data
 from cxr_ray.scoring.drift_units import UnitSample, one_per_unit, row_units
@@ -64,8 +64,6 @@ from cxr_ray.vocabulary import Status
 
 __all__ = ["CATEGORIES", "DRIFT_SCHEMA", "DriftAccumulator", "DriftFigures"]
 
-#: Fine histogram of logit(P(pneumonia)) for the KS test of large runs: exact counts.
-_KS_EDGES = np.concatenate([[-np.inf], np.linspace(-16.0, 16.0, 1601), [np.inf]])
 #: Distinct values kept per DICOM category (more are counted as ``(other)``).
 _MAX_CATEGORY_VALUES = 200
 _PROBS = ("prob_normal", "prob_bacterial", "prob_viral")
@@ -77,11 +75,6 @@ def _matrix(block: pa.Table, name: str) -> np.ndarray | None:
     if name not in block.column_names:
         return None
     return np.asarray(tensor_column(block, name), np.float64).reshape(block.num_rows, -1)
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return np.log(p) - np.log1p(-p)
 
 
 class DriftAccumulator:
@@ -104,7 +97,7 @@ class DriftAccumulator:
         inner = np.quantile(self.ref_p, np.linspace(0.1, 0.9, 9))
         self.psi_edges = np.unique(inner)
         self.p_psi = np.zeros(len(self.psi_edges) + 1, np.int64)
-        self.p_fine = np.zeros(len(_KS_EDGES) - 1, np.int64)
+        self.p_fine = np.zeros(len(checks.KS_EDGES) - 1, np.int64)
         self.p_hist = np.zeros(HIST_BINS, np.int64)
         self.pred = np.zeros(len(LABELS), np.int64)
         self.n = 0
@@ -156,7 +149,7 @@ class DriftAccumulator:
         vec[:, 3] = p_all
         p = p_all[np.isfinite(p_all)]
         self.p_psi += np.bincount(np.searchsorted(self.psi_edges, p, side="right"), minlength=len(self.p_psi))
-        self.p_fine += np.histogram(_logit(p), bins=_KS_EDGES)[0]
+        self.p_fine += np.histogram(checks.logit(p), bins=checks.KS_EDGES)[0]
         self.p_hist += np.histogram(p, bins=HIST_BINS, range=(0.0, 1.0))[0]
         labels = block["pred_label"].to_numpy(zero_copy_only=False)[idx]
         self.pred += np.array([np.count_nonzero(labels == k) for k in LABELS], np.int64)
@@ -262,7 +255,8 @@ class DriftAccumulator:
 
     def figures(self) -> DriftFigures:
         """Every check's row, Holm across the tested ones, the alerts and the plot data."""
-        rows = self._score_rows() + self._input_rows() + self._feature_rows() + self._category_rows()
+        rows = checks.score_rows(self) + checks.input_rows(self) + checks.feature_rows(self)
+        rows += checks.category_rows(self)
         tested = [i for i, r in enumerate(rows) if r["role"] == "test"]
         adjusted = ds.holm(
             [np.nan if rows[i]["p_value"] is None else rows[i]["p_value"] for i in tested],
@@ -292,221 +286,3 @@ class DriftAccumulator:
         others = max(1, sum(c != "p_pneumonia" for c in checks))
         w = self.s.score_weight
         return [w if c == "p_pneumonia" else (1.0 - w) / others for c in checks]
-
-    def _row(self, check: str, stat: str, value: float | None, **kw: Any) -> dict[str, Any]:
-        row: dict[str, Any] = {
-            "check": check,
-            "statistic": stat,
-            "value": finite(value),
-            "threshold": None,
-            "alert": False,
-            "n_images": self.n,
-            "reference_n": self.ref.n,
-            "note": None,
-            "role": "info",
-            "p_value": None,
-            "p_adjusted": None,
-            "effect": None,
-            "n_used": self.n,
-            "method": None,
-        }
-        row.update(kw)
-        for k in ("p_value", "effect"):
-            row[k] = finite(row[k])
-        return row
-
-    def _score_rows(self) -> list[dict[str, Any]]:
-        s = self.s
-        ref_p = self.ref_p.astype(np.float64)
-        ref_psi = np.bincount(
-            np.searchsorted(self.psi_edges, self.ref_p, side="right"), minlength=len(self.p_psi)
-        )
-        rows = [
-            self._row("p_pneumonia", "psi", ds.psi(self.p_psi, ref_psi), method="deciles of the reference")
-        ]
-        kept = self.res[: min(self.res_seen, self.res.shape[0]), 3]
-        if self.res_seen <= self.res.shape[0]:  # every row is in the reservoir: exact values
-            d, p, method = ds.ks_values(kept, ref_p)
-        else:
-            d, p, method = ds.ks_binned(self.p_fine, np.histogram(_logit(ref_p), bins=_KS_EDGES)[0])
-        unit_p = self.unit_rows()["prob_pneumonia"]
-        a2, p_ad, ad_method = ds.ad_values(unit_p, ref_p[self.ref_idx])
-        rows.append(
-            self._row(
-                "p_pneumonia",
-                "anderson_darling",
-                a2,
-                role="test",
-                p_value=p_ad,
-                effect=d,
-                threshold=s.score_ks_min,
-                n_used=int(np.isfinite(unit_p).sum()),
-                method=f"{ad_method}, {self._units_note()}; effect: KS statistic on every image",
-            )
-        )
-        rows.append(self._row("p_pneumonia", "ks", d, p_value=p, method=method))
-        ref_pred = self.ref.pred_counts(self.card)
-        unit_pred = self.unit_rows()["pred"]
-        unit_pred = unit_pred[np.isfinite(unit_pred)].astype(np.int64)
-        chi2, p = ds.chi2_mix(
-            np.bincount(unit_pred, minlength=len(LABELS)),
-            np.bincount(self.ref_pred[self.ref_idx], minlength=len(LABELS)),
-        )
-        class_psi = ds.psi(self.pred, ref_pred)
-        rows.append(self._row("pred_label", "psi", class_psi, method="predicted-class mix"))
-        rows.append(
-            self._row(
-                "pred_label",
-                "chi2",
-                chi2,
-                role="test",
-                p_value=p,
-                effect=class_psi,
-                threshold=s.class_psi_min,
-                n_used=len(unit_pred),
-                method=f"chi2_contingency, {self._units_note()}; effect: PSI on every image",
-            )
-        )
-        return rows
-
-    def _input_rows(self) -> list[dict[str, Any]]:
-        ref = self.ref
-        ref_stats = ref.input_stats.astype(np.float64)
-        mu_ref = np.nanmean(ref_stats, 0)
-        sd_ref = ds.floor_std(np.nanstd(ref_stats, 0), mu_ref)
-        rows: list[dict[str, Any]] = []
-        if not self.has_stats:
-            return [
-                self._row(
-                    "inputs",
-                    "hotelling_t2",
-                    None,
-                    role="test",
-                    threshold=self.s.input_shift_min,
-                    note="no input statistics in the run",
-                )
-            ]
-        res = self.reservoir()["input_stats"]
-        shifts = []
-        for j, name in enumerate(ref.stat_names):
-            mean = self.stat_sum[j] / self.stat_n[j] if self.stat_n[j] else math.nan
-            col, rcol = res[:, j], ref_stats[:, j]
-            shift = abs(mean - mu_ref[j]) / sd_ref[j]
-            note = "acquisition" if name in ACQUISITION_STATS else None
-            if name in MODEL_INPUT_STATS:
-                shifts.append(shift)
-            d, p, method = ds.ks_values(col, rcol)
-            n_used = int(np.isfinite(col).sum())
-            rows.append(
-                self._row(f"input:{name}", "mean_shift", shift, note=note, method="reference std units")
-            )
-            rows.append(
-                self._row(f"input:{name}", "ks", d, p_value=p, n_used=n_used, note=note, method=method)
-            )
-            w = ds.wasserstein(col, rcol) / sd_ref[j]
-            rows.append(
-                self._row(
-                    f"input:{name}", "wasserstein", w, n_used=n_used, note=note, method="reference std units"
-                )
-            )
-        unit_inputs = self.unit_rows()["input_stats"][:, self.model_cols]
-        moments = ds.Moments(self.inputs.centre)
-        moments.add(unit_inputs)
-        t2, p, dims = ds.hotelling(moments, ref_stats[self.ref_idx][:, self.model_cols])
-        effect = max(shifts) if shifts else None
-        rows.insert(
-            0,
-            self._row(
-                "inputs",
-                "hotelling_t2",
-                t2,
-                role="test",
-                p_value=p,
-                effect=effect,
-                threshold=self.s.input_shift_min,
-                n_used=moments.n,
-                method=(
-                    f"Hotelling T2, {dims} dims, {self._units_note()}; "
-                    "effect: largest mean shift (std units) on every image"
-                ),
-            ),
-        )
-        return rows
-
-    def _feature_rows(self) -> list[dict[str, Any]]:
-        s = self.s
-        if not (self.has_features and self.feats.n):
-            return [
-                self._row(
-                    "features",
-                    "hotelling_t2",
-                    None,
-                    role="test",
-                    threshold=s.feature_shift_min,
-                    note="no features in the run",
-                )
-            ]
-        shift = self.feats.mean() - self.ref_z.mean(0)
-        rms = float(np.sqrt(np.mean(shift**2)))
-        moments = ds.Moments(self.feats.centre)
-        moments.add(self.unit_rows()["pca"])
-        t2, p, dims = ds.hotelling(moments, self.ref_z[self.ref_idx])
-        z = self.reservoir()["pca"]
-        z = z[np.isfinite(z).all(axis=1)]
-        return [
-            self._row(
-                "features",
-                "hotelling_t2",
-                t2,
-                role="test",
-                p_value=p,
-                effect=rms,
-                threshold=s.feature_shift_min,
-                n_used=moments.n,
-                method=(
-                    f"Hotelling T2 on {dims} PCA dims, {self._units_note()}; "
-                    "effect: RMS mean shift (std units) on every image"
-                ),
-            ),
-            self._row(
-                "features", "pca_mean_shift", rms, n_used=self.feats.n, method="RMS, reference std units"
-            ),
-            self._row(
-                "features",
-                "energy",
-                ds.energy_coefficient(z, self.ref_z),
-                n_used=len(z),
-                method="energy coefficient on the reservoir",
-            ),
-        ]
-
-    def _category_rows(self) -> list[dict[str, Any]]:
-        rows = []
-        for c in CATEGORIES:
-            ref_mix = self.ref.meta.get(f"{c}_mix")
-            run_mix = self.categories[c]
-            has_run = bool(run_mix) and not all(k == "(none)" for k in run_mix)
-            if not has_run and not ref_mix:
-                continue
-            if not has_run or not ref_mix:
-                note = (
-                    "the run's images carry no DICOM tags" if ref_mix else "the reference has no DICOM tags"
-                )
-                rows.append(self._row(c, "tv_distance", 1.0 if ref_mix else None, note=note))
-                continue
-            keys = sorted(set(ref_mix) | set(run_mix))
-            run = np.array([run_mix.get(k, 0) for k in keys], np.float64)
-            ref = np.array([ref_mix.get(k, 0) for k in keys], np.float64)
-            tv = 0.5 * float(np.abs(run / run.sum() - ref / ref.sum()).sum())
-            _, p = ds.chi2_mix(run, ref)
-            rows.append(
-                self._row(
-                    c,
-                    "tv_distance",
-                    tv,
-                    p_value=p,
-                    note="acquisition",
-                    method="chi2_contingency p; value: total variation",
-                )
-            )
-        return rows

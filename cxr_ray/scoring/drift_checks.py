@@ -1,0 +1,250 @@
+"""The rows of a drift check (``cxr_ray.scoring.drift``): one function per group of checks.
+
+Each reads a ``DriftAccumulator`` (what the run streamed, its units and the reference) and
+returns ``drift.parquet`` rows; ``DriftAccumulator.figures`` adds the Holm adjustment and
+the alerts. The tests and their statistics are ``drift_stats``; the units ``drift_units``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+from cxr_ray.imaging.stats import ACQUISITION_STATS, MODEL_INPUT_STATS
+from cxr_ray.labels import LABELS
+from cxr_ray.scoring import drift_stats as ds
+from cxr_ray.scoring.drift_figures import CATEGORIES, finite
+
+#: A ``cxr_ray.scoring.drift.DriftAccumulator`` (not imported: drift imports this module).
+DriftAccumulator = Any
+
+__all__ = ["category_rows", "feature_rows", "input_rows", "row", "score_rows"]
+
+#: Fine histogram of logit(P(pneumonia)) for the KS test of large runs: exact counts.
+KS_EDGES = np.concatenate([[-np.inf], np.linspace(-16.0, 16.0, 1601), [np.inf]])
+
+
+def logit(p: np.ndarray) -> np.ndarray:
+    p = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.log(p) - np.log1p(-p)
+
+
+def row(acc: DriftAccumulator, check: str, stat: str, value: float | None, **kw: Any) -> dict[str, Any]:
+    row: dict[str, Any] = {
+        "check": check,
+        "statistic": stat,
+        "value": finite(value),
+        "threshold": None,
+        "alert": False,
+        "n_images": acc.n,
+        "reference_n": acc.ref.n,
+        "note": None,
+        "role": "info",
+        "p_value": None,
+        "p_adjusted": None,
+        "effect": None,
+        "n_used": acc.n,
+        "method": None,
+    }
+    row.update(kw)
+    for k in ("p_value", "effect"):
+        row[k] = finite(row[k])
+    return row
+
+
+def score_rows(acc: DriftAccumulator) -> list[dict[str, Any]]:
+    s = acc.s
+    ref_p = acc.ref_p.astype(np.float64)
+    ref_psi = np.bincount(np.searchsorted(acc.psi_edges, acc.ref_p, side="right"), minlength=len(acc.p_psi))
+    rows = [row(acc, "p_pneumonia", "psi", ds.psi(acc.p_psi, ref_psi), method="deciles of the reference")]
+    kept = acc.res[: min(acc.res_seen, acc.res.shape[0]), 3]
+    if acc.res_seen <= acc.res.shape[0]:  # every row is in the reservoir: exact values
+        d, p, method = ds.ks_values(kept, ref_p)
+    else:
+        d, p, method = ds.ks_binned(acc.p_fine, np.histogram(logit(ref_p), bins=KS_EDGES)[0])
+    unit_p = acc.unit_rows()["prob_pneumonia"]
+    a2, p_ad, ad_method = ds.ad_values(unit_p, ref_p[acc.ref_idx])
+    rows.append(
+        row(
+            acc,
+            "p_pneumonia",
+            "anderson_darling",
+            a2,
+            role="test",
+            p_value=p_ad,
+            effect=d,
+            threshold=s.score_ks_min,
+            n_used=int(np.isfinite(unit_p).sum()),
+            method=f"{ad_method}, {acc._units_note()}; effect: KS statistic on every image",
+        )
+    )
+    rows.append(row(acc, "p_pneumonia", "ks", d, p_value=p, method=method))
+    ref_pred = acc.ref.pred_counts(acc.card)
+    unit_pred = acc.unit_rows()["pred"]
+    unit_pred = unit_pred[np.isfinite(unit_pred)].astype(np.int64)
+    chi2, p = ds.chi2_mix(
+        np.bincount(unit_pred, minlength=len(LABELS)),
+        np.bincount(acc.ref_pred[acc.ref_idx], minlength=len(LABELS)),
+    )
+    class_psi = ds.psi(acc.pred, ref_pred)
+    rows.append(row(acc, "pred_label", "psi", class_psi, method="predicted-class mix"))
+    rows.append(
+        row(
+            acc,
+            "pred_label",
+            "chi2",
+            chi2,
+            role="test",
+            p_value=p,
+            effect=class_psi,
+            threshold=s.class_psi_min,
+            n_used=len(unit_pred),
+            method=f"chi2_contingency, {acc._units_note()}; effect: PSI on every image",
+        )
+    )
+    return rows
+
+
+def input_rows(acc: DriftAccumulator) -> list[dict[str, Any]]:
+    ref = acc.ref
+    ref_stats = ref.input_stats.astype(np.float64)
+    mu_ref = np.nanmean(ref_stats, 0)
+    sd_ref = ds.floor_std(np.nanstd(ref_stats, 0), mu_ref)
+    rows: list[dict[str, Any]] = []
+    if not acc.has_stats:
+        return [
+            row(
+                acc,
+                "inputs",
+                "hotelling_t2",
+                None,
+                role="test",
+                threshold=acc.s.input_shift_min,
+                note="no input statistics in the run",
+            )
+        ]
+    res = acc.reservoir()["input_stats"]
+    shifts = []
+    for j, name in enumerate(ref.stat_names):
+        mean = acc.stat_sum[j] / acc.stat_n[j] if acc.stat_n[j] else math.nan
+        col, rcol = res[:, j], ref_stats[:, j]
+        shift = abs(mean - mu_ref[j]) / sd_ref[j]
+        note = "acquisition" if name in ACQUISITION_STATS else None
+        if name in MODEL_INPUT_STATS:
+            shifts.append(shift)
+        d, p, method = ds.ks_values(col, rcol)
+        n_used = int(np.isfinite(col).sum())
+        rows.append(row(acc, f"input:{name}", "mean_shift", shift, note=note, method="reference std units"))
+        rows.append(row(acc, f"input:{name}", "ks", d, p_value=p, n_used=n_used, note=note, method=method))
+        w = ds.wasserstein(col, rcol) / sd_ref[j]
+        rows.append(
+            row(
+                acc, f"input:{name}", "wasserstein", w, n_used=n_used, note=note, method="reference std units"
+            )
+        )
+    unit_inputs = acc.unit_rows()["input_stats"][:, acc.model_cols]
+    moments = ds.Moments(acc.inputs.centre)
+    moments.add(unit_inputs)
+    t2, p, dims = ds.hotelling(moments, ref_stats[acc.ref_idx][:, acc.model_cols])
+    effect = max(shifts) if shifts else None
+    rows.insert(
+        0,
+        row(
+            acc,
+            "inputs",
+            "hotelling_t2",
+            t2,
+            role="test",
+            p_value=p,
+            effect=effect,
+            threshold=acc.s.input_shift_min,
+            n_used=moments.n,
+            method=(
+                f"Hotelling T2, {dims} dims, {acc._units_note()}; "
+                "effect: largest mean shift (std units) on every image"
+            ),
+        ),
+    )
+    return rows
+
+
+def feature_rows(acc: DriftAccumulator) -> list[dict[str, Any]]:
+    s = acc.s
+    if not (acc.has_features and acc.feats.n):
+        return [
+            row(
+                acc,
+                "features",
+                "hotelling_t2",
+                None,
+                role="test",
+                threshold=s.feature_shift_min,
+                note="no features in the run",
+            )
+        ]
+    shift = acc.feats.mean() - acc.ref_z.mean(0)
+    rms = float(np.sqrt(np.mean(shift**2)))
+    moments = ds.Moments(acc.feats.centre)
+    moments.add(acc.unit_rows()["pca"])
+    t2, p, dims = ds.hotelling(moments, acc.ref_z[acc.ref_idx])
+    z = acc.reservoir()["pca"]
+    z = z[np.isfinite(z).all(axis=1)]
+    return [
+        row(
+            acc,
+            "features",
+            "hotelling_t2",
+            t2,
+            role="test",
+            p_value=p,
+            effect=rms,
+            threshold=s.feature_shift_min,
+            n_used=moments.n,
+            method=(
+                f"Hotelling T2 on {dims} PCA dims, {acc._units_note()}; "
+                "effect: RMS mean shift (std units) on every image"
+            ),
+        ),
+        row(acc, "features", "pca_mean_shift", rms, n_used=acc.feats.n, method="RMS, reference std units"),
+        row(
+            acc,
+            "features",
+            "energy",
+            ds.energy_coefficient(z, acc.ref_z),
+            n_used=len(z),
+            method="energy coefficient on the reservoir",
+        ),
+    ]
+
+
+def category_rows(acc: DriftAccumulator) -> list[dict[str, Any]]:
+    rows = []
+    for c in CATEGORIES:
+        ref_mix = acc.ref.meta.get(f"{c}_mix")
+        run_mix = acc.categories[c]
+        has_run = bool(run_mix) and not all(k == "(none)" for k in run_mix)
+        if not has_run and not ref_mix:
+            continue
+        if not has_run or not ref_mix:
+            note = "the run's images carry no DICOM tags" if ref_mix else "the reference has no DICOM tags"
+            rows.append(row(acc, c, "tv_distance", 1.0 if ref_mix else None, note=note))
+            continue
+        keys = sorted(set(ref_mix) | set(run_mix))
+        run = np.array([run_mix.get(k, 0) for k in keys], np.float64)
+        ref = np.array([ref_mix.get(k, 0) for k in keys], np.float64)
+        tv = 0.5 * float(np.abs(run / run.sum() - ref / ref.sum()).sum())
+        _, p = ds.chi2_mix(run, ref)
+        rows.append(
+            row(
+                acc,
+                c,
+                "tv_distance",
+                tv,
+                p_value=p,
+                note="acquisition",
+                method="chi2_contingency p; value: total variation",
+            )
+        )
+    return rows
