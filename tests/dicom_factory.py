@@ -96,6 +96,17 @@ class Tags:
     manufacturer: str | None = "CXR-RAY TEST FACTORY"
     pixel_spacing_mm: float | None = 0.139
 
+    @property
+    def identifiers(self) -> tuple[str, ...]:
+        """The values a pseudonymized output must not contain: UIDs, patient id, accession."""
+        return (
+            self.study_instance_uid,
+            self.series_instance_uid,
+            self.sop_instance_uid,
+            self.patient_id,
+            self.accession_number,
+        )
+
 
 @dataclass(frozen=True)
 class Instance:

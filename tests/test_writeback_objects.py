@@ -407,13 +407,7 @@ def test_pseudonymised_rows_give_objects_with_the_pseudonyms_only(scored, tmp_pa
         assert ds.PatientID == study["patient_id"] == driving["patient_id"] != tags.patient_id
         assert ds.AccessionNumber == driving["accession_number"] != tags.accession_number
         raw = _save(ds, tmp_path / "x.dcm").read_bytes()
-        for real in (
-            tags.study_instance_uid,
-            tags.series_instance_uid,
-            tags.sop_instance_uid,
-            tags.patient_id,
-            tags.accession_number,
-        ):
+        for real in tags.identifiers:
             assert real.encode() not in raw
     evidence = sr.CurrentRequestedProcedureEvidenceSequence[0].ReferencedSeriesSequence[0]
     assert evidence.ReferencedSOPSequence[0].ReferencedSOPInstanceUID == driving["sop_instance_uid"]
