@@ -88,13 +88,13 @@ def check(
 ) -> dict[str, Any]:
     """One drift check of arrays ``run`` against a reference built from arrays ``ref``
     ((logits, stats, features) each); the features are 16-d PCA coordinates (a rotation of
-    the reference's basis: every test is invariant to it). With ``*_patients`` the tests count
-    one image per patient, as a scoring run does (``scoring.drift_units``); without, every
-    row is its own unit (the i.i.d. draws of the bootstrap are)."""
+    the reference's basis: every test is invariant to it). With ``*_patients`` the tests are
+    cluster-robust over patients, as a scoring run's are (``scoring.drift_units``); without,
+    every row is its own unit (the i.i.d. draws of the bootstrap are)."""
     reference = read_reference(reference_from_arrays(card, *ref, components=ref[2].shape[1]))
     units = None if ref_patients is None else [f"patient_id:{p}" for p in ref_patients]
     acc = DriftAccumulator(reference, card, settings, reference_units=units)
-    block = _block(card, *run, run_patients)
+    block = _block(card, *run, None if run_patients is None else run_patients[: len(run[0])])
     for i in range(0, block.num_rows, 1000):
         acc.add(block.slice(i, 1000))
     fig = acc.figures()
@@ -181,15 +181,15 @@ def main() -> None:
     deltas = [float(d) for d in args.deltas.split(",") if d]
     split_uri = storage.join(art.uri, "split.parquet")
     score_shift(card, ref.n, pool, rng, args.trials, settings, deltas)
-    # A scoring run's tests use one reference image per validation patient (drift_units): the
-    # power with a reference of that many independent rows.
+    # A scoring run's reference is the 745 validation images with their patients (a run's tests
+    # are cluster-robust over them, drift_units): the power against that reference.
     ref_units = reference_units(art, ref)
     if ref_units is not None and len(set(ref_units)) < ref.n:
         print(
-            f"\nthe same with a reference of {len(set(ref_units))} rows "
-            "(one per validation patient, as runs use):"
+            f"\nthe same against the real reference: its {ref.n} images, cluster-robust over its "
+            f"{len(set(ref_units))} patients (as a scoring run's tests are):"
         )
-        score_shift(card, len(set(ref_units)), pool, rng, args.trials, settings, deltas)
+        score_shift(card, ref.n, pool, rng, args.trials, settings, deltas, np.array(ref_units))
     if args.no_halves:
         pass
     elif storage.exists(split_uri):
@@ -221,7 +221,7 @@ def patient_halves(
             check(card, _take(pool, a), _take(pool, b), settings, patients[a], patients[b]) for a, b in picks
         ]
         print(f"  n = {n:5d}, every image a unit (before): {_rate(naive)}")
-        print(f"  n = {n:5d}, one image per patient (now):  {_rate(units)}")
+        print(f"  n = {n:5d}, cluster-robust over patients (now): {_rate(units)}")
 
     if args.sites:
         blobs = [storage.read_bytes(u) for u in val["uri"].to_pylist()]
@@ -234,7 +234,7 @@ def patient_halves(
                     rows.append(
                         check(card, _take(pool, a), _take(site, pick), settings, patients[a], patients[pick])
                     )
-                print(f"power, {name}, n = {n}, one image per patient: {_rate(rows)}")
+                print(f"power, {name}, n = {n}, cluster-robust over patients: {_rate(rows)}")
 
 
 def fullres(art: Any, folder: Path, work: Path, settings: Any) -> None:
@@ -267,14 +267,22 @@ def score_shift(
     trials: int,
     settings: Any,
     deltas: list[float],
+    ref_patients: np.ndarray | None = None,
 ) -> None:
+    """Power on a pure score shift. ``ref_patients``: the reference is the pool itself, with
+    its patients (as a scoring run's reference is); otherwise a smoothed bootstrap of it."""
+
+    def reference() -> tuple:
+        return pool if ref_patients is not None else _smooth(rng, pool, ref_n)
+
     print("\npower, pure score shift (pneumonia logits + delta; inputs and features unchanged), n = 600:")
+    run_patients = None if ref_patients is None else np.arange(624).astype(str)  # i.i.d. draws
     for delta in deltas:
         rows = []
         for _ in range(trials):
             run = _smooth(rng, pool, 600)
             run[0][:, 1:] += delta
-            rows.append(check(card, _smooth(rng, pool, ref_n), run, settings))
+            rows.append(check(card, reference(), run, settings, ref_patients, run_patients))
         ks = np.mean([r["ks"] for r in rows])
         print(f"  delta {delta}: mean KS {ks:.3f}; alerts {_rate(rows)}")
     print("power, the real collection's figures (KS ~0.12 and a feature mean shift of RMS 0.15), n = 624:")
@@ -283,7 +291,7 @@ def score_shift(
         run = _smooth(rng, pool, 624)
         run[0][:, 1:] += 1.4
         run[2][:, :] += 0.15 * pool[2].std(0)
-        rows.append(check(card, _smooth(rng, pool, ref_n), run, settings))
+        rows.append(check(card, reference(), run, settings, ref_patients, run_patients))
     print(f"  mean KS {np.mean([r['ks'] for r in rows]):.3f}; alerts {_rate(rows)}")
 
 

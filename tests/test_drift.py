@@ -240,8 +240,9 @@ def test_accumulator_memory_is_bounded():
     assert sample["input_stats"].shape == (200, len(INPUT_STATS)) and sample["pca"].shape == (200, 8)
     assert sample["prob_pneumonia"].shape == (200,) and sample["probabilities"].shape == (200, 3)
     # The tests' unit sample (one unit per image here) is uniform over the run too.
-    units = acc.unit_rows()["input_stats"][:, 0]
-    assert len(units) == 1000 and acc.units.sampled
+    sums, counts, _, _ = acc.unit_groups("inputs")
+    units = sums[:, 0] / counts  # intensity_p05, the row counter here: one image per unit
+    assert len(units) == 1000 and acc.units.sampled and (counts == 1).all()
     assert scipy.stats.kstest(units, "uniform", args=(0, 30_000)).pvalue > 0.01
     kept = sample["input_stats"][:, 0]
     # Drawn uniformly from the whole run (29,940 ok rows), not its first rows: a uniform
@@ -445,22 +446,33 @@ def test_weighted_holm_by_hand_and_its_family_wise_rate():
     assert 0.04 < rate <= 0.055, rate  # ~alpha, not more
 
 
-def test_hotelling_matches_a_direct_computation():
-    from cxr_ray.scoring.drift_stats import Moments, hotelling
+def test_cluster_wald_matches_a_direct_computation():
+    from cxr_ray.scoring.drift_stats import cluster_wald
 
     rng = np.random.default_rng(4)
+    # One image per cluster: the unpooled two-sample statistic d' (S1/n + S2/m)^-1 d.
     x, y = rng.normal(size=(120, 5)), rng.normal(0.2, 1, size=(300, 5))
-    mom = Moments(y.mean(0))
-    for i in range(0, 120, 50):  # block by block
-        mom.add(x[i : i + 50])
-    t2, p, dims = hotelling(mom, y)
-    n, m = len(x), len(y)
-    s = ((n - 1) * np.cov(x, rowvar=False) + (m - 1) * np.cov(y, rowvar=False)) / (n + m - 2)
+    t2, p, dims = cluster_wald(x, np.ones(120), y, np.ones(300))
     d = x.mean(0) - y.mean(0)
-    expect = n * m / (n + m) * d @ np.linalg.solve(s, d)
-    f = expect * (n + m - 5 - 1) / (5 * (n + m - 2))
-    assert dims == 5 and t2 == pytest.approx(expect, rel=1e-9)
-    assert p == pytest.approx(scipy.stats.f.sf(f, 5, n + m - 6), rel=1e-9)
+    v = np.cov(x, rowvar=False) / 120 + np.cov(y, rowvar=False) / 300
+    assert dims == 5 and t2 == pytest.approx(d @ np.linalg.solve(v, d), rel=1e-9)
+    assert 0 <= p < 0.02  # a real shift of 0.2 std in 5 dims (chi-squared, 5 df: p ~0.004)
+    # Clusters: the sandwich over clusters, by a loop over images.
+    sizes = rng.integers(1, 6, size=80)
+    images = rng.normal(size=(int(sizes.sum()), 3)) + np.repeat(rng.normal(size=(80, 3)), sizes, axis=0)
+    owner = np.repeat(np.arange(80), sizes)
+    sums = np.stack([images[owner == c].sum(0) for c in range(80)])
+    mean = images.mean(0)
+    resid = [(images[owner == c] - mean).sum(0) for c in range(80)]
+    meat = sum(np.outer(r, r) for r in resid)
+    cov = meat / len(images) ** 2 * 80 / 79
+    other = rng.normal(size=(200, 3))
+    t2, p, dims = cluster_wald(sums, sizes, other, np.ones(200))
+    d = mean - other.mean(0)
+    expect = d @ np.linalg.solve(cov + np.cov(other, rowvar=False) / 200, d)
+    assert dims == 3 and t2 == pytest.approx(expect, rel=1e-9) and 0 < p <= 1
+    # Nothing to compare: not computable, never an error.
+    assert np.isnan(cluster_wald(sums[:1], sizes[:1], other, np.ones(200))[1])
 
 
 # -- error rates on arrays (seeded): no alert on the same distribution, the real score shift alerts
@@ -505,16 +517,16 @@ def test_same_distribution_runs_do_not_alert_and_a_real_sized_score_shift_does()
     # A pure score shift like the real later collection's: KS ~0.12 at 600 vs 745 images.
     shifted = _array_figures(ref, card, _arrays(rng, 600, shift=0.75))
     ad = next(t for t in shifted.tests() if t["check"] == "p_pneumonia")
-    assert ad["statistic"] == "anderson_darling" and ad["method"].startswith("anderson_ksamp")
+    assert ad["statistic"] == "cluster_wald" and ad["method"].startswith("Wald test of the CDF at 5 reference")
     assert 0.09 < ad["effect"] < 0.16 and ad["p_value"] <= 1e-3, ad  # effect: the KS statistic
     ks = next(r for r in shifted.rows if r["check"] == "p_pneumonia" and r["statistic"] == "ks")
     assert ks["role"] == "info" and abs(ks["value"] - ad["effect"]) < 1e-3 and ks["p_value"] < 1e-3
-    assert shifted.alert and "p_pneumonia anderson_darling" in shifted.alerts()
+    assert shifted.alert and "p_pneumonia cluster_wald" in shifted.alerts()
     assert ad["effect"] < 0.25  # the old fixed threshold (ks_alert 0.25) missed it
     # The effect-size floor: a trivial shift in a huge run stays quiet although significant.
     big = _array_figures(ref, card, _arrays(rng, 20_000, shift=0.75), DriftSettings(score_ks_min=0.2))
     big_ad = next(t for t in big.tests() if t["check"] == "p_pneumonia")
-    assert big_ad["p_adjusted"] <= 0.002 and "p_pneumonia anderson_darling" not in big.alerts()
+    assert big_ad["p_adjusted"] <= 0.002 and "p_pneumonia cluster_wald" not in big.alerts()
     # The test used a bounded, uniform sample of the run's units (each image its own unit here).
     assert big_ad["n_used"] == 5000 and "a uniform sample of the run's units" in big_ad["method"]
     assert big.units == {"run": 5000, "run_sampled": True, "reference": 745, "reference_grouped": False}

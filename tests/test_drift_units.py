@@ -14,7 +14,7 @@ from cxr_ray.labels import LABELS, NORMAL
 from cxr_ray.models.card import ModelCard
 from cxr_ray.models.reference import read_reference, reference_from_arrays
 from cxr_ray.scoring.drift import DriftAccumulator
-from cxr_ray.scoring.drift_units import UnitSample, one_per_unit, row_units
+from cxr_ray.scoring.drift_units import UnitSample, group_sums, row_units
 
 F = 32
 
@@ -84,34 +84,42 @@ def _figures(ref, card, block, ref_units, block_rows=64):
 
 def test_clustered_same_distribution_runs_alert_at_alpha_only_when_patients_are_units():
     """The patient-halves null on arrays: reference and run are images of different patients
-    of one population. Counting images, the tests see more evidence than there is and alert
-    far above alpha; counting patients, at alpha."""
+    of one population, the run either every image of its patients or a random sample of
+    their images (which holds many-image patients more often). Counting images as
+    independent, the tests see more evidence than there is and alert far above alpha;
+    cluster-robust over patients, at alpha in both designs."""
     card, rng = _card(), np.random.default_rng(11)
-    by_images = by_units = 0
+    alarms = {"images": 0, "patients": 0, "patients, image sample": 0}
     trials = 100
     for t in range(trials):
         ref_patients = _patients(rng, 745, 0)
         ref = read_reference(reference_from_arrays(card, *_clustered(rng, ref_patients), components=16))
-        run_patients = _patients(rng, 300, 10_000)
-        run = _clustered(rng, run_patients)
-        _, naive = _figures(ref, card, _block(card, *run), None)
+        ref_units = [f"patient_id:P{p}" for p in ref_patients]
+        pool_patients = _patients(rng, 400, 10_000)
+        pool = _clustered(rng, pool_patients)
+        whole = np.arange(300)  # every image of the first patients (cut at 300 images)
+        _, naive = _figures(ref, card, _block(card, *(a[whole] for a in pool)), None)
         acc, grouped = _figures(
-            ref, card, _block(card, *run, run_patients), [f"patient_id:P{p}" for p in ref_patients]
+            ref, card, _block(card, *(a[whole] for a in pool), pool_patients[whole]), ref_units
         )
-        by_images += naive.alert
-        by_units += grouped.alert
+        pick = np.sort(rng.choice(400, 100, replace=False))
+        _, sampled = _figures(
+            ref, card, _block(card, *(a[pick] for a in pool), pool_patients[pick]), ref_units
+        )
+        alarms["images"] += naive.alert
+        alarms["patients"] += grouped.alert
+        alarms["patients, image sample"] += sampled.alert
         if t == 0:
-            assert acc.units_summary()["run"] == len(np.unique(run_patients)) < 300
+            assert acc.units_summary()["run"] == len(np.unique(pool_patients[whole])) < 300
             assert acc.units_summary()["reference"] == len(np.unique(ref_patients)) < 745
             assert acc.ref_grouped and not acc.units.sampled
             score = next(r for r in grouped.rows if r["check"] == "p_pneumonia" and r["role"] == "test")
-            assert score["n_used"] == acc.units.n and "one image per patient/study" in score["method"]
-    # Counting images the family-wise rate is many times alpha (0.01; measured 21/100 with this
-    # seed, like the real patient-halves null's 0.22 at n = 300); counting patients it is at
-    # alpha (measured 0/100; P(>= 4 alarms | 0.01) = 0.02).
-    print(f"false alarms in {trials} trials: images {by_images}, patients {by_units}")
-    assert by_images >= 10, by_images
-    assert by_units <= 3, by_units
+            assert score["n_used"] == 300 and "cluster-robust over" in score["method"]
+    # Counting images the family-wise rate is many times alpha (0.01: ~1 in 100 trials);
+    # cluster-robust it is at alpha (P(>= 4 alarms | 0.01) = 0.02).
+    print(f"false alarms in {trials} trials: {alarms}")
+    assert alarms["images"] >= 10, alarms
+    assert alarms["patients"] <= 3 and alarms["patients, image sample"] <= 3, alarms
 
 
 def test_figures_do_not_depend_on_the_order_or_blocking_of_the_rows():
@@ -133,18 +141,21 @@ def test_figures_do_not_depend_on_the_order_or_blocking_of_the_rows():
 def test_a_bounded_unit_sample_is_the_bottom_k_of_the_units_whatever_the_order():
     rng = np.random.default_rng(0)
     units = [f"patient_id:P{int(p)}" for p in rng.integers(0, 3000, size=12_000)]
-    images = [f"image_id:{i}" for i in range(len(units))]
-    rows = np.arange(len(units), dtype=np.float64)[:, None]
-    full = UnitSample(10_000, 1)
-    full.add(units, images, rows)
-    small = UnitSample(500, 1)
-    order = rng.permutation(len(units))
-    for chunk in np.array_split(order, 37):
-        small.add([units[i] for i in chunk], [images[i] for i in chunk], rows[chunk])
+    rows = rng.normal(size=(len(units), 2))
+    counts = np.ones((len(units), 1))
+    full = UnitSample(10_000, 2, 1)
+    full.add(units, rows, counts)
+    small = UnitSample(500, 2, 1)
+    for chunk in np.array_split(rng.permutation(len(units)), 37):
+        small.add([units[i] for i in chunk], rows[chunk], counts[chunk])
     assert small.n == 500 and small.sampled and not full.sampled and full.n == len(set(units))
-    # The same 500 units, each with the same image, as the first 500 of the unbounded sample.
-    assert np.array_equal(small.unit, full.unit[:500]) and np.array_equal(small.rows(), full.rows()[:500])
-    assert small.images == len(units)
+    # The same 500 units, each with every one of its images, as the first 500 of the whole.
+    assert np.array_equal(small.unit, full.unit[:500])
+    assert np.allclose(small.sums, full.sums[:500]) and np.array_equal(small.counts, full.counts[:500])
+    assert small.images == len(units) and full.counts.sum() == len(units)
+    # group_sums is the same grouping, for the reference.
+    sums, cnt = group_sums(units, rows, counts)
+    assert np.allclose(sums, full.sums) and np.array_equal(cnt, full.counts)
 
 
 def test_a_rows_unit_is_its_patient_else_its_study_else_itself():
@@ -161,10 +172,6 @@ def test_a_rows_unit_is_its_patient_else_its_study_else_itself():
     assert images == ["image_id:h0", "image_id:h1", "image_id:h2", "uri:u3"]
     bare = pa.table({"status": ["ok", "ok"]})
     assert row_units(bare, np.arange(2), offset=7) == (["row:7", "row:8"], ["row:7", "row:8"])
-    # One row per distinct unit, the same pick whatever the order.
-    keys = ["a", "b", "a", "c", "b", "a"]
-    picked = one_per_unit(keys)
-    assert sorted(keys[i] for i in picked) == ["a", "b", "c"]
 
 
 def test_the_accumulator_keeps_no_patient_identifier():

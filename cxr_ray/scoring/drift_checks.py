@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 
 from cxr_ray.imaging.stats import ACQUISITION_STATS, MODEL_INPUT_STATS
-from cxr_ray.labels import LABELS
 from cxr_ray.scoring import drift_stats as ds
 from cxr_ray.scoring.drift_figures import CATEGORIES, finite
 
@@ -24,6 +23,18 @@ __all__ = ["category_rows", "feature_rows", "input_rows", "row", "score_rows"]
 
 #: Fine histogram of logit(P(pneumonia)) for the KS test of large runs: exact counts.
 KS_EDGES = np.concatenate([[-np.inf], np.linspace(-16.0, 16.0, 1601), [np.inf]])
+
+
+#: The statistic of every tested check: ``drift_stats.cluster_wald`` on the per-unit sums.
+TEST_STATISTIC = "cluster_wald"
+
+
+def _wald(acc: DriftAccumulator, group: str) -> tuple[float, float, int, int]:
+    """(statistic, p-value, run images used, dimensions) of one tested check."""
+    run_sums, run_counts, ref_sums, ref_counts = acc.unit_groups(group)
+    shares = group in ("p_pneumonia", "pred_label")  # indicators: variance under the null
+    t2, p, rank = ds.cluster_wald(run_sums, run_counts, ref_sums, ref_counts, pooled=shares)
+    return t2, p, int(run_counts.sum()), rank
 
 
 def logit(p: np.ndarray) -> np.ndarray:
@@ -64,44 +75,41 @@ def score_rows(acc: DriftAccumulator) -> list[dict[str, Any]]:
         d, p, method = ds.ks_values(kept, ref_p)
     else:
         d, p, method = ds.ks_binned(acc.p_fine, np.histogram(logit(ref_p), bins=KS_EDGES)[0])
-    unit_p = acc.unit_rows()["prob_pneumonia"]
-    a2, p_ad, ad_method = ds.ad_values(unit_p, ref_p[acc.ref_idx])
+    t2, p_w, used, rank = _wald(acc, "p_pneumonia")
     rows.append(
         row(
             acc,
             "p_pneumonia",
-            "anderson_darling",
-            a2,
+            TEST_STATISTIC,
+            t2,
             role="test",
-            p_value=p_ad,
+            p_value=p_w,
             effect=d,
             threshold=s.score_ks_min,
-            n_used=int(np.isfinite(unit_p).sum()),
-            method=f"{ad_method}, {acc._units_note()}; effect: KS statistic on every image",
+            n_used=used,
+            method=(
+                f"Wald test of the CDF at {len(acc.score_points)} reference quantiles ({rank} dims), "
+                f"{acc._units_note()}; effect: KS statistic"
+            ),
         )
     )
     rows.append(row(acc, "p_pneumonia", "ks", d, p_value=p, method=method))
     ref_pred = acc.ref.pred_counts(acc.card)
-    unit_pred = acc.unit_rows()["pred"]
-    unit_pred = unit_pred[np.isfinite(unit_pred)].astype(np.int64)
-    chi2, p = ds.chi2_mix(
-        np.bincount(unit_pred, minlength=len(LABELS)),
-        np.bincount(acc.ref_pred[acc.ref_idx], minlength=len(LABELS)),
-    )
+    chi2, p, used, rank = _wald(acc, "pred_label")
     class_psi = ds.psi(acc.pred, ref_pred)
     rows.append(row(acc, "pred_label", "psi", class_psi, method="predicted-class mix"))
     rows.append(
         row(
             acc,
             "pred_label",
-            "chi2",
+            TEST_STATISTIC,
             chi2,
             role="test",
             p_value=p,
             effect=class_psi,
             threshold=s.class_psi_min,
-            n_used=len(unit_pred),
-            method=f"chi2_contingency, {acc._units_note()}; effect: PSI on every image",
+            n_used=used,
+            method=f"Wald test of the class shares ({rank} dims), {acc._units_note()}; effect: PSI",
         )
     )
     return rows
@@ -118,7 +126,7 @@ def input_rows(acc: DriftAccumulator) -> list[dict[str, Any]]:
             row(
                 acc,
                 "inputs",
-                "hotelling_t2",
+                TEST_STATISTIC,
                 None,
                 role="test",
                 threshold=acc.s.input_shift_min,
@@ -144,26 +152,23 @@ def input_rows(acc: DriftAccumulator) -> list[dict[str, Any]]:
                 acc, f"input:{name}", "wasserstein", w, n_used=n_used, note=note, method="reference std units"
             )
         )
-    unit_inputs = acc.unit_rows()["input_stats"][:, acc.model_cols]
-    moments = ds.Moments(acc.inputs.centre)
-    moments.add(unit_inputs)
-    t2, p, dims = ds.hotelling(moments, ref_stats[acc.ref_idx][:, acc.model_cols])
+    t2, p, used, dims = _wald(acc, "inputs")
     effect = max(shifts) if shifts else None
     rows.insert(
         0,
         row(
             acc,
             "inputs",
-            "hotelling_t2",
+            TEST_STATISTIC,
             t2,
             role="test",
             p_value=p,
             effect=effect,
             threshold=acc.s.input_shift_min,
-            n_used=moments.n,
+            n_used=used,
             method=(
-                f"Hotelling T2, {dims} dims, {acc._units_note()}; "
-                "effect: largest mean shift (std units) on every image"
+                f"Wald test of the mean ({dims} dims), {acc._units_note()}; "
+                "effect: largest mean shift (std units)"
             ),
         ),
     )
@@ -177,7 +182,7 @@ def feature_rows(acc: DriftAccumulator) -> list[dict[str, Any]]:
             row(
                 acc,
                 "features",
-                "hotelling_t2",
+                TEST_STATISTIC,
                 None,
                 role="test",
                 threshold=s.feature_shift_min,
@@ -186,25 +191,23 @@ def feature_rows(acc: DriftAccumulator) -> list[dict[str, Any]]:
         ]
     shift = acc.feats.mean() - acc.ref_z.mean(0)
     rms = float(np.sqrt(np.mean(shift**2)))
-    moments = ds.Moments(acc.feats.centre)
-    moments.add(acc.unit_rows()["pca"])
-    t2, p, dims = ds.hotelling(moments, acc.ref_z[acc.ref_idx])
+    t2, p, used, dims = _wald(acc, "features")
     z = acc.reservoir()["pca"]
     z = z[np.isfinite(z).all(axis=1)]
     return [
         row(
             acc,
             "features",
-            "hotelling_t2",
+            TEST_STATISTIC,
             t2,
             role="test",
             p_value=p,
             effect=rms,
             threshold=s.feature_shift_min,
-            n_used=moments.n,
+            n_used=used,
             method=(
-                f"Hotelling T2 on {dims} PCA dims, {acc._units_note()}; "
-                "effect: RMS mean shift (std units) on every image"
+                f"Wald test of the mean in {dims} PCA dims, {acc._units_note()}; "
+                "effect: RMS mean shift (std units)"
             ),
         ),
         row(acc, "features", "pca_mean_shift", rms, n_used=acc.feats.n, method="RMS, reference std units"),

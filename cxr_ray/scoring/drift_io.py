@@ -35,7 +35,7 @@ DRIFT_TABLE_SCHEMA = described(
         "run_id": "the scoring run",
         "model_version": "the model whose reference the run is compared with",
         "check": "what is compared: p_pneumonia, features, input:<statistic>, class mix, a DICOM category...",
-        "statistic": "the figure's statistic (ks, psi, hotelling_t2, chi2, mean_shift, ...)",
+        "statistic": "the figure's statistic (cluster_wald for the tested checks; ks, psi, mean_shift, ...)",
         "value": "the statistic's value; null when not computable (e.g. no DICOM tags in the reference)",
         "threshold": "tested checks: the minimum effect size for an alert",
         "alert": "whether this figure alerts (Holm-adjusted p below drift.alpha and effect >= threshold)",

@@ -7,14 +7,12 @@ Each test returns a statistic, a p-value and the method used; scipy does the dis
   counts over fixed bins (the statistic is the largest CDF gap at the bin edges, which is
   never larger than the gap on the exact values, so the asymptotic p-value from
   ``scipy.stats.kstwobign`` is conservative);
-- ``ad_values``: two-sample Anderson-Darling (``scipy.stats.anderson_ksamp``, midrank), the
-  score test: more weight in the tails than KS, hence more power for a shift of the scores
-  (measured in docs/MONITORING.md); scipy's p-value is interpolated and floored at 0.001;
 - ``chi2_mix``: chi-squared test of a 2 x C contingency table (run vs reference counts per
   category, ``scipy.stats.chi2_contingency``), with the population stability index as effect;
-- ``hotelling``: two-sample Hotelling T^2 of a mean shift in p dimensions from the run's
-  streaming sums (``Moments``: every row counts, memory O(p^2)) and the reference's rows,
-  pooled covariance, F distribution (``scipy.stats.f``);
+- ``cluster_wald``: the tested checks' test: a two-sample Wald test of equal per-image means
+  with cluster-robust covariances (images of one patient are not independent), F reference
+  with Nel-van der Merwe degrees of freedom; the score test applies it to the CDF at fixed
+  quantiles of the reference, the class-mix test to one-hot classes;
 - ``holm``: Holm's step-down adjusted p-values (family-wise error rate across the checks),
   optionally weighted (Holm 1979: a share of alpha per check, the weights summing to 1);
 - ``energy_coefficient`` (effect only), ``wasserstein`` (effect only).
@@ -23,7 +21,6 @@ Each test returns a statistic, a p-value and the method used; scipy does the dis
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 from scipy import stats
@@ -61,22 +58,6 @@ def ks_values(run: np.ndarray, ref: np.ndarray) -> tuple[float, float, str]:
         return math.nan, math.nan, "ks_2samp"
     res = stats.ks_2samp(run, ref, method="auto")
     return float(res.statistic), float(res.pvalue), "ks_2samp (exact values)"
-
-
-def ad_values(run: np.ndarray, ref: np.ndarray) -> tuple[float, float, str]:
-    """Two-sample Anderson-Darling statistic (standardized), p-value and method on exact
-    values (``scipy.stats.anderson_ksamp``, midrank: ties allowed). scipy interpolates the
-    p-value from tabulated critical values and clips it to 0.001..0.25 (a floored 0.001 means
-    "0.001 or smaller"; still a valid, conservative p-value)."""
-    run, ref = run[np.isfinite(run)], ref[np.isfinite(ref)]
-    if len(run) < 2 or len(ref) < 2 or np.ptp(np.concatenate([run, ref])) == 0:
-        return math.nan, math.nan, "anderson_ksamp"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "p-value floored/capped": said in method
-        res = stats.anderson_ksamp([run, ref])
-    p = float(res.pvalue)
-    note = " (p floored at 0.001)" if p <= 0.001 else ""
-    return float(res.statistic), p, f"anderson_ksamp (exact values){note}"
 
 
 def ks_binned(run_counts: np.ndarray, ref_counts: np.ndarray) -> tuple[float, float, str]:
@@ -138,29 +119,94 @@ class Moments:
         return (self.s2 - self.n * np.outer(d, d)) / (self.n - 1)
 
 
-def hotelling(run: Moments, ref: np.ndarray) -> tuple[float, float, int]:
-    """Two-sample Hotelling T^2 of the run (its ``Moments``) against the reference rows
-    ``[m, p]``: T^2, its p-value from the F distribution, and the dimensions used (the rank
-    of the pooled covariance, after scaling each coordinate by its pooled spread)."""
-    ref = np.asarray(ref, np.float64)
-    ref = ref[np.isfinite(ref).all(axis=1)]
-    n, m = run.n, len(ref)
-    if n < 2 or m < 2:
+def _cluster_moments(
+    sums: np.ndarray, counts: np.ndarray, centre: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Mean per image, cluster-robust (sandwich) covariance of that mean and the clusters'
+    residual sums (scaled so that ``resid' resid`` is that covariance), from per-cluster sums
+    ``[G, d]`` and image counts ``[G]`` (empty clusters left out)."""
+    keep = counts > 0
+    sums, counts = sums[keep], counts[keep]
+    g, n = len(counts), float(counts.sum())
+    if g < 2:
+        return (
+            np.full(sums.shape[1], np.nan),
+            np.full((sums.shape[1],) * 2, np.nan),
+            np.zeros((g, sums.shape[1])),
+        )
+    mean = sums.sum(0) / n
+    resid = (sums - counts[:, None] * (mean if centre is None else centre)) * math.sqrt(g / (g - 1)) / n
+    return mean, resid.T @ resid, resid
+
+
+def _effective_clusters(resid: np.ndarray) -> float:
+    """Degrees of freedom of a sandwich covariance ``resid' resid`` (rows whitened): the
+    effective number of clusters ``(sum q)^2 / sum q^2`` of the clusters' shares
+    ``q_c = |r_c|^2``, corrected by ``(r + 2) / r`` (for equal clusters ``q_c`` is chi-squared
+    with r dims, so the ratio is ``G r / (r + 2)``), at most G - 1. One dominant cluster (a
+    patient with 30 images) makes the covariance as uncertain as a few clusters would."""
+    q = np.einsum("ij,ij->i", resid, resid)
+    r = resid.shape[1]
+    if len(q) < 2 or q.sum() <= 0:
+        return 1.0
+    return float(min(len(q) - 1.0, q.sum() ** 2 / np.sum(q**2) * (r + 2) / r))
+
+
+def cluster_wald(
+    run_sums: np.ndarray,
+    run_counts: np.ndarray,
+    ref_sums: np.ndarray,
+    ref_counts: np.ndarray,
+    *,
+    pooled: bool = False,
+) -> tuple[float, float, int]:
+    """Two-sample test of equal means per image when images come in clusters (patients).
+
+    Each side is given as per-cluster sums of the images' vectors ``[G, d]`` and image counts
+    ``[G]``; the mean is per image, its covariance the cluster-robust sandwich (Liang-Zeger:
+    the clusters, not the images, are the independent observations; with one image per
+    cluster it is the usual covariance of a mean). The statistic is
+    ``T2 = d' (V_run + V_ref)^+ d`` on the coordinates scaled by their spread (the rank is that
+    of the scaled covariance), referred to the F distribution with the Nel-van der Merwe
+    (1986) degrees of freedom for unequal covariances, counting clusters (Krishnamoorthy & Yu
+    2004 recommend it for the multivariate Behrens-Fisher problem), where each side's
+    covariance has the degrees of freedom of its effective number of clusters.
+
+    ``pooled``: the residuals are taken around the pooled mean of both sides (the mean under
+    the null), as a score test does: for shares (indicators), a run with few images in a
+    category otherwise gets a variance near 0 there and the test alerts on noise. Returns
+    (T2, p, rank)."""
+    rs, rc = np.asarray(run_sums, np.float64), np.asarray(run_counts, np.float64)
+    fs, fc = np.asarray(ref_sums, np.float64), np.asarray(ref_counts, np.float64)
+    centre = (rs.sum(0) + fs.sum(0)) / max(rc.sum() + fc.sum(), 1.0) if pooled else None
+    m1, v1, r1 = _cluster_moments(rs, rc, centre)
+    m2, v2, r2 = _cluster_moments(fs, fc, centre)
+    if len(r1) < 2 or len(r2) < 2:
         return math.nan, math.nan, 0
-    pooled = ((n - 1) * run.cov() + (m - 1) * np.cov(ref, rowvar=False).reshape(run.s2.shape)) / (n + m - 2)
-    scale = np.sqrt(np.maximum(np.diag(pooled), 0.0))
-    keep = scale > 1e-12
+    total = v1 + v2
+    scale = np.sqrt(np.maximum(np.diag(total), 0.0))
+    keep = scale > 1e-12 * max(1.0, float(scale.max(initial=0.0)))
     if not keep.any():
         return 0.0, 1.0, 0
-    d = (run.mean() - ref.mean(0))[keep] / scale[keep]
-    corr = pooled[np.ix_(keep, keep)] / np.outer(scale[keep], scale[keep])
-    rank = int(np.linalg.matrix_rank(corr, tol=1e-8))
-    df2 = n + m - 1 - rank
-    if rank == 0 or df2 < 1:
-        return math.nan, math.nan, rank
-    t2 = float(n * m / (n + m) * d @ np.linalg.pinv(corr, rcond=1e-8, hermitian=True) @ d)
-    f = t2 * df2 / (rank * (n + m - 2))
-    return t2, float(stats.f.sf(f, rank, df2)), rank
+    s = np.outer(scale[keep], scale[keep])
+    a1, a2 = v1[np.ix_(keep, keep)] / s, v2[np.ix_(keep, keep)] / s
+    w, u = np.linalg.eigh(a1 + a2)
+    top = w > 1e-8 * w.max()
+    rank = int(top.sum())
+    whiten = u[:, top] / np.sqrt(w[top])  # whiten' (a1 + a2) whiten = I
+    d = whiten.T @ ((m1 - m2)[keep] / scale[keep])
+    t2 = float(d @ d)
+    b1, b2 = whiten.T @ a1 @ whiten, whiten.T @ a2 @ whiten
+    # Each side's covariance has the degrees of freedom of its effective number of clusters.
+    w1 = (r1[:, keep] / scale[keep]) @ whiten
+    w2 = (r2[:, keep] / scale[keep]) @ whiten
+    f1, f2 = _effective_clusters(w1), _effective_clusters(w2)
+    denom = (np.trace(b1 @ b1) + np.trace(b1) ** 2) / f1 + (np.trace(b2 @ b2) + np.trace(b2) ** 2) / f2
+    nu = min((rank + rank**2) / denom, f1 + f2)
+    df2 = nu - rank + 1
+    if df2 <= 0:
+        return t2, math.nan, rank
+    return t2, float(stats.f.sf(t2 * df2 / (nu * rank), rank, df2)), rank
 
 
 def wasserstein(a: np.ndarray, b: np.ndarray) -> float:

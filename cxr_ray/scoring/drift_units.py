@@ -1,26 +1,30 @@
-"""The units the drift tests count: one image per patient (or study), on both sides.
+"""The units the drift tests count: patients (or studies), whose images are not independent.
 
 Images of one patient are not independent (follow-ups, several views of one chest, one
-scanner's day): every two-sample test of ``cxr_ray.scoring.drift`` assumes independent rows,
-and a few many-image patients on one side move the means by more than that allows. Measured
-on the default artifact's 745 validation images (413 patients, one with 30 images): the
-patient-halves null (reference from one half of the patients, run from the other's images)
-false-alarmed in 0.085 of trials at n = 100 and 0.22 at n = 300 when every image counted
-(``benchmarks/drift_error_rates.py``, docs/MONITORING.md). So the tests count **units**:
+scanner's day): a two-sample test that takes every image as an independent observation sees
+more evidence than there is. Measured on the default artifact's 745 validation images (413
+patients, one with 30 images): the patient-halves null (reference from one half of the
+patients, run from the other half's images) false-alarmed in 0.085-0.16 of trials at n = 300
+when every image counted (``benchmarks/drift_error_rates.py``, docs/MONITORING.md). Taking
+one image per patient instead is not right either: a run that is a sample of images holds
+many-image patients more often than the reference does (which holds every validation
+patient once), and those patients differ (pneumonia has follow-ups): 0.095 at n = 100.
+
+So the tests compare the **image-level** distributions, with **cluster-robust** variances
+(``drift_stats.cluster_wald``: sandwich covariance over units, on both sides). The units:
 
 - a run row's unit is its ``patient_id`` (the DICOM PatientID, or the patient parsed from the
   file name), else its ``study_instance_uid``, else the image itself (``image_id``, else its
-  ``uri``): a run of files with no patient key is what it was before, one unit per image;
+  ``uri``): a run of files with no patient key has one unit per image;
 - a reference row's unit is the ``patient_id`` of its ``split.parquet`` validation row (the
-  rows ``build_reference`` read, in order), else the row itself (``reference_units``);
-- each unit is represented by **one** image, the one whose key has the smallest keyed hash:
-  a fixed pseudo-random choice, the same whatever order Ray delivers the blocks in.
+  rows ``build_reference`` read, in order), else the row itself (``reference_units``).
 
 ``UnitSample`` keeps a run's units in bounded memory: the ``size`` units with the smallest
 keyed 64-bit hash of their key (a uniform random sample of the run's units, a bottom-k
-sketch), each with its chosen image's row vector. Keys are hashed on arrival and never kept:
-no patient identifier is held, written or logged. Effect sizes (KS, PSI, mean shifts) stay on
-every image; only the tests' p-values use the units.
+sketch, the same whatever order Ray delivers the blocks in), each with the **sums** of its
+images' test vectors and its image counts. Keys are hashed on arrival and never kept: no
+patient identifier is held, written or logged. Effect sizes (KS, PSI, mean shifts) are on
+every image.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ if TYPE_CHECKING:
     from cxr_ray.models.artifact import Artifact
     from cxr_ray.models.reference import DriftReference
 
-__all__ = ["UNIT_COLUMNS", "UnitSample", "one_per_unit", "reference_units", "row_units"]
+__all__ = ["UNIT_COLUMNS", "UnitSample", "group_sums", "reference_units", "row_units"]
 
 #: Run columns that name a row's unit, in order of preference (the image itself last).
 UNIT_COLUMNS: tuple[str, ...] = ("patient_id", "study_instance_uid", "image_id", "uri")
@@ -66,16 +70,17 @@ def row_units(block: pa.Table, idx: np.ndarray, offset: int = 0) -> tuple[list[s
     return units, images
 
 
-def one_per_unit(units: Sequence[str]) -> np.ndarray:
-    """Indices (ascending) of one row per distinct unit of ``units``: the row whose
-    ``unit:index`` key hashes smallest (a fixed pseudo-random pick)."""
-    if len(units) == 0:
-        return np.zeros(0, np.int64)
+def group_sums(units: Sequence[str], rows: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per distinct unit of ``units``: the sum of its ``rows`` and of its ``counts``
+    (``[u, width]``, ``[u, groups]``; units in ascending hash order)."""
     u = key_hashes(list(units))
-    img = key_hashes([f"{k}:{i}" for i, k in enumerate(units)])
-    order = np.lexsort((img, u))  # by unit, then by the image's hash
-    first = np.unique(u[order], return_index=True)[1]
-    return np.sort(order[first])
+    _, inverse = np.unique(u, return_inverse=True)
+    g = int(inverse.max()) + 1 if len(u) else 0
+    sums = np.zeros((g, rows.shape[1]))
+    np.add.at(sums, inverse, rows)
+    cnt = np.zeros((g, counts.shape[1]))
+    np.add.at(cnt, inverse, counts)
+    return sums, cnt
 
 
 def reference_units(art: Artifact, ref: DriftReference) -> list[str] | None:
@@ -100,20 +105,22 @@ def reference_units(art: Artifact, ref: DriftReference) -> list[str] | None:
 
 
 class UnitSample:
-    """A bounded, order-independent uniform sample of a run's units, one row vector each.
+    """A bounded, order-independent uniform sample of a run's units, with per-unit sums.
 
-    ``add(units, images, rows)``: every row with its unit key, its image key and its vector
-    (``float64 [n, width]``). Kept: the ``size`` units with the smallest keyed hash, each
-    represented by its image with the smallest keyed hash. ``rows()``: their vectors
-    (``[u, width]``, in hash order). ``images`` counts every row added."""
+    ``add(units, rows, counts)``: every image's unit key, its test vector (``float64 [n,
+    width]``, zeros where a group of values is missing) and its per-group counts (``[n,
+    groups]``, 1 where the group's values are there). Kept: the ``size`` units with the
+    smallest keyed hash, each with the sums of all its images' vectors and counts (a unit in
+    the final sample was never left out, so none of its images was). ``images`` counts every
+    image added; ``sampled`` says whether a unit was left out."""
 
-    def __init__(self, size: int, width: int) -> None:
+    def __init__(self, size: int, width: int, groups: int) -> None:
         self.size = size
         self.unit = np.zeros(0, np.uint64)
-        self.image = np.zeros(0, np.uint64)
-        self.vec = np.zeros((0, width))
+        self.sums = np.zeros((0, width))
+        self.counts = np.zeros((0, groups))
         self.images = 0
-        self.sampled = False  # some unit was left out (the run has more than ``size``)
+        self.sampled = False
 
     @property
     def n(self) -> int:
@@ -124,28 +131,26 @@ class UnitSample:
     def full(self) -> bool:
         return self.n >= self.size
 
-    def add(self, units: Sequence[str], images: Sequence[str], rows: np.ndarray) -> None:
+    def add(self, units: Sequence[str], rows: np.ndarray, counts: np.ndarray) -> None:
         if len(units) == 0:
             return
         self.images += len(units)
-        u, img = key_hashes(units), key_hashes(images)
+        u = key_hashes(units)
+        rows, counts = np.asarray(rows, np.float64), np.asarray(counts, np.float64)
         if self.full:  # a unit beyond the kept ones cannot enter: skip it early
             keep = u <= self.unit[-1]
             self.sampled = self.sampled or not keep.all()
-            u, img, rows = u[keep], img[keep], rows[keep]
+            u, rows, counts = u[keep], rows[keep], counts[keep]
             if len(u) == 0:
                 return
-        u = np.concatenate([self.unit, u])
-        img = np.concatenate([self.image, img])
-        vec = np.concatenate([self.vec, np.asarray(rows, np.float64)])
-        order = np.lexsort((img, u))
-        first = order[np.unique(u[order], return_index=True)[1]]  # ascending unit hash
-        self.sampled = self.sampled or len(first) > self.size
-        first = first[: self.size]
-        self.unit, self.image, self.vec = u[first], img[first], vec[first]
-
-    def rows(self) -> np.ndarray:
-        return self.vec
+        all_u = np.concatenate([self.unit, u])
+        uniq, inverse = np.unique(all_u, return_inverse=True)  # ascending hash
+        sums = np.zeros((len(uniq), rows.shape[1]))
+        np.add.at(sums, inverse, np.concatenate([self.sums, rows]))
+        cnt = np.zeros((len(uniq), counts.shape[1]))
+        np.add.at(cnt, inverse, np.concatenate([self.counts, counts]))
+        self.sampled = self.sampled or len(uniq) > self.size
+        self.unit, self.sums, self.counts = uniq[: self.size], sums[: self.size], cnt[: self.size]
 
     def nbytes(self) -> int:
-        return int(self.unit.nbytes + self.image.nbytes + self.vec.nbytes)
+        return int(self.unit.nbytes + self.sums.nbytes + self.counts.nbytes)

@@ -236,9 +236,8 @@ def estimate_line(e: dict[str, Any]) -> str | None:
             return f"{m} n/a"
         return f"{m} {v['estimate']:.3f} [{v['low']:.3f}, {v['high']:.3f}]"
 
-    line = (
-        f"estimated performance (no labels, {e['method']}, at the flag threshold): "
-        + ", ".join(fmt(m) for m in ("sensitivity", "specificity", "accuracy", "flag_rate"))
+    line = f"estimated performance (no labels, {e['method']}, at the flag threshold): " + ", ".join(
+        fmt(m) for m in ("sensitivity", "specificity", "accuracy", "flag_rate")
     )
     if not e.get("reliable", True):
         line += f" -- UNRELIABLE: {e.get('note')}"

@@ -212,7 +212,6 @@ def performance_line(c: dict[str, Any]) -> str | None:
     return f"measured performance ({at}, {c['n_labelled']} labelled): {body}: within the model card's"
 
 
-
 def check_accumulated(card: ModelCard, ys: list[np.ndarray], ps: list[np.ndarray]) -> dict[str, Any]:
     """``check_performance`` of a scoring run's labelled rows (``ScoreAccumulator.y`` / ``.p``),
     with one log warning when it alerts; ``{}`` when the run has no labels."""
