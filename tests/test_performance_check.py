@@ -151,3 +151,37 @@ def test_history_rows_join_the_drift_table(card, tmp_path):
     est = rows[("performance_estimate", "specificity")]
     assert est["role"] == "info" and est["method"] == "cbpe" and not est["alert"]
     assert len(t) == 7 and isinstance(t, pa.Table)
+
+
+def test_design_effect_of_clustered_images():
+    from cxr_ray.scoring.performance import design_effect
+
+    rng = np.random.default_rng(0)
+    ok = rng.random(400) < 0.8
+    everyone = np.ones(400, bool)
+    # One image per patient: the binomial variance exactly.
+    assert design_effect(ok, everyone, np.arange(400)) == pytest.approx(1.0, abs=1e-9)
+    # Patients of 8 images, each all right or all wrong: the evidence of 50 images, not 400.
+    whole = np.repeat(rng.random(50) < 0.8, 8)
+    assert design_effect(whole, everyone, np.repeat(np.arange(50), 8)) == pytest.approx(8.0, rel=0.05)
+    # A share of 0 or 1, one patient: nothing to inflate.
+    assert design_effect(everyone, everyone, np.repeat(np.arange(50), 8)) == 1.0
+    assert design_effect(ok, everyone, np.zeros(400)) == 1.0
+
+
+def test_a_few_patients_with_many_images_are_weaker_evidence_than_as_many_patients(card):
+    """The run's false positives all come from 4 patients of 12 images each: counted per
+    image it is 48 of 240 normals; counted at the effective size over patients the
+    interval widens and the p-value grows, and the block says by how much."""
+    y, probs = _run(240, 0.8, 300, 0.95, 0.779)
+    units = np.r_[np.repeat(np.arange(4), 12), 100 + np.arange(192), 1000 + np.arange(300)]
+    naive = check_performance(card, y, probs)
+    grouped = check_performance(card, y, probs, units=units)
+    spec, spec_naive = grouped["specificity"], naive["specificity"]
+    assert spec["value"] == spec_naive["value"] == 0.8 and spec["n"] == 240
+    assert spec["design_effect"] > 5 and spec["n_effective"] < 240 / 5
+    assert spec["low"] < spec_naive["low"] and spec["p_value"] > spec_naive["p_value"]
+    assert "effective size over patients" in grouped["test"]
+    # Every image its own patient: the same figures as without units.
+    alone = check_performance(card, y, probs, units=np.arange(len(y)))
+    assert alone["specificity"] == spec_naive | {"n_effective": 240.0, "design_effect": 1.0}

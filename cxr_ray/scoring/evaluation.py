@@ -36,6 +36,16 @@ def labelled_arrays(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     return y, p.reshape(len(y), len(LABELS))
 
 
+def labelled_units(t: pa.Table) -> np.ndarray:
+    """The unit (patient, else study, else image: ``drift_units.row_units``) of each row
+    ``labelled_arrays`` returns, as keyed 64-bit hashes (no identifier kept)."""
+    from cxr_ray.scoring.drift_units import key_hashes, row_units
+
+    ok = pc.and_(pc.equal(t["status"], Status.OK), pc.is_in(t["label"], pa.array(LABELS)))
+    idx = np.flatnonzero(np.asarray(pc.fill_null(ok, False).to_numpy(zero_copy_only=False)))
+    return key_hashes(row_units(t, idx)[0])
+
+
 def summary_threshold(summary: dict[str, object]) -> float:
     """The flag threshold a run's ``summary.json`` records (``flag_threshold``; older runs
     wrote ``threshold``), else ``DEFAULT_THRESHOLD``."""

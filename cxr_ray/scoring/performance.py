@@ -39,8 +39,8 @@ CHECKED = ("sensitivity", "specificity", "accuracy")
 _NORMAL = LABELS.index(NORMAL)
 
 
-def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
-    """Exact binomial interval of ``k`` successes in ``n``."""
+def clopper_pearson(k: float, n: float, level: float = 0.95) -> tuple[float, float]:
+    """Exact binomial interval of ``k`` successes in ``n`` (an effective size may be fractional)."""
     from scipy.stats import beta
 
     if n == 0:
@@ -73,6 +73,37 @@ def card_counts(card: ModelCard) -> dict[str, tuple[int, int]] | None:
             return None
         out[m] = (round(float(value) * size), size)
     return out
+
+
+def _success(y: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per metric: (success per image, counted per image) as booleans."""
+    y = np.asarray(y, np.int64)
+    p = 1.0 - np.asarray(probs, np.float64)[:, _NORMAL]
+    flag = p >= threshold
+    pos = y != _NORMAL
+    correct = np.asarray(probs).argmax(1) == y if len(y) else np.zeros(0, bool)
+    everyone = np.ones(len(y), bool)
+    return {"sensitivity": (flag, pos), "specificity": (~flag, ~pos), "accuracy": (correct, everyone)}
+
+
+def design_effect(success: np.ndarray, counted: np.ndarray, units: np.ndarray) -> float:
+    """Kish's design effect of a proportion over images that come in clusters (``units``, e.g.
+    hashed patient keys): the cluster-robust variance of the share over the binomial one
+    (Korn & Graubard 1998 divide the sample size by it for an exact interval), at least 1.
+    1 when there are fewer than 2 clusters or the share is 0 or 1."""
+    success, counted = np.asarray(success, bool)[counted], np.asarray(units)[counted]
+    n, k = len(success), int(success.sum())
+    if n == 0 or k in (0, n):
+        return 1.0
+    _, inverse = np.unique(counted, return_inverse=True)
+    g = int(inverse.max()) + 1
+    if g < 2:
+        return 1.0
+    p = k / n
+    n_c = np.bincount(inverse, minlength=g).astype(np.float64)
+    k_c = np.bincount(inverse, weights=success.astype(np.float64), minlength=g)
+    var_cluster = g / (g - 1) * float(np.sum((k_c - n_c * p) ** 2)) / n**2
+    return max(1.0, var_cluster / (p * (1 - p) / (n - 1)))  # both unbiased: 1 for one image each
 
 
 def run_counts(y: np.ndarray, probs: np.ndarray, threshold: float) -> dict[str, tuple[int, int]]:
@@ -108,10 +139,16 @@ def check_performance(
     threshold: float | None = None,
     alpha: float = ALPHA,
     min_drop: float = MIN_DROP,
+    units: np.ndarray | None = None,
 ) -> dict[str, Any]:
     """The ``performance_check`` block of a labelled run (``y`` class indices, ``probs``
     calibrated ``[n, 3]``): per metric the run's and the card's value, counts and 95%
-    intervals, the one-sided p-value (Holm-adjusted) and whether it alerts."""
+    intervals, the one-sided p-value (Holm-adjusted) and whether it alerts.
+
+    ``units`` (one key per image, e.g. ``drift_units.key_hashes`` of the patients): images of
+    one patient are not independent, so the run's counts enter the test and its interval at
+    their effective size, ``n / design_effect`` (Korn & Graubard 1998), and the block says
+    ``n_effective`` and ``design_effect`` per metric."""
     from scipy.stats import fisher_exact
 
     t = card.pneumonia_threshold if threshold is None else threshold
@@ -119,14 +156,19 @@ def check_performance(
         return {"status": "no_labels"}
     ref = card_counts(card)
     run = run_counts(y, probs, t)
+    deff = {m: 1.0 for m in CHECKED}
+    if units is not None and len(units) == len(y):
+        deff = {m: design_effect(ok, counted, units) for m, (ok, counted) in _success(y, probs, t).items()}
+    run_eff = {m: _effective(*run[m], deff[m]) for m in CHECKED}
     if ref is None:
         return {"status": "no_card_figures", "threshold": t, "n_labelled": len(y), **_run_only(run)}
     raw: list[float] = []
     for m in CHECKED:
-        (k1, n1), (k2, n2) = ref[m], run[m]
+        (k1, n1), (k2, n2) = ref[m], run_eff[m]
         if n2 == 0:
             raw.append(math.nan)
             continue
+        k2, n2 = round(k2), max(1, round(n2))  # Fisher's table: whole counts of the effective size
         res = fisher_exact([[k1, n1 - k1], [k2, n2 - k2]], alternative="greater")
         raw.append(float(res.pvalue))
     adjusted = _holm(raw)
@@ -137,11 +179,14 @@ def check_performance(
         value = k2 / n2 if n2 else math.nan
         card_value = k1 / n1
         alert = bool(math.isfinite(p_adj) and p_adj < alpha and card_value - value >= min_drop)
+        low, high = clopper_pearson(*run_eff[m])
         figures[m] = {
             "value": _r(value),
-            "low": _r(clopper_pearson(k2, n2)[0]),
-            "high": _r(clopper_pearson(k2, n2)[1]),
+            "low": _r(low),
+            "high": _r(high),
             "n": n2,
+            "n_effective": _r(run_eff[m][1], 1),
+            "design_effect": _r(deff[m], 3),
             "card": _r(card_value),
             "card_low": _r(clopper_pearson(k1, n1)[0]),
             "card_high": _r(clopper_pearson(k1, n1)[1]),
@@ -160,12 +205,21 @@ def check_performance(
         "n_labelled": len(y),
         "alpha": alpha,
         "min_drop": min_drop,
-        "test": "one-sided Fisher exact (run below validation), Holm over sensitivity, specificity, accuracy",
+        "test": "one-sided Fisher exact (run below validation), Holm over sensitivity, specificity, accuracy"
+        + ("; the run's counts at their effective size over patients" if units is not None else ""),
         "card_source": "lineage (site-calibrated card: figures of the parent's validation)"
         if card.lineage
         else "validation",
         **figures,
     }
+
+
+def _effective(k: int, n: int, deff: float) -> tuple[float, float]:
+    """(successes, trials) at the effective sample size ``n / deff``, the share kept."""
+    if n == 0 or deff <= 1.0:
+        return float(k), float(n)
+    n_eff = n / deff
+    return k / n * n_eff, n_eff
 
 
 def _run_only(run: dict[str, tuple[int, int]]) -> dict[str, Any]:
@@ -212,12 +266,15 @@ def performance_line(c: dict[str, Any]) -> str | None:
     return f"measured performance ({at}, {c['n_labelled']} labelled): {body}: within the model card's"
 
 
-def check_accumulated(card: ModelCard, ys: list[np.ndarray], ps: list[np.ndarray]) -> dict[str, Any]:
-    """``check_performance`` of a scoring run's labelled rows (``ScoreAccumulator.y`` / ``.p``),
-    with one log warning when it alerts; ``{}`` when the run has no labels."""
+def check_accumulated(
+    card: ModelCard, ys: list[np.ndarray], ps: list[np.ndarray], units: list[np.ndarray] | None = None
+) -> dict[str, Any]:
+    """``check_performance`` of a scoring run's labelled rows (``ScoreAccumulator.y`` / ``.p``
+    / ``.units``), with one log warning when it alerts; ``{}`` when the run has no labels."""
     if not ys:
         return {}
-    c = check_performance(card, np.concatenate(ys), np.concatenate(ps))
+    keys = np.concatenate(units) if units else None
+    c = check_performance(card, np.concatenate(ys), np.concatenate(ps), units=keys)
     if c.get("alert"):
         logger.warning("%s", performance_line(c))
     return c

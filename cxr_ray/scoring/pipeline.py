@@ -292,7 +292,7 @@ def score(
     if drift is not None:
         result.drift = write_drift(out, drift, run_id=result.run_id, model_version=result.model_version)
     result.performance_estimate = estimator.finish()
-    result.performance_check = check_accumulated(art.card, acc.y, acc.p)
+    result.performance_check = check_accumulated(art.card, acc.y, acc.p, acc.units)
     append_history_rows(out, result)  # nightly ROOT/drift_history gets them with the drift rows
     result.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
     storage.write_bytes(result.to_json().encode(), summary_uri)

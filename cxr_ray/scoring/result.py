@@ -22,7 +22,7 @@ from cxr_ray.errors import error_code, safe_row_error
 from cxr_ray.io import storage
 from cxr_ray.scoring.drift_io import drift_line
 from cxr_ray.scoring.estimate import estimate_line
-from cxr_ray.scoring.evaluation import labelled_arrays
+from cxr_ray.scoring.evaluation import labelled_arrays, labelled_units
 from cxr_ray.scoring.performance import performance_line
 from cxr_ray.vocabulary import Status
 
@@ -152,6 +152,7 @@ class ScoreAccumulator:
         self.r = result
         self.y: list[np.ndarray] = []
         self.p: list[np.ndarray] = []
+        self.units: list[np.ndarray] = []  # hashed patient keys of the labelled rows
 
     def add(self, t: pa.Table) -> None:
         r = self.r
@@ -188,6 +189,7 @@ class ScoreAccumulator:
         if len(y):
             self.y.append(y)
             self.p.append(p)
+            self.units.append(labelled_units(t))
 
     def metrics(self, threshold: float) -> metrics.Metrics | None:
         if not self.y:
