@@ -249,3 +249,27 @@ def test_a_corrupt_frame_fails_as_on_the_full_path(generated):
         assert (str(reduced.value), reduced.value.code) == (str(exc), exc.code)
     else:
         assert np.array_equal(decode(buf.getvalue(), SPEC).pixels, full)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_lookup_table_gives_the_pixel_by_pixel_result_bit_for_bit(generated, variant):
+    """Without a block mean an integer image's LUTs and stretch go through a table of its
+    stored range: exactly what the per-pixel arithmetic gives, for every syntax's data set
+    (rescale, clipping window, VOI LUT table, MONOCHROME1) and for a scaled (uint8) decode."""
+    from pydicom.pixels import pixel_array
+
+    ds = pydicom.dcmread(io.BytesIO(_build(generated, variant)))
+    arr = pixel_array(ds)
+    if arr.ndim != 2:
+        pytest.skip("colour: the luma is float, no table")
+    photometric = dicom_reduced._photometric(ds)
+    assert arr.dtype.kind in "iu"
+    table = dicom_reduced._table_finish(arr, ds, photometric, None)
+    assert table is not dicom_reduced._NO_TABLE, variant
+    pixels = dicom_reduced._finish_pixels(arr, ds, photometric, 1)
+    assert table.dtype == pixels.dtype == np.uint8 and np.array_equal(table, pixels), variant
+    # As a scaled decode would hand it over (its largest possible stored value known).
+    top = 2 ** int(ds.BitsStored) - 1
+    scaled = dicom_reduced._finish(arr, ds, photometric, 1, top=top)
+    expect = dicom_reduced._finish_pixels(arr, ds, photometric, 1, top=top)
+    assert (scaled is None and expect is None) or np.array_equal(scaled, expect), variant

@@ -192,6 +192,10 @@ def _to_u8(values: np.ndarray, lo: float, hi: float, photometric: str) -> np.nda
     return np.clip(np.rint(scaled * 255.0), 0, 255).astype(np.uint8)
 
 
+#: Widest range of stored values mapped through a lookup table instead of pixel by pixel.
+_TABLE_MAX = 1 << 16
+
+
 def _finish(arr: np.ndarray, ds: Any, photometric: str, k: int, top: int | None = None) -> np.ndarray | None:
     """Mean of ``k x k`` blocks (before the LUTs where that is exact, after them otherwise),
     then the 0..255 stretch over the image's range and MONOCHROME1 inversion.
@@ -199,7 +203,65 @@ def _finish(arr: np.ndarray, ds: Any, photometric: str, k: int, top: int | None 
     ``top`` is ``None`` when ``arr`` is the full decode, so its range is the full image's.
     For a scaled decode it is the largest stored value: the result is ``None`` unless the
     range reaches both ends of what the LUTs give for ``0..top`` (the full image's extremes
-    could otherwise lie further out, and its stretch differ)."""
+    could otherwise lie further out, and its stretch differ).
+
+    Without a block mean (``k`` 1) an integer image goes through a lookup table of its
+    stored range (``_table_finish``: the same per-value arithmetic, once per value instead of
+    once per pixel; bit-identical, ``tests/test_dicom_reduced.py``)."""
+    if k == 1 and arr.dtype.kind in "iu":
+        table = _table_finish(arr, ds, photometric, top)
+        if table is not _NO_TABLE:
+            return table
+    return _finish_pixels(arr, ds, photometric, k, top)
+
+
+_NO_TABLE: Any = object()
+
+
+def _within(ds: Any, vlo: float, vhi: float, top: int | None) -> bool:
+    if top is None:
+        return True
+    limits = _luts(np.array([[0, top]], dtype=np.int64), ds)
+    return not (vlo > float(limits.min()) or vhi < float(limits.max()))
+
+
+def _table_finish(arr: np.ndarray, ds: Any, photometric: str, top: int | None) -> Any:
+    """``_finish_pixels(arr, ..., k=1)`` through a table of the stored values ``lo..hi``, or
+    ``_NO_TABLE`` where a table does not give the same result (a range over ``_TABLE_MAX``,
+    a LUT that is not monotone over it: the image's extremes are then not its range's ends)."""
+    lo, hi = int(arr.min()), int(arr.max())
+    if hi - lo >= _TABLE_MAX:
+        return _NO_TABLE
+    stored = np.arange(lo, hi + 1).reshape(1, -1)
+    if _is_affine(ds, lo, hi):  # as _finish_pixels: ends from float64, values from float32
+        ends = _luts(np.array([[lo, hi]], dtype=np.float64), ds)
+        values = _luts(stored.astype(np.float32), ds)
+        vlo, vhi = float(ends.min()), float(ends.max())
+    else:
+        out = _luts(stored.astype(arr.dtype), ds).ravel()
+        step = np.diff(out)
+        if not ((step >= 0).all() or (step <= 0).all()):
+            return _NO_TABLE
+        vlo, vhi = float(min(out[0], out[-1])), float(max(out[0], out[-1]))
+        values = out.astype(np.float32)
+    if not _within(ds, vlo, vhi, top):
+        return None
+    u8 = _to_u8(np.asarray(values).ravel(), vlo, vhi, photometric)
+    if arr.dtype == np.uint8:
+        full = np.zeros(256, np.uint8)
+        full[lo : hi + 1] = u8
+        if np.array_equal(full[lo : hi + 1], np.arange(lo, hi + 1)):
+            return arr  # the identity (an 8-bit image already spanning 0..255, no LUT)
+        import cv2
+
+        return cv2.LUT(arr, full)
+    return u8[arr] if lo == 0 else u8[arr.astype(np.intp) - lo]
+
+
+def _finish_pixels(
+    arr: np.ndarray, ds: Any, photometric: str, k: int, top: int | None = None
+) -> np.ndarray | None:
+    """``_finish`` pixel by pixel (block means, or images a table cannot take)."""
     lo, hi = float(arr.min()), float(arr.max())
     if arr.dtype.kind in "iu" and _is_affine(ds, lo, hi):
         ends = _luts(np.array([[lo, hi]], dtype=np.float64), ds)
@@ -208,10 +270,8 @@ def _finish(arr: np.ndarray, ds: Any, photometric: str, k: int, top: int | None 
         ends = _luts(arr, ds)
         values = block_mean(ends, k)
     vlo, vhi = float(ends.min()), float(ends.max())
-    if top is not None:
-        limits = _luts(np.array([[0, top]], dtype=np.int64), ds)
-        if vlo > float(limits.min()) or vhi < float(limits.max()):
-            return None
+    if not _within(ds, vlo, vhi, top):
+        return None
     return _to_u8(values, vlo, vhi, photometric)
 
 
