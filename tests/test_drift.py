@@ -361,7 +361,7 @@ def test_nightly_appends_the_drift_rows_to_the_history(ray_local, artifact, imag
     assert hist.num_rows > 0 and set(hist["run_id"].to_pylist()) == {r.run_id}
     # 12 images: the figures are recorded, below min_images nothing alerts.
     assert not any(hist["alert"].to_pylist()) and set(hist["n_images"].to_pylist()) == {12}
-    # The tests counted one image per patient (the Kermany names carry the patient).
+    # The tests are cluster-robust over patients (the Kermany names carry the patient).
     assert re.search(
         r"drift: no alert \(12 images( \(\d+ patients/studies\))? vs 150 validation images", format_nightly(r)
     ), format_nightly(r)

@@ -29,12 +29,37 @@ KS_EDGES = np.concatenate([[-np.inf], np.linspace(-16.0, 16.0, 1601), [np.inf]])
 TEST_STATISTIC = "cluster_wald"
 
 
-def _wald(acc: DriftAccumulator, group: str) -> tuple[float, float, int, int]:
-    """(statistic, p-value, run images used, dimensions) of one tested check."""
-    run_sums, run_counts, ref_sums, ref_counts = acc.unit_groups(group)
-    shares = group in ("p_pneumonia", "pred_label")  # indicators: variance under the null
-    t2, p, rank = ds.cluster_wald(run_sums, run_counts, ref_sums, ref_counts, pooled=shares)
-    return t2, p, int(run_counts.sum()), rank
+#: What each tested check's Wald test is on, and its effect size.
+_TESTED = {
+    "p_pneumonia": ("the CDF at {k} reference quantiles", "KS statistic"),
+    "pred_label": ("the class shares", "PSI"),
+    "inputs": ("the mean", "largest mean shift (std units)"),
+    "features": ("the mean in the PCA space", "RMS mean shift (std units)"),
+}
+
+
+def _tested(acc: DriftAccumulator, check: str, effect: float | None, threshold: float) -> dict[str, Any]:
+    """The ``role = test`` row of one check: ``drift_stats.cluster_wald`` on its per-unit sums
+    (residuals around the pooled mean for the shares: their variance under the null)."""
+    run_sums, run_counts, ref_sums, ref_counts = acc.unit_groups(check)
+    shares = check in ("p_pneumonia", "pred_label")
+    t2, p, dims = ds.cluster_wald(run_sums, run_counts, ref_sums, ref_counts, pooled=shares)
+    what, effect_name = _TESTED[check]
+    return row(
+        acc,
+        check,
+        TEST_STATISTIC,
+        t2,
+        role="test",
+        p_value=p,
+        effect=effect,
+        threshold=threshold,
+        n_used=int(run_counts.sum()),
+        method=(
+            f"Wald test of {what.format(k=len(acc.score_points))} ({dims} dims), {acc._units_note()}; "
+            f"effect: {effect_name}"
+        ),
+    )
 
 
 def logit(p: np.ndarray) -> np.ndarray:
@@ -75,43 +100,12 @@ def score_rows(acc: DriftAccumulator) -> list[dict[str, Any]]:
         d, p, method = ds.ks_values(kept, ref_p)
     else:
         d, p, method = ds.ks_binned(acc.p_fine, np.histogram(logit(ref_p), bins=KS_EDGES)[0])
-    t2, p_w, used, rank = _wald(acc, "p_pneumonia")
-    rows.append(
-        row(
-            acc,
-            "p_pneumonia",
-            TEST_STATISTIC,
-            t2,
-            role="test",
-            p_value=p_w,
-            effect=d,
-            threshold=s.score_ks_min,
-            n_used=used,
-            method=(
-                f"Wald test of the CDF at {len(acc.score_points)} reference quantiles ({rank} dims), "
-                f"{acc._units_note()}; effect: KS statistic"
-            ),
-        )
-    )
+    rows.append(_tested(acc, "p_pneumonia", d, s.score_ks_min))
     rows.append(row(acc, "p_pneumonia", "ks", d, p_value=p, method=method))
     ref_pred = acc.ref.pred_counts(acc.card)
-    chi2, p, used, rank = _wald(acc, "pred_label")
     class_psi = ds.psi(acc.pred, ref_pred)
     rows.append(row(acc, "pred_label", "psi", class_psi, method="predicted-class mix"))
-    rows.append(
-        row(
-            acc,
-            "pred_label",
-            TEST_STATISTIC,
-            chi2,
-            role="test",
-            p_value=p,
-            effect=class_psi,
-            threshold=s.class_psi_min,
-            n_used=used,
-            method=f"Wald test of the class shares ({rank} dims), {acc._units_note()}; effect: PSI",
-        )
-    )
+    rows.append(_tested(acc, "pred_label", class_psi, s.class_psi_min))
     return rows
 
 
@@ -152,26 +146,7 @@ def input_rows(acc: DriftAccumulator) -> list[dict[str, Any]]:
                 acc, f"input:{name}", "wasserstein", w, n_used=n_used, note=note, method="reference std units"
             )
         )
-    t2, p, used, dims = _wald(acc, "inputs")
-    effect = max(shifts) if shifts else None
-    rows.insert(
-        0,
-        row(
-            acc,
-            "inputs",
-            TEST_STATISTIC,
-            t2,
-            role="test",
-            p_value=p,
-            effect=effect,
-            threshold=acc.s.input_shift_min,
-            n_used=used,
-            method=(
-                f"Wald test of the mean ({dims} dims), {acc._units_note()}; "
-                "effect: largest mean shift (std units)"
-            ),
-        ),
-    )
+    rows.insert(0, _tested(acc, "inputs", max(shifts) if shifts else None, acc.s.input_shift_min))
     return rows
 
 
@@ -191,25 +166,10 @@ def feature_rows(acc: DriftAccumulator) -> list[dict[str, Any]]:
         ]
     shift = acc.feats.mean() - acc.ref_z.mean(0)
     rms = float(np.sqrt(np.mean(shift**2)))
-    t2, p, used, dims = _wald(acc, "features")
     z = acc.reservoir()["pca"]
     z = z[np.isfinite(z).all(axis=1)]
     return [
-        row(
-            acc,
-            "features",
-            TEST_STATISTIC,
-            t2,
-            role="test",
-            p_value=p,
-            effect=rms,
-            threshold=s.feature_shift_min,
-            n_used=used,
-            method=(
-                f"Wald test of the mean in {dims} PCA dims, {acc._units_note()}; "
-                "effect: RMS mean shift (std units)"
-            ),
-        ),
+        _tested(acc, "features", rms, s.feature_shift_min),
         row(acc, "features", "pca_mean_shift", rms, n_used=acc.feats.n, method="RMS, reference std units"),
         row(
             acc,
