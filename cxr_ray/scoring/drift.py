@@ -274,7 +274,8 @@ class DriftAccumulator:
         }
 
     def nbytes(self) -> int:
-        """What the accumulator holds (constant after construction)."""
+        """What the accumulator holds: constant once the unit sample is full (at most
+        ``drift.unit_sample_size`` units), whatever the run's size."""
         arrays = [self.res, self.p_fine, self.p_psi, self.p_hist, self.stat_sum, self.stat_n]
         arrays += [self.feats.s2, self.feats.s1, self.ref_sums, self.ref_counts]
         return int(sum(a.nbytes for a in arrays)) + self.units.nbytes()
