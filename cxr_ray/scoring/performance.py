@@ -149,8 +149,6 @@ def check_performance(
     one patient are not independent, so the run's counts enter the test and its interval at
     their effective size, ``n / design_effect`` (Korn & Graubard 1998), and the block says
     ``n_effective`` and ``design_effect`` per metric."""
-    from scipy.stats import fisher_exact
-
     t = card.pneumonia_threshold if threshold is None else threshold
     if len(y) == 0:
         return {"status": "no_labels"}
@@ -162,15 +160,7 @@ def check_performance(
     run_eff = {m: _effective(*run[m], deff[m]) for m in CHECKED}
     if ref is None:
         return {"status": "no_card_figures", "threshold": t, "n_labelled": len(y), **_run_only(run)}
-    raw: list[float] = []
-    for m in CHECKED:
-        (k1, n1), (k2, n2) = ref[m], run_eff[m]
-        if n2 == 0:
-            raw.append(math.nan)
-            continue
-        k2, n2 = round(k2), max(1, round(n2))  # Fisher's table: whole counts of the effective size
-        res = fisher_exact([[k1, n1 - k1], [k2, n2 - k2]], alternative="greater")
-        raw.append(float(res.pvalue))
+    raw = [_fisher_below(ref[m], run_eff[m]) for m in CHECKED]
     adjusted = _holm(raw)
     figures: dict[str, Any] = {}
     alerts = []
@@ -212,6 +202,18 @@ def check_performance(
         else "validation",
         **figures,
     }
+
+
+def _fisher_below(card: tuple[int, int], run: tuple[float, float]) -> float:
+    """One-sided Fisher exact p-value of "the run's share is below the card's" (the run's
+    effective counts rounded to whole ones for the table); NaN without run images."""
+    from scipy.stats import fisher_exact
+
+    (k1, n1), (k2, n2) = card, run
+    if n2 == 0:
+        return math.nan
+    k, n = round(k2), max(1, round(n2))
+    return float(fisher_exact([[k1, n1 - k1], [k, n - k]], alternative="greater").pvalue)
 
 
 def _effective(k: int, n: int, deff: float) -> tuple[float, float]:
