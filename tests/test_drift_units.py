@@ -167,11 +167,10 @@ def test_a_rows_unit_is_its_patient_else_its_study_else_itself():
             "uri": ["u0", "u1", "u2", "u3"],
         }
     )
-    units, images = row_units(block, np.arange(4), offset=100)
+    units = row_units(block, np.arange(4), offset=100)
     assert units == ["patient_id:A", "study_instance_uid:1.2.4", "image_id:h2", "uri:u3"]
-    assert images == ["image_id:h0", "image_id:h1", "image_id:h2", "uri:u3"]
     bare = pa.table({"status": ["ok", "ok"]})
-    assert row_units(bare, np.arange(2), offset=7) == (["row:7", "row:8"], ["row:7", "row:8"])
+    assert row_units(bare, np.arange(2), offset=7) == ["row:7", "row:8"]
 
 
 def test_the_accumulator_keeps_no_patient_identifier():

@@ -118,6 +118,20 @@ def _val_rows(art: Artifact, split: pa.Table | None) -> pa.Table:
     return split
 
 
+def validation_column(art: Artifact, ref: DriftReference, column: str) -> list[Any] | None:
+    """``column`` of the artifact's ``split.parquet`` validation rows, in order: the rows
+    ``build_reference`` read, one per reference row. ``None`` when they cannot be matched one
+    to one (a subsample, unreadable images, no split file, no such column)."""
+    uri = storage.join(art.uri, "split.parquet")
+    if ref.meta.get("unreadable") or not storage.exists(uri):
+        return None
+    split = storage.read_table(uri)
+    if column not in split.column_names:
+        return None
+    values = _val_rows(art, split)[column].to_pylist()
+    return values if len(values) == ref.n else None
+
+
 def _category_mix(values: list[str | None]) -> dict[str, int] | None:
     """Counts per value, or ``None`` when no image carried the tag (JPEG/PNG data)."""
     if all(v is None for v in values):

@@ -229,7 +229,7 @@ class DriftAccumulator:
             vec[:, 4 : self._cols][:, self.model_cols],  # NaN rows (no values) count 0
             vec[:, self._cols :],
         )
-        self.units.add(row_units(block, idx, self.units.images)[0], rows, counts)
+        self.units.add(row_units(block, idx, self.units.images), rows, counts)
         self._count_categories(block, idx)
 
     def _count_categories(self, block: pa.Table, idx: np.ndarray) -> None:

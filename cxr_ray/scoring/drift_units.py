@@ -35,7 +35,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 if TYPE_CHECKING:
     from cxr_ray.models.artifact import Artifact
@@ -54,32 +53,32 @@ def key_hashes(keys: Sequence[str]) -> np.ndarray:
     return np.frombuffer(b"".join(d.digest() for d in digests), dtype="<u8").copy()
 
 
-def row_units(block: pa.Table, idx: np.ndarray, offset: int = 0) -> tuple[list[str], list[str]]:
-    """(unit key, image key) of the rows ``idx`` of a predictor output block: the first
-    non-empty ``UNIT_COLUMNS`` value (kind-prefixed, so a patient never collides with an image)
-    and the image's own key (``row:N``, N = ``offset`` + its place, for a block without
-    ``image_id`` or ``uri``: ``offset`` is the rows added before, so such keys never repeat)."""
+def row_units(block: pa.Table, idx: np.ndarray, offset: int = 0) -> list[str]:
+    """The unit key of the rows ``idx`` of a predictor output block: the first non-empty
+    ``UNIT_COLUMNS`` value, kind-prefixed (a patient never collides with an image), else
+    ``row:N`` with N = ``offset`` + its place (``offset``: the rows added before, so such keys
+    never repeat)."""
     cols = {c: block[c].to_pylist() for c in UNIT_COLUMNS if c in block.column_names}
-    units, images = [], []
-    for j, i in enumerate(idx):
-        own = (f"{c}:{cols[c][i]}" for c in ("image_id", "uri") if c in cols and cols[c][i])
-        image = next(own, f"row:{offset + j}")
-        unit = next((f"{c}:{cols[c][i]}" for c in UNIT_COLUMNS if c in cols and cols[c][i]), image)
-        units.append(unit)
-        images.append(image)
-    return units, images
+    return [
+        next((f"{c}:{cols[c][i]}" for c in UNIT_COLUMNS if c in cols and cols[c][i]), f"row:{offset + j}")
+        for j, i in enumerate(idx)
+    ]
+
+
+def _sum_by(hashes: np.ndarray, rows: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(distinct hashes ascending, the sum of ``rows`` and of ``counts`` per hash)."""
+    uniq, inverse = np.unique(hashes, return_inverse=True)
+    sums = np.zeros((len(uniq), rows.shape[1]))
+    np.add.at(sums, inverse, rows)
+    cnt = np.zeros((len(uniq), counts.shape[1]))
+    np.add.at(cnt, inverse, counts)
+    return uniq, sums, cnt
 
 
 def group_sums(units: Sequence[str], rows: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per distinct unit of ``units``: the sum of its ``rows`` and of its ``counts``
     (``[u, width]``, ``[u, groups]``; units in ascending hash order)."""
-    u = key_hashes(list(units))
-    _, inverse = np.unique(u, return_inverse=True)
-    g = int(inverse.max()) + 1 if len(u) else 0
-    sums = np.zeros((g, rows.shape[1]))
-    np.add.at(sums, inverse, rows)
-    cnt = np.zeros((g, counts.shape[1]))
-    np.add.at(cnt, inverse, counts)
+    _, sums, cnt = _sum_by(key_hashes(list(units)), rows, counts)
     return sums, cnt
 
 
@@ -88,18 +87,10 @@ def reference_units(art: Artifact, ref: DriftReference) -> list[str] | None:
     ``split.parquet`` validation rows, in order, when they match the reference one to one;
     ``None`` when they cannot be matched (a subsample, unreadable images, no split file, no
     patient column): the reference rows then count as independent."""
-    from cxr_ray.io import storage
+    from cxr_ray.models.reference import validation_column
 
-    uri = storage.join(art.uri, "split.parquet")
-    if ref.meta.get("unreadable") or not storage.exists(uri):
-        return None
-    split = storage.read_table(uri)
-    if "patient_id" not in split.column_names:
-        return None
-    if "split" in split.column_names:
-        split = split.filter(pc.equal(split["split"], "val"))
-    patients = split["patient_id"].to_pylist()
-    if len(patients) != ref.n:
+    patients = validation_column(art, ref, "patient_id")
+    if patients is None:
         return None
     return [f"patient_id:{p}" if p else f"row:{i}" for i, p in enumerate(patients)]
 
@@ -143,12 +134,11 @@ class UnitSample:
             u, rows, counts = u[keep], rows[keep], counts[keep]
             if len(u) == 0:
                 return
-        all_u = np.concatenate([self.unit, u])
-        uniq, inverse = np.unique(all_u, return_inverse=True)  # ascending hash
-        sums = np.zeros((len(uniq), rows.shape[1]))
-        np.add.at(sums, inverse, np.concatenate([self.sums, rows]))
-        cnt = np.zeros((len(uniq), counts.shape[1]))
-        np.add.at(cnt, inverse, np.concatenate([self.counts, counts]))
+        uniq, sums, cnt = _sum_by(
+            np.concatenate([self.unit, u]),
+            np.concatenate([self.sums, rows]),
+            np.concatenate([self.counts, counts]),
+        )
         self.sampled = self.sampled or len(uniq) > self.size
         self.unit, self.sums, self.counts = uniq[: self.size], sums[: self.size], cnt[: self.size]
 

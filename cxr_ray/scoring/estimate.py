@@ -251,14 +251,10 @@ def reference_labels(art: Artifact, ref: DriftReference) -> np.ndarray | None:
     """The class indices of the drift reference's images: the ``val`` rows of the artifact's
     ``split.parquet``, in order (the rows ``build_reference`` read), or ``None`` when they cannot
     be matched one to one (a subsample, unreadable images, no split file)."""
-    from cxr_ray.io import storage
+    from cxr_ray.models.reference import validation_column
 
-    uri = storage.join(art.uri, "split.parquet")
-    if ref.meta.get("unreadable") or not storage.exists(uri):
-        return None
-    split = storage.read_table(uri, columns=["split", "label"])
-    val = split.filter(pc.equal(split["split"], "val"))["label"].to_pylist()
-    if len(val) != ref.n or any(v not in LABELS for v in val):
+    val = validation_column(art, ref, "label")
+    if val is None or any(v not in LABELS for v in val):
         return None
     return np.array([LABELS.index(v) for v in val], np.int64)
 

@@ -27,10 +27,15 @@ from cxr_ray.vocabulary import Status
 DEFAULT_THRESHOLD = 0.5
 
 
+def _labelled(t: pa.Table) -> pa.ChunkedArray:
+    """The ok rows of a predictions table with a known label (a boolean mask)."""
+    ok = pc.and_(pc.equal(t["status"], Status.OK), pc.is_in(t["label"], pa.array(LABELS)))
+    return pc.fill_null(ok, False)
+
+
 def labelled_arrays(t: pa.Table) -> tuple[np.ndarray, np.ndarray]:
     """(class indices, probabilities) of the ok rows of a predictions table with a known label."""
-    ok = pc.and_(pc.equal(t["status"], Status.OK), pc.is_in(t["label"], pa.array(LABELS)))
-    t = t.filter(pc.fill_null(ok, False))
+    t = t.filter(_labelled(t))
     y = np.array([LABELS.index(v) for v in t["label"].to_pylist()], dtype=np.int64)
     p = np.stack([t[f"prob_{k}"].to_numpy() for k in LABELS], axis=1).astype(np.float64)
     return y, p.reshape(len(y), len(LABELS))
@@ -41,9 +46,8 @@ def labelled_units(t: pa.Table) -> np.ndarray:
     ``labelled_arrays`` returns, as keyed 64-bit hashes (no identifier kept)."""
     from cxr_ray.scoring.drift_units import key_hashes, row_units
 
-    ok = pc.and_(pc.equal(t["status"], Status.OK), pc.is_in(t["label"], pa.array(LABELS)))
-    idx = np.flatnonzero(np.asarray(pc.fill_null(ok, False).to_numpy(zero_copy_only=False)))
-    return key_hashes(row_units(t, idx)[0])
+    idx = np.flatnonzero(np.asarray(_labelled(t).to_numpy(zero_copy_only=False)))
+    return key_hashes(row_units(t, idx))
 
 
 def summary_threshold(summary: dict[str, object]) -> float:
