@@ -11,6 +11,7 @@ registered; skipped with a reason where Orthanc is absent.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from pathlib import Path
@@ -54,8 +55,71 @@ def pacs(pacs_server: Orthanc) -> Orthanc:
 
 
 def _cases() -> list[factory.Instance]:
-    # 5 studies of the issue's six files (2 in the intended use) + 2 in-scope studies.
-    return factory.six_file_case() + factory.archive(2, series_per_study=1)
+    # 5 studies of the issue's six files (2 in the intended use) + 2 in-scope studies, each
+    # patient with its own name, birth date and referring physician, each study its StudyID.
+    return [_with_demographics(i) for i in factory.six_file_case() + factory.archive(2, series_per_study=1)]
+
+
+#: Patient / study attributes the predictions table does not keep: the delivered objects get
+#: them from the PACS (QIDO-RS or C-FIND of the study), equal to the source's.
+_DEMOGRAPHICS = {
+    "PatientName": "00100010",
+    "PatientBirthDate": "00100030",
+    "StudyTime": "00080030",
+    "StudyID": "00200010",
+    "ReferringPhysicianName": "00080090",
+}
+
+
+def _demographics(patient_id: str, study_uid: str) -> dict[str, str]:
+    k = sum(map(ord, patient_id)) % 9
+    return {
+        "PatientName": f"DEMO^PATIENT{k}^{patient_id[-3:]}",
+        "PatientBirthDate": f"2022010{k + 1}",
+        "StudyTime": "081500",
+        "StudyID": f"S{sum(map(ord, study_uid)) % 10000}",
+        "ReferringPhysicianName": f"REF^DOCTOR{k}",
+    }
+
+
+def _with_demographics(inst: factory.Instance) -> factory.Instance:
+    import io
+
+    import pydicom
+
+    ds = pydicom.dcmread(io.BytesIO(inst.data))
+    for keyword, value in _demographics(inst.tags.patient_id, inst.tags.study_instance_uid).items():
+        setattr(ds, keyword, value)
+    out = io.BytesIO()
+    ds.save_as(out, enforce_file_format=True)
+    return dataclasses.replace(inst, data=out.getvalue())
+
+
+def _value(meta: dict, tag: str) -> str:
+    value = (meta.get(tag, {}).get("Value") or [""])[0]
+    return value.get("Alphabetic", "") if isinstance(value, dict) else str(value)
+
+
+def _check_demographics(server: Orthanc, instances: list[factory.Instance]) -> None:
+    """Every SR and OT instance carries its source study's demographics (read back by WADO-RS)."""
+    want = {
+        i.tags.study_instance_uid: _demographics(i.tags.patient_id, i.tags.study_instance_uid)
+        for i in instances
+    }
+    checked = 0
+    for study, by_modality in _results(server).items():
+        for series in _series(server, study):
+            if series.get("00080060", {}).get("Value", [""])[0] not in by_modality:
+                continue
+            uid = series["0020000E"]["Value"][0]
+            metas = requests.get(
+                f"{server.dicomweb_url}/studies/{study}/series/{uid}/metadata", timeout=10
+            ).json()
+            for meta in metas:
+                got = {k: _value(meta, tag) for k, tag in _DEMOGRAPHICS.items()}
+                assert got == want[study], (got, want[study])
+                checked += 1
+    assert checked >= 2
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
@@ -156,6 +220,7 @@ def test_stow_results_land_in_the_source_study_once(pacs, ray_local, tiny_artifa
     assert first.exit_code == 0, first.output
     assert "studies delivered" in first.stdout
     _check_results(pacs, tmp_path / "one" / "studies.parquet", sources)
+    _check_demographics(pacs, instances)
     before = _results(pacs)
     summary = json.loads((tmp_path / "one" / "summary.json").read_text())
     assessed = sum(1 for s in pq.read_table(tmp_path / "one" / "studies.parquet").to_pylist() if s["scored"])
@@ -180,6 +245,7 @@ def test_dimse_only_c_find_source_and_c_store_results(pacs, ray_local, tiny_arti
         result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / run)], env=_env(tmp_path))
         assert result.exit_code == 0, result.output
         _check_results(pacs, tmp_path / run / "studies.parquet", sources)
+        _check_demographics(pacs, instances)
     # Read back over DIMSE too: C-FIND at SERIES level finds one SR series per assessed study.
     studies = pq.read_table(tmp_path / "two" / "studies.parquet").to_pylist()
     assoc = associate(peer(pacs.dimse_source), load_settings().dicomweb.dimse, [(FIND, None)])

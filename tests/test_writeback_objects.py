@@ -285,6 +285,39 @@ def test_sr_from_the_predictions_row_matches_the_file(scored):
     assert from_row.patient_name is None and from_row.study_time is None
 
 
+def test_study_attributes_are_taken_only_from_an_answer_about_the_same_study_and_patient(scored):
+    """What predictions do not keep comes from the PACS's study-level answer, never from an
+    answer about another study or patient (a PACS that re-keyed the study, a wrong match)."""
+    ref = SourceRef.from_row(scored["driving"])
+    answer = pydicom.Dataset()
+    answer.StudyInstanceUID, answer.PatientID = ref.study_instance_uid, ref.patient_id
+    answer.PatientName, answer.PatientBirthDate = "DEMO^JANE", "20220315"
+    answer.StudyTime, answer.StudyID, answer.ReferringPhysicianName = "101500", "S42", "REF^A"
+    filled = ref.with_study_attributes(answer)
+    assert (filled.patient_name, filled.patient_birth_date, filled.study_time) == (
+        "DEMO^JANE",
+        "20220315",
+        "101500",
+    )
+    assert (filled.study_id, filled.referring_physician_name) == ("S42", "REF^A")
+    # The identifiers of the row are kept as they are.
+    assert (filled.patient_id, filled.study_instance_uid, filled.accession_number) == (
+        ref.patient_id,
+        ref.study_instance_uid,
+        ref.accession_number,
+    )
+    sr = build_sr(scored["study"], filled, MODEL, run_id=RUN_ID, threshold=THRESHOLD)
+    assert (str(sr.PatientName), sr.PatientBirthDate, sr.StudyID) == ("DEMO^JANE", "20220315", "S42")
+    other_patient = pydicom.Dataset()
+    other_patient.update(answer)
+    other_patient.PatientID = "SOMEONE-ELSE"
+    other_study = pydicom.Dataset()
+    other_study.update(answer)
+    other_study.StudyInstanceUID = "1.2.3.4"
+    for wrong in (other_patient, other_study, None):
+        assert ref.with_study_attributes(wrong) == ref
+
+
 @needs_dciodvfy
 def test_sr_from_a_predictions_row_only_is_valid(scored, tmp_path):
     sr = build_sr(

@@ -4,13 +4,13 @@
 resources see it: its UIDs and the patient / study identifiers copied into the new objects.
 The predictions table keeps the UIDs, ``patient_id``, ``accession_number``, ``study_date``,
 ``patient_sex`` and ``modality`` (``SourceRef.from_row``); it does not keep
-``PatientName``, ``PatientBirthDate``, ``StudyTime``, ``StudyID`` or
-``ReferringPhysicianName`` (type 2 in the Patient and General Study modules, so the objects
-are valid without them, written empty). A PACS that reconciles demographics wants them equal
-to the source's: delivery should read the driving instance's header from the PACS (WADO-RS
-metadata, C-FIND at IMAGE level) and pass ``SourceRef.from_dataset(ds)``, which copies all
-of them. Identifiers come from the ``SourceRef`` only, never from the study row, so an
-object made from a pseudonymised source carries the pseudonyms and nothing else.
+``PatientName``, ``PatientBirthDate``, ``StudyTime``, ``StudyID`` or ``ReferringPhysicianName``
+(type 2 in the Patient and General Study modules). A PACS that reconciles demographics wants
+them equal to its own, so delivery asks the target for the study (QIDO-RS or a STUDY-level
+C-FIND) and fills them with ``with_study_attributes``; when the target does not know the study
+(or answers about another patient) they are written empty, which keeps the objects valid.
+Identifiers come from the ``SourceRef`` only, never from the study row, so an object made from
+a pseudonymised source carries the pseudonyms and nothing else.
 
 Codes (SNOMED CT, checked against the SNOMED CT browser's concept ids):
 ``17621005`` Normal (qualifier value), ``233604007`` Pneumonia (disorder), ``53084003``
@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import highdicom as hd
@@ -42,6 +42,7 @@ __all__ = [
     "CLASS_CODES",
     "MANUFACTURER",
     "PRIVATE_SCHEME",
+    "STUDY_ATTRIBUTES",
     "ModelInfo",
     "SourceRef",
     "assessed",
@@ -54,6 +55,18 @@ MANUFACTURER = "cxr-ray"
 #: The warning every object carries (SR text, SC burned-in text and header, FHIR note).
 CAUTION = "CAUTION: Not for diagnostic use. FOR RESEARCH - NOT FOR DIAGNOSIS."
 PRIVATE_SCHEME = "99CXRRAY"
+#: Patient / General Study attributes the predictions table does not keep; delivery asks the
+#: target PACS for them (``SourceRef.with_study_attributes``). PatientID and StudyInstanceUID
+#: are asked too, to check that the answer is about the scored study and patient.
+STUDY_ATTRIBUTES = (
+    "StudyInstanceUID",
+    "PatientID",
+    "PatientName",
+    "PatientBirthDate",
+    "StudyTime",
+    "StudyID",
+    "ReferringPhysicianName",
+)
 _IHE_SCHEME = "99IHE"
 
 PNEUMONIA = hd.sr.CodedConcept("233604007", "SCT", "Pneumonia")
@@ -222,6 +235,29 @@ class SourceRef:
             referring_physician_name=get("ReferringPhysicianName"),
             modality=get("Modality"),
             patient_orientation=_orientation(ds.get("PatientOrientation")),
+        )
+
+    def with_study_attributes(self, answer: pydicom.Dataset | None) -> SourceRef:
+        """Fill the attributes the predictions table does not keep (``STUDY_ATTRIBUTES``:
+        PatientName, PatientBirthDate, StudyTime, StudyID, ReferringPhysicianName) from the
+        PACS's study-level answer, so its demographics reconciliation sees its own values.
+
+        Only from an answer about this study and this patient (same StudyInstanceUID, and the
+        same PatientID as the scored image's header): an answer that disagrees is ignored and
+        the objects keep these attributes empty, never another patient's values."""
+        if answer is None:
+            return self
+        study = _text(answer.get("StudyInstanceUID"))
+        patient = _text(answer.get("PatientID"))
+        if study != self.study_instance_uid or patient != self.patient_id:
+            return self
+        return replace(
+            self,
+            patient_name=_text(answer.get("PatientName")),
+            patient_birth_date=_date(_text(answer.get("PatientBirthDate"))),
+            study_time=_text(answer.get("StudyTime")),
+            study_id=_text(answer.get("StudyID")),
+            referring_physician_name=_text(answer.get("ReferringPhysicianName")),
         )
 
     def to_dataset(self) -> pydicom.Dataset:

@@ -1,13 +1,15 @@
 """C-STORE delivery: result objects stored to a DICOM peer (``dicom://AET@HOST:PORT``).
 
 One association for the whole delivery (made again when the peer drops it), proposing a
-presentation context for each SOP class cxr-ray writes (Comprehensive 3D SR, Secondary
-Capture) in the objects' own transfer syntax (Explicit VR Little Endian) and Implicit VR
-Little Endian. Our AE title is ``dicomweb.dimse.calling_aet``. A refused or dropped
-association is retried with exponential backoff (``dicomweb.retries``, ``backoff_s``,
-``max_backoff_s``); once the peer looks down, later studies are tried once each until one
-succeeds. A C-STORE answered with a failure status fails the study (warnings, 0xB000 and
-0x0001, count as stored: the peer kept the object).
+presentation context for each SOP class cxr-ray writes (Comprehensive 3D SR, Secondary Capture)
+in the objects' own transfer syntax (Explicit VR Little Endian) and Implicit VR Little Endian,
+and a Study Root C-FIND context: before storing, the peer is asked for the study so the objects
+carry its own PatientName, PatientBirthDate, StudyTime, StudyID and ReferringPhysicianName
+(``context.SourceRef.with_study_attributes``). Our AE title is ``dicomweb.dimse.calling_aet``.
+A refused or dropped association is retried with exponential backoff (``dicomweb.retries``,
+``backoff_s``, ``max_backoff_s``); once the peer looks down, later studies are tried once each
+until one succeeds. A C-STORE answered with a failure status fails the study (warnings, 0xB000
+and 0x0001, count as stored: the peer kept the object).
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from cxr_ray.config import DicomwebSettings
-from cxr_ray.data.dimse_net import DimseError, associate, peer, retrying
+from cxr_ray.data.dimse_net import FIND, DimseError, associate, find, peer, retrying
+from cxr_ray.writeback.context import STUDY_ATTRIBUTES
 
 __all__ = ["RESULT_SOP_CLASSES", "CStoreSender"]
 
@@ -44,12 +47,33 @@ class CStoreSender:
 
     def _open(self) -> Any:
         contexts: list[tuple[str, tuple[str, ...] | None]] = [(c, _SYNTAXES) for c in RESULT_SOP_CLASSES]
+        contexts.append((FIND, None))  # the study-level query of ``study_attributes``
         return associate(self.peer, self.settings.dimse, contexts)
 
     def _association(self) -> Any:
         if self.assoc is None or not self.assoc.is_established:
             self.assoc = self._open() if self.down else retrying(self.settings, "association", self._open)
         return self.assoc
+
+    def study_attributes(self, study_uid: str) -> Any:
+        """The peer's study-level attributes of ``study_uid`` (a STUDY-level C-FIND of
+        ``STUDY_ATTRIBUTES``), or ``None`` when it does not hold the study, refuses the query
+        or does not answer (the objects are then written without them)."""
+        from pydicom.dataset import Dataset
+
+        query = Dataset()
+        query.QueryRetrieveLevel = "STUDY"
+        for keyword in STUDY_ATTRIBUTES:
+            setattr(query, keyword, "")
+        query.StudyInstanceUID = study_uid
+        try:
+            answers = find(self._association(), query)
+        except DimseError:
+            self.down = True
+            return None
+        except ValueError:  # the peer accepted no C-FIND presentation context
+            return None
+        return answers[0] if len(answers) == 1 else None
 
     def send(self, datasets: Sequence[Any]) -> str | None:
         """C-STORE each of ``datasets`` (one study's objects); the first failure stops it."""

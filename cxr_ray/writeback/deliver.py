@@ -22,7 +22,10 @@ from earlier runs included), so a failure is re-delivered by the next run and a 
 never again. A ``not_applicable`` outcome is final for that study row (a later run that adds
 scored images of the study makes a new row, which is delivered).
 
-Identifiers come from the driving image's predictions row (``SourceRef.from_row``), so a
+Identifiers come from the driving image's predictions row (``SourceRef.from_row``); what
+the table does not keep (PatientName, PatientBirthDate, StudyTime, StudyID,
+ReferringPhysicianName) is asked of the target for that study and used only when the answer
+names the same study and PatientID (``SourceRef.with_study_attributes``). So a
 pseudonymised run could only write pseudonyms into the PACS: ``--results-to`` with
 ``--pseudonymize`` is refused.
 """
@@ -173,10 +176,15 @@ def _sender(results_to: str, settings: Settings) -> StowSender | CStoreSender:
 
 
 def _objects(
-    study: Mapping[str, Any], source: Mapping[str, Any], model: ModelInfo, threshold: float
+    study: Mapping[str, Any],
+    source: Mapping[str, Any],
+    model: ModelInfo,
+    threshold: float,
+    answer: Any = None,
 ) -> list[Any]:
-    """The SR (and the secondary capture, when flagged with an overlay) of one study."""
-    ref = SourceRef.from_row(source)
+    """The SR (and the secondary capture, when flagged with an overlay) of one study;
+    ``answer``: the target's study-level attributes (``Sender.study_attributes``)."""
+    ref = SourceRef.from_row(source).with_study_attributes(answer)
     run_id = str(study.get("run_id") or "")
     objects: list[Any] = [
         build_sr(
@@ -197,19 +205,20 @@ def _outcome(
     source: Mapping[str, Any] | None,
     model: ModelInfo,
     threshold: float,
-    send: Callable[[list[Any]], str | None],
+    sender: StowSender | CStoreSender,
 ) -> tuple[str, str | None, int]:
     """(delivery, delivery_error, objects stored) of one study; never raises."""
     if not assessed(study):
         return NOT_APPLICABLE, "no result: the study has no scored image", 0
     if not study.get("study_instance_uid") or source is None or not source.get("sop_instance_uid"):
         return NOT_APPLICABLE, "not a DICOM study: no StudyInstanceUID or SOPInstanceUID", 0
+    answer = sender.study_attributes(str(study["study_instance_uid"]))
     try:
-        objects = _objects(study, source, model, threshold)
+        objects = _objects(study, source, model, threshold, answer)
     except Exception as exc:  # a header the builders refuse; their text can quote values
         return ERROR, f"cannot build the result objects ({type(exc).__name__})", 0
     try:
-        problem = send(objects)
+        problem = sender.send(objects)
     except DataError as exc:  # ours: fixed text (e.g. credentials over plain HTTP refused)
         problem = str(exc)
     return (ERROR, problem, 0) if problem else (DELIVERED, None, len(objects))
@@ -227,7 +236,7 @@ def deliver_studies(
     sender = _sender(results_to, settings)
     try:
         return [
-            _outcome(s, sources.get(str(s.get("driving_image_id"))), model, threshold, sender.send)
+            _outcome(s, sources.get(str(s.get("driving_image_id"))), model, threshold, sender)
             for s in studies
         ]
     finally:

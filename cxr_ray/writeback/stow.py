@@ -10,6 +10,10 @@ is checked before the run (``deliver.check_results_to``: the source itself or on
 exponential backoff (``dicomweb.retries``, ``backoff_s``, ``max_backoff_s``); once the
 server looks down, later studies are tried once each until one succeeds.
 
+Before storing, the target is asked for the study (QIDO-RS with ``includefield``) so the
+objects carry the PACS's own PatientName, PatientBirthDate, StudyTime, StudyID and
+ReferringPhysicianName (``context.SourceRef.with_study_attributes``).
+
 A STOW-RS answer lists the stored instances (``ReferencedSOPSequence``) and the refused ones
 (``FailedSOPSequence`` with a ``FailureReason``); a study counts as delivered only when
 none of its objects was refused.
@@ -24,6 +28,7 @@ from typing import Any
 from cxr_ray.config import DicomwebSettings
 from cxr_ray.data.dicomweb import endpoint
 from cxr_ray.data.dicomweb_http import Caller, describe, make_client
+from cxr_ray.writeback.context import STUDY_ATTRIBUTES
 
 __all__ = ["StowSender"]
 
@@ -54,6 +59,25 @@ class StowSender:
         except Exception as exc:
             return f"STOW-RS failed: {describe(exc)}"
         return refused(answer, len(datasets))
+
+    def study_attributes(self, study_uid: str) -> Any:
+        """The target's study-level attributes of ``study_uid`` (QIDO-RS, ``STUDY_ATTRIBUTES``)
+        as a dataset, or ``None`` when it does not hold the study or the query fails (the
+        objects are then written without them; the store that follows says why it failed)."""
+        import pydicom
+
+        try:
+            found = self.call(
+                "study query (QIDO-RS)",
+                functools.partial(
+                    self.client.search_for_studies,
+                    search_filters={"StudyInstanceUID": study_uid},
+                    fields=list(STUDY_ATTRIBUTES),
+                ),
+            )
+            return pydicom.Dataset.from_json(found[0]) if len(found) == 1 else None
+        except Exception:  # DataError included: the store reports it
+            return None
 
     def close(self) -> None:
         session = getattr(self._client, "_session", None)
