@@ -29,7 +29,6 @@ ENGINES: tuple[str, ...] = ("auto", "onnxruntime", "torch", "tensorrt", "openvin
 INTENSITY_MODES: tuple[str, ...] = ("none", "equalize", "clahe")
 
 
-
 class Status(StrEnum):
     """Row statuses of every output table; the reason for ``error``/``skipped`` is in the row's ``error``."""
 

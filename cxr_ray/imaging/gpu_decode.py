@@ -80,7 +80,8 @@ def _route(data: bytes, spec: PreprocessSpec) -> tuple[str, _Header | None]:
 
     Raises ``DecodeError`` for a JPEG over the pixel limit (checked before decoding).
     """
-    if spec.intensity not in GPU_INTENSITY_MODES:
+    if spec.intensity not in GPU_INTENSITY_MODES or spec.storage_jpeg_quality is not None:
+        # The storage-form re-encode (preprocess step 2b) is a CPU JPEG round trip.
         return "cpu", None
     if sniff_format(data) != "jpeg" or not data.rstrip(b"\x00").endswith(_EOI):
         return "cpu", None

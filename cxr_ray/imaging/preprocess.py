@@ -11,6 +11,11 @@ Contract (recorded in every model card and checked when a model is loaded):
    the Kermany 224 px release does), bilinear with antialiasing. Nothing about the original
    size, aspect ratio or file size survives: the dataset's normals are larger files, and a
    model must not read the class off that.
+   2b. When the model card records the form its training images were stored in
+   (``storage_jpeg_quality``: they were JPEGs at the input size), an image this step resized
+   is re-encoded as a JPEG at that quality, so a full-resolution original reaches the network
+   with the compression its training copies had (``cxr_ray.imaging.storage_form``, measured
+   there). Images already at the input size are left as they are.
 3. Optional intensity normalisation (``cxr_ray.vocabulary.INTENSITY_MODES``), on the resized
    ``uint8`` image, deterministic: ``equalize`` (global histogram equalisation, PIL) removes
    much of the exposure/contrast difference between acquisition sites; ``clahe``
@@ -79,6 +84,10 @@ class PreprocessSpec:
     width: int = 224
     intensity: str = "none"
     max_pixels: int = 64_000_000
+    #: The JPEG quality the model's training images were stored at, at the input size
+    #: (``cxr_ray.imaging.storage_form``); an image resized to the input size is re-encoded at
+    #: it (step 2b). ``None``: no storage form recorded, nothing re-encoded.
+    storage_jpeg_quality: int | None = None
 
     def __post_init__(self) -> None:
         if self.intensity not in INTENSITY_MODES:
@@ -207,6 +216,10 @@ def clahe(pixels: np.ndarray) -> np.ndarray:
 def _finish(im: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     if im.size != (spec.width, spec.height):
         im = im.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+        if spec.storage_jpeg_quality is not None:
+            from cxr_ray.imaging.storage_form import render
+
+            im = render(im, spec.storage_jpeg_quality)
     if spec.intensity == "equalize":
         im = ImageOps.equalize(im)
     elif spec.intensity == "clahe":

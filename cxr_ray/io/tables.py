@@ -360,4 +360,3 @@ def vacuum(
     return dt.vacuum(
         retention_hours=retention_hours, dry_run=dry_run, enforce_retention_duration=False, full=True
     )
-

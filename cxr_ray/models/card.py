@@ -86,6 +86,10 @@ class ModelCard(BaseModel):
     intensity: str = "none"
     resize: Literal["squash"] = "squash"
     interpolation: Literal["bilinear"] = "bilinear"
+    #: The JPEG quality the training images were stored at, at the input size, when they
+    #: share one (detected at training, ``cxr_ray.imaging.storage_form``): scoring re-encodes
+    #: an image it resized at this quality. ``None``: not recorded (older cards), no re-encode.
+    storage_jpeg_quality: int | None = Field(default=None, ge=1, le=100)
     #: Softmax temperature fitted on validation (1.0 = uncalibrated).
     temperature: float = Field(default=1.0, gt=0)
     #: Per-class logit scale and offset applied after the temperature (site calibration,
@@ -206,4 +210,10 @@ def spec_for(model: ModelCard | ModelSettings, data: DataSettings | None = None)
         return PreprocessSpec(height=h, width=w, intensity=model.intensity, max_pixels=data.max_pixels)
     card = model
     h, w = card.input_size
-    return PreprocessSpec(height=h, width=w, intensity=card.intensity, max_pixels=data.max_pixels)
+    return PreprocessSpec(
+        height=h,
+        width=w,
+        intensity=card.intensity,
+        max_pixels=data.max_pixels,
+        storage_jpeg_quality=card.storage_jpeg_quality,
+    )

@@ -119,6 +119,7 @@ def write_artifact(
         arch,
         input_size=settings.model.input_size,
         intensity=settings.model.intensity,
+        storage_jpeg_quality=storage_quality(split, settings.model.input_size),
         temperature=temperature,
         thresholds={"pneumonia": threshold, "target_sensitivity": TARGET_SENSITIVITY},
         training={
@@ -159,6 +160,34 @@ def write_artifact(
 
 def _sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+#: Training images read to detect their storage form (``storage_quality``).
+STORAGE_SAMPLE = 64
+
+
+def storage_quality(split: pa.Table | None, input_size: int) -> int | None:
+    """The JPEG quality the training images are stored at (``storage_form.detect`` on an
+    evenly spaced sample of ``STORAGE_SAMPLE`` training rows), or ``None``."""
+    from cxr_ray.imaging.storage_form import detect
+
+    if split is None or "split" not in split.column_names:
+        return None
+    rows = [r for r in split.to_pylist() if r.get("split") == "train" and r.get("status") == "ok"]
+    step = max(1, len(rows) // STORAGE_SAMPLE)
+    sample = rows[::step][:STORAGE_SAMPLE]
+
+    def read(row: dict[str, Any]) -> tuple[str, int, int, bytes]:
+        try:
+            data = storage.read_bytes(str(row["uri"]))
+        except Exception:  # an archive member or a table row: not a plain file
+            data = b""
+        return str(row.get("format")), int(row.get("width") or 0), int(row.get("height") or 0), data
+
+    quality = detect((read(r) for r in sample), (input_size, input_size))
+    if quality is not None:
+        logger.info("training images are stored as %d px JPEGs at quality %d", input_size, quality)
+    return quality
 
 
 def drift_reference(art: Artifact, split: pa.Table, settings: Settings) -> bytes | None:
