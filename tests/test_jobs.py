@@ -221,7 +221,7 @@ def ray_head(tmp_path_factory):
     finally:
         os.killpg(proc.pid, 15)
         with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=60)
+            proc.wait(timeout=15)  # measured: 33 s to exit on its own after its jobs
         # The head's raylet, GCS and agents share its process group; make sure none outlive it.
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, 9)
