@@ -23,13 +23,12 @@ import os
 import sys
 import tempfile
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import replicate, timed_score  # noqa: E402
+from _common import replicate, timed_score
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "kermany-fullres"
 MB = 1024 * 1024
@@ -125,7 +124,8 @@ def main() -> None:
             results[n] = peaks
             print(
                 f"{rows} images: {e2e:.1f} img/s end to end; driver peak RSS {peaks.driver_rss / MB:.0f} MB; "
-                f"largest worker peak RSS {peaks.worker_rss / MB:.0f} MB (USS {peaks.worker_uss / MB:.0f} MB); "
+                f"largest worker peak RSS {peaks.worker_rss / MB:.0f} MB "
+                f"(USS {peaks.worker_uss / MB:.0f} MB); "
                 f"all workers at once {peaks.workers_rss_sum / MB:.0f} MB over {len(peaks.workers_seen)} "
                 f"processes; object store peak {peaks.object_store / MB:.0f} MB ({peaks.samples} samples)"
             )
@@ -134,7 +134,10 @@ def main() -> None:
         for name in ("driver_rss", "worker_rss", "worker_uss", "workers_rss_sum", "object_store"):
             a, b = getattr(small, name), getattr(large, name)
             ratio = b / a if a else float("nan")
-            print(f"{name} peak {max(sizes)} / {min(sizes)} images: {ratio:.2f}x ({a / MB:.0f} -> {b / MB:.0f} MB)")
+            print(
+                f"{name} peak {max(sizes)} / {min(sizes)} images: {ratio:.2f}x "
+                f"({a / MB:.0f} -> {b / MB:.0f} MB)"
+            )
 
 
 if __name__ == "__main__":
