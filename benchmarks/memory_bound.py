@@ -81,10 +81,10 @@ def _sample(peaks: Peaks, stop: threading.Event) -> None:
 
 
 def _vm_hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
+    """This process's peak RSS in bytes (Linux reports ``ru_maxrss`` in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def run_once(n: int, artifact: str, data: Path, tmp: Path, cache: str) -> tuple[Peaks, float, int]:

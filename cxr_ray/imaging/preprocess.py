@@ -40,6 +40,7 @@ import numpy as np
 from PIL import Image, ImageOps
 
 from cxr_ray.errors import DecodeError
+from cxr_ray.imaging.storage_form import render
 from cxr_ray.vocabulary import INTENSITY_MODES, ErrorCode
 
 FORMATS = ("jpeg", "png", "dicom")
@@ -217,8 +218,6 @@ def _finish(im: Image.Image, spec: PreprocessSpec) -> np.ndarray:
     if im.size != (spec.width, spec.height):
         im = im.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
         if spec.storage_jpeg_quality is not None:
-            from cxr_ray.imaging.storage_form import render
-
             im = render(im, spec.storage_jpeg_quality)
     if spec.intensity == "equalize":
         im = ImageOps.equalize(im)
