@@ -144,3 +144,29 @@ def test_images_outside_the_reference_widen_the_interval_to_what_is_unknown():
     narrow = est.summary_block({"cbpe": est.cbpe(wrong, THRESHOLD)}, "cbpe", n=400, auc=e["domain_auc"])
     assert not narrow["specificity"]["low"] <= truth["specificity"] <= narrow["specificity"]["high"]
     assert "outside_reference" in e and not e["reliable"]
+
+
+def test_under_severe_shift_sensitivity_and_specificity_can_be_anything():
+    """A mostly-normal run shifted as a whole (domain AUC ~0.98, two thirds beyond the
+    reference): its normals unsure and unflagged, its positives flagged. Label-free methods
+    count the unsure normals as missed positives and under-estimate sensitivity (the truth is
+    1.0); the share-based bound spread the outside images over the expected positives and its
+    high end fell short (0.97), as at the 70%-normal constructed site. Which images are
+    positives is unknown here, so the interval must allow any sensitivity and specificity."""
+    rng = np.random.default_rng(11)
+    ref = rng.normal(size=(600, 8))
+    probs, y = _calibrated(400, 12, normal_share=0.7)
+    z = rng.normal(size=(400, 8)) + 1.0
+    seen = probs.copy()
+    seen[y == 0] = [0.45, 0.35, 0.2]  # unsure, unflagged (P(pneumonia) 0.55)
+    seen[y != 0] = [0.02, 0.68, 0.3]  # flagged
+    truth = _truth(np.asarray(y), seen)
+    e = est.estimate_arrays(seen, THRESHOLD, run_z=z, ref_z=ref)
+    assert e["domain_auc"] >= est.SEVERE_DOMAIN_AUC and not e["reliable"]
+    assert 0.5 < e["outside_reference"] < 0.9
+    assert truth["sensitivity"] > e["sensitivity"]["estimate"] + 0.3  # the estimate is wrong
+    for m in ("sensitivity", "specificity"):
+        assert (e[m]["low"], e[m]["high"]) == (0.0, 1.0), (m, e[m])
+        assert e[m]["low"] <= truth[m] <= e[m]["high"]
+    assert e["accuracy"]["low"] <= truth["accuracy"] <= e["accuracy"]["high"]
+    assert e["accuracy"]["high"] - e["accuracy"]["low"] < 1.0
