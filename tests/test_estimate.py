@@ -170,3 +170,22 @@ def test_under_severe_shift_sensitivity_and_specificity_can_be_anything():
         assert e[m]["low"] <= truth[m] <= e[m]["high"]
     assert e["accuracy"]["low"] <= truth["accuracy"] <= e["accuracy"]["high"]
     assert e["accuracy"]["high"] - e["accuracy"]["low"] < 1.0
+
+
+def test_atc_intervals_cover_the_measured_value_on_subsets_of_its_own_validation_set():
+    """Random 300-image subsets of the images ATC's thresholds were fitted on: the measured
+    value moves with the subset's labels, which ATC's count variance does not describe. With
+    the label noise added the 95% intervals hold it in >= 97% of 200 trials here (0.99-1.00;
+    0.94-0.96 before; on the real validation images specificity 0.75 -> 1.00 in 20 trials)."""
+    probs, y = _calibrated(745, 21, normal_share=0.26)
+    rng = np.random.default_rng(22)
+    hits = {m: 0 for m in ("sensitivity", "specificity", "accuracy")}
+    trials = 200
+    for _ in range(trials):
+        idx = rng.choice(745, 300, replace=False)
+        e = est.estimate_arrays(probs[idx], THRESHOLD, ref_probs=probs, ref_y=y)
+        assert e["method"] == "atc"
+        truth = _truth(y[idx], probs[idx])
+        for m in hits:
+            hits[m] += e[m]["low"] <= truth[m] <= e[m]["high"]
+    assert all(h / trials >= 0.97 for h in hits.values()), hits

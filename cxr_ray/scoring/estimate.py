@@ -173,7 +173,7 @@ def summary_block(
         # The features barely overlap the reference's: which of the run's images are positives is
         # itself unknown, so sensitivity and specificity (ratios over that split) can be
         # anything. Measured: the share-based bound covered the 70%-normal constructed site's
-        # sensitivity in 0-10% of trials and a flag-aware one in 10-20% (docs/MONITORING.md).
+        # sensitivity in 0-10% of trials, a flag-aware one in 20% (docs/MONITORING.md).
         unknown["sensitivity"] = unknown["specificity"] = 1.0
     chosen = figures[method]
     out: dict[str, Any] = {"method": method, "n_images": n}
