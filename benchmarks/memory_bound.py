@@ -12,7 +12,8 @@ size, while a sampler thread reads every 0.25 s:
   object store   bytes in use by Ray's plasma store (``ray._private.internal_api``)
 
 A run whose memory is bounded by its block sizes has the same peaks at 10x the images; the last
-lines print each peak's ratio between the largest and the smallest size. Not a test: numbers
+lines print each peak's ratio between the largest and the smallest size, and each run's
+object-store peak per tenth of its duration (a plateau, or growth until the end). Not a test: numbers
 depend on the machine.
 """
 
@@ -43,6 +44,20 @@ class Peaks:
     object_store: int = 0
     samples: int = 0
     workers_seen: set[int] = field(default_factory=set)
+    # (seconds since the start, object-store bytes, all workers' RSS) every sample: whether a
+    # peak is a plateau or still growing at the end of the run.
+    trace: list[tuple[float, int, int]] = field(default_factory=list)
+
+    def by_tenth(self) -> str:
+        """The largest object-store use (MB) in each tenth of the run's duration."""
+        if not self.trace:
+            return "no samples"
+        end = self.trace[-1][0] or 1.0
+        tenths = [0] * 10
+        for t, store, _ in self.trace:
+            i = min(int(10 * t / end), 9)
+            tenths[i] = max(tenths[i], store)
+        return " ".join(f"{v / MB:.0f}" for v in tenths)
 
 
 def _object_store_used() -> int:
@@ -58,7 +73,10 @@ def _object_store_used() -> int:
 def _sample(peaks: Peaks, stop: threading.Event) -> None:
     import psutil
 
+    import time
+
     me = psutil.Process()
+    start = time.monotonic()
     while not stop.is_set():
         peaks.driver_rss = max(peaks.driver_rss, me.memory_info().rss)
         total = 0
@@ -75,7 +93,9 @@ def _sample(peaks: Peaks, stop: threading.Event) -> None:
             peaks.worker_uss = max(peaks.worker_uss, info.uss)
             total += info.rss
         peaks.workers_rss_sum = max(peaks.workers_rss_sum, total)
-        peaks.object_store = max(peaks.object_store, _object_store_used())
+        store = _object_store_used()
+        peaks.object_store = max(peaks.object_store, store)
+        peaks.trace.append((time.monotonic() - start, store, total))
         peaks.samples += 1
         stop.wait(0.25)
 
@@ -129,6 +149,7 @@ def main() -> None:
                 f"all workers at once {peaks.workers_rss_sum / MB:.0f} MB over {len(peaks.workers_seen)} "
                 f"processes; object store peak {peaks.object_store / MB:.0f} MB ({peaks.samples} samples)"
             )
+            print(f"  object store peak (MB) in each tenth of the {rows}-image run: {peaks.by_tenth()}")
         print(f"driver VmHWM over the whole benchmark: {_vm_hwm() / MB:.0f} MB")
         small, large = results[min(sizes)], results[max(sizes)]
         for name in ("driver_rss", "worker_rss", "worker_uss", "workers_rss_sum", "object_store"):

@@ -200,6 +200,12 @@ class ScoreSettings(_Section):
     threads_per_actor: int | None = Field(default=None, ge=1)
     #: CPUs reserved per decode task (fractional oversubscribes on purpose: decode blocks on I/O).
     cpus_per_decode_task: PositiveFloat = 1.0
+    #: Object-store memory (MiB) the run's Ray Data pipeline may hold at once (``0``: Ray Data's
+    #: own default, half the object store). Decode outruns the model on CPU nodes, and without a
+    #: cap decoded blocks queue up to Ray Data's budget: 277 MB by three quarters of a
+    #: 20,000-image run and still growing (benchmarks/memory_bound.py). A few blocks in flight
+    #: are all the model needs.
+    object_store_limit_mb: int = Field(default=256, ge=0)
     #: Decode JPEGs on the GPU inside the actor when it has one.
     gpu_decode: bool = True
     #: Grad-CAM overlays written by a torch stage after the predictor: none, flagged or all rows.

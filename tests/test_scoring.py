@@ -735,3 +735,29 @@ def test_the_onnx_cache_follows_the_network_not_its_calibration(tiny_artifact, t
     with pytest.raises(EngineUnavailableError, match=r"outputs are \('probs',\)"):
         OnnxEngine(old.read_bytes())
     assert cached_onnx(art, cache) == (data, True)
+
+
+def test_the_runs_object_store_cap_is_its_own_and_a_tiny_cap_still_scores_every_image(
+    ray_local, tiny_artifact, tmp_path
+):
+    """``score.object_store_limit_mb`` caps what the run's dataset may hold in the object
+    store (decode outruns the model on CPU nodes: without it decoded blocks queue up to Ray
+    Data's budget, half the object store). The cap is set on the dataset's own context (the
+    process-wide DataContext is untouched), and a cap far below one block backpressures the
+    reads without hanging: rows out == images in."""
+    import ray.data
+
+    from cxr_ray.scoring.pipeline import build_dataset, plan_run
+
+    root = imaging.kermany_folder(tmp_path / "in", per_class=6)
+    art = load_artifact(str(tiny_artifact))
+    for limit, want in ((64, 64 * 1024 * 1024), (0, float("inf"))):
+        settings = _settings(tmp_path, object_store_limit_mb=limit)
+        ds = build_dataset(str(root), art, plan_run(art, settings), settings, out_dir=str(tmp_path / "o"))
+        assert ds.context.execution_options.resource_limits.object_store_memory == want
+    process_wide = ray.data.DataContext.get_current().execution_options.resource_limits
+    assert process_wide.object_store_memory == float("inf")
+    tiny_cap = _settings(tmp_path, object_store_limit_mb=1)
+    r = score(str(root), str(tiny_artifact), str(tmp_path / "out"), tiny_cap)
+    assert r.images == 18 and r.errors == 0
+    assert pq.read_table(tmp_path / "out" / "predictions.parquet").num_rows == 18

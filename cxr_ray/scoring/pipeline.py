@@ -163,13 +163,14 @@ def build_dataset(
             "keep_pixels": explain,
         },
     )
+    _limit_object_store(ds, sc.object_store_limit_mb)
     if not explain:
         return ds
     from cxr_ray.scoring.explain import Explainer
 
     weights = plan.payload.weights or prepare(art, "torch", plan.payload.options, plan.spec)[0].weights
     gpus = explainer_gpus(sc.gpus_per_actor, sc.actors_max, ray.cluster_resources().get("GPU", 0.0))
-    return ds.map_batches(
+    explained = ds.map_batches(
         Explainer,
         batch_size=sc.batch_size,
         batch_format="numpy",
@@ -187,6 +188,8 @@ def build_dataset(
             "limit": sc.explain_limit,
         },
     )
+    _limit_object_store(explained, sc.object_store_limit_mb)
+    return explained
 
 
 def intended_use_policy(art: Artifact, sc: ScoreSettings) -> IntendedUse:
@@ -227,6 +230,15 @@ def explainer_gpus(gpus_per_actor: float, actors_max: int, cluster_gpus: float) 
     if gpus_per_actor <= 0:
         return 0.0
     return gpus_per_actor if cluster_gpus >= gpus_per_actor * (actors_max + 1) else 0.0
+
+
+def _limit_object_store(ds: Any, limit_mb: int) -> None:
+    """Cap what this dataset's execution may hold in the object store (its own context: no
+    other dataset of the process is touched); ``0`` keeps Ray Data's default."""
+    if limit_mb <= 0:
+        return
+    options = ds.context.execution_options
+    options.resource_limits = options.resource_limits.copy(object_store_memory=limit_mb * 1024 * 1024)
 
 
 def score(
