@@ -6,9 +6,11 @@ natively, then OpenVINO fp32) are used for an artifact only after an **agreement
 its own validation images (the ``val`` rows of ``ARTIFACT/split.parquet``, a seeded sample of
 at most ``CHECK_IMAGES``, preprocessed as scoring preprocesses them): the card's calibrated
 probabilities of the candidate against onnxruntime fp32 on the same model input must have
-argmax agreement >= ``MIN_ARGMAX_AGREEMENT`` and max |dp| <= ``MAX_ABS_DP``. The first
-candidate that passes is chosen; none passing (or no readable validation images, or OpenVINO
-not installed) leaves onnxruntime fp32, with one log line saying why.
+argmax agreement >= ``MIN_ARGMAX_AGREEMENT`` and max |dp| <= ``MAX_ABS_DP``, and the same
+check times both (model only, the actors' threads): the candidate must also be at least
+``MIN_SPEEDUP`` times onnxruntime's speed. The first candidate that passes both is chosen;
+none passing (or no readable validation images, or OpenVINO not installed) leaves
+onnxruntime fp32, with one log line saying why.
 
 The decision and every check's figures (agreement, max and mean |dp|, images, engine,
 precision, library versions, CPU) are stored next to the exported ONNX model
@@ -33,6 +35,7 @@ import json
 import logging
 import os
 import platform
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +59,11 @@ CPU_CANDIDATES = (("openvino", "bf16"), ("openvino", "fp32"))
 REFERENCE = ("onnxruntime", "fp32")
 MIN_ARGMAX_AGREEMENT = 0.995
 MAX_ABS_DP = 0.05
+#: A candidate that agrees is used only if it is also this much faster than onnxruntime fp32,
+#: timed in the same check (model only, the actors' threads, the check's images). OpenVINO
+#: fp32 was 1.51x onnxruntime on one day's CPU and 0.8-0.9x on another (benchmarks/RESULTS.md):
+#: "faster" is measured per node, not assumed.
+MIN_SPEEDUP = 1.1
 #: Validation images the check scores (a seeded sample when the split has more). At the bar,
 #: 1,024 images allow 5 disagreements; a candidate that truly disagrees on 1% of images
 #: (twice the bar) passes with probability 0.07, and one at 0.2% fails with probability 0.02.
@@ -63,7 +71,7 @@ CHECK_IMAGES = 1024
 CHECK_SEED = 0
 BATCH = 64
 #: Bump when what the cached decision means changes (older decisions are never reused).
-CHOICE_FORMAT = "cxr-ray-engine-choice/1"
+CHOICE_FORMAT = "cxr-ray-engine-choice/2"
 
 Outputs = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
 #: Builds the engine ``(engine, precision)`` for this artifact's ONNX model (``engines.base``
@@ -119,7 +127,7 @@ def choice_path(art: Artifact, options: EngineOptions, spec: PreprocessSpec, can
         "threads": options.threads,
         "cpu": _cpu_model(),
         "versions": _versions(),
-        "bar": [MIN_ARGMAX_AGREEMENT, MAX_ABS_DP, CHECK_IMAGES, CHECK_SEED],
+        "bar": [MIN_ARGMAX_AGREEMENT, MAX_ABS_DP, CHECK_IMAGES, CHECK_SEED, MIN_SPEEDUP],
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     return Path(options.cache_dir) / "onnx" / f"{onnx_stem(art)}-auto-{digest}.json"
@@ -134,6 +142,14 @@ def batched(run: Outputs) -> Outputs:
         return logits, np.concatenate([o[1] for o in outs]).astype(np.float64)
 
     return outputs
+
+
+def timed(run: Outputs, x: np.ndarray) -> tuple[tuple[np.ndarray, np.ndarray], float]:
+    """``run(x)`` and its speed in images per second (after one warm-up batch)."""
+    run(x[:BATCH])
+    start = time.perf_counter()
+    out = run(x)
+    return out, len(x) / max(time.perf_counter() - start, 1e-9)
 
 
 def agreement(
@@ -162,6 +178,19 @@ def _figures(check: dict[str, Any]) -> str:
     )
 
 
+def _why_not(c: dict[str, Any]) -> str:
+    if not c["passed"]:
+        return (
+            f"{c['engine']} {c['precision']} disagrees with {REFERENCE[0]} fp32 on {c['images']} validation "
+            f"images: {_figures(c)}"
+        )
+    return (
+        f"{c['engine']} {c['precision']} agrees with {REFERENCE[0]} fp32 but is not faster here: "
+        f"{c['images_per_s']:.0f} vs {c['reference_images_per_s']:.0f} img/s, {c['speedup']:.2f}x "
+        f"(>= {MIN_SPEEDUP}x needed)"
+    )
+
+
 def _decide(
     art: Artifact, options: EngineOptions, spec: PreprocessSpec, candidates: Any, make: MakeEngine
 ) -> dict[str, Any]:
@@ -175,29 +204,40 @@ def _decide(
     if len(pixels) < 2:
         raise EngineUnavailableError("the artifact's split.parquet lists fewer than 2 validation images")
     x = to_model_input(pixels)
-    ref = batched(make(*REFERENCE))(x)
+    ref, ref_speed = timed(batched(make(*REFERENCE)), x)
     checks, chosen = [], REFERENCE
     for engine, precision in candidates:
-        check = {"engine": engine, "precision": precision} | agreement(
-            art, ref, batched(make(engine, precision))(x)
-        )
+        got, speed = timed(batched(make(engine, precision)), x)
+        check = {"engine": engine, "precision": precision} | agreement(art, ref, got)
+        check |= {
+            "images_per_s": round(speed, 1),
+            "reference_images_per_s": round(ref_speed, 1),
+            "speedup": round(speed / ref_speed, 3),
+        }
+        check["faster"] = check["speedup"] >= MIN_SPEEDUP
         checks.append(check)
-        logger.info("engine auto: %s %s vs %s %s: %s", engine, precision, *REFERENCE, _figures(check))
-        if check["passed"]:
+        logger.info(
+            "engine auto: %s %s vs %s %s: %s, %.2fx its speed",
+            engine,
+            precision,
+            *REFERENCE,
+            _figures(check),
+            check["speedup"],
+        )
+        if check["passed"] and check["faster"]:
             chosen = (engine, precision)
             break
-    failed = [c for c in checks if not c["passed"]]
-    reason = "; ".join(
-        f"{c['engine']} {c['precision']} disagrees with {REFERENCE[0]} fp32 on {c['images']} validation "
-        f"images: {_figures(c)}"
-        for c in failed
-    )
+    reason = "; ".join(_why_not(c) for c in checks if not (c["passed"] and c["faster"]))
     return {
         "format": CHOICE_FORMAT,
         "engine": chosen[0],
         "precision": chosen[1],
         "reference": {"engine": REFERENCE[0], "precision": REFERENCE[1]},
-        "bar": {"min_argmax_agreement": MIN_ARGMAX_AGREEMENT, "max_abs_dp": MAX_ABS_DP},
+        "bar": {
+            "min_argmax_agreement": MIN_ARGMAX_AGREEMENT,
+            "max_abs_dp": MAX_ABS_DP,
+            "min_speedup": MIN_SPEEDUP,
+        },
         "checks": checks,
         "reason": reason or None,
         "model": art.card.engine_key,
