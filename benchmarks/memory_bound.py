@@ -24,6 +24,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,8 +73,6 @@ def _object_store_used() -> int:
 
 def _sample(peaks: Peaks, stop: threading.Event) -> None:
     import psutil
-
-    import time
 
     me = psutil.Process()
     start = time.monotonic()
