@@ -45,9 +45,9 @@ class Peaks:
     object_store: int = 0
     samples: int = 0
     workers_seen: set[int] = field(default_factory=set)
-    # (seconds since the start, object-store bytes, all workers' RSS) every sample: whether a
+    # (seconds since the start, object-store bytes) every sample: whether the object-store
     # peak is a plateau or still growing at the end of the run.
-    trace: list[tuple[float, int, int]] = field(default_factory=list)
+    trace: list[tuple[float, int]] = field(default_factory=list)
 
     def by_tenth(self) -> str:
         """The largest object-store use (MB) in each tenth of the run's duration."""
@@ -55,7 +55,7 @@ class Peaks:
             return "no samples"
         end = self.trace[-1][0] or 1.0
         tenths = [0] * 10
-        for t, store, _ in self.trace:
+        for t, store in self.trace:
             i = min(int(10 * t / end), 9)
             tenths[i] = max(tenths[i], store)
         return " ".join(f"{v / MB:.0f}" for v in tenths)
@@ -94,7 +94,7 @@ def _sample(peaks: Peaks, stop: threading.Event) -> None:
         peaks.workers_rss_sum = max(peaks.workers_rss_sum, total)
         store = _object_store_used()
         peaks.object_store = max(peaks.object_store, store)
-        peaks.trace.append((time.monotonic() - start, store, total))
+        peaks.trace.append((time.monotonic() - start, store))
         peaks.samples += 1
         stop.wait(0.25)
 

@@ -139,18 +139,24 @@ def _interval(est: float, se: float, systematic: float, unknown: float = 0.0) ->
     }
 
 
-def unknown_shares(outside: float, prevalence: float) -> dict[str, float]:
+def unknown_shares(outside: float, prevalence: float, auc: float = math.nan) -> dict[str, float]:
     """How much of each metric rests on images outside the reference: all of the run's
     images for accuracy; among the positives (negatives) for sensitivity (specificity) at
     worst every outside image is one of them, so ``outside / prevalence`` (``/ (1 -
-    prevalence)``), capped at 1."""
-    if not math.isfinite(outside) or outside <= 0.0:
+    prevalence)``), capped at 1. Under severe shift (``auc`` >= ``SEVERE_DOMAIN_AUC``: the
+    features barely overlap the reference's) which images are positives is itself unknown, so
+    sensitivity and specificity rest wholly on the unknown (1). Measured: the share-based
+    bound covered the 70%-normal constructed site's sensitivity in 0-10% of trials, a
+    flag-aware one in 20% (docs/MONITORING.md)."""
+    severe = math.isfinite(auc) and auc >= SEVERE_DOMAIN_AUC
+    if not severe and (not math.isfinite(outside) or outside <= 0.0):
         return dict.fromkeys(METRICS, 0.0)
+    out = max(outside, 0.0) if math.isfinite(outside) else 0.0
     prev = min(max(prevalence if math.isfinite(prevalence) else 0.5, 1e-6), 1.0 - 1e-6)
     return {
-        "sensitivity": min(1.0, outside / prev),
-        "specificity": min(1.0, outside / (1.0 - prev)),
-        "accuracy": outside,
+        "sensitivity": 1.0 if severe else min(1.0, out / prev),
+        "specificity": 1.0 if severe else min(1.0, out / (1.0 - prev)),
+        "accuracy": out,
         "flag_rate": 0.0,
     }
 
@@ -168,13 +174,7 @@ def summary_block(
     ``outside``: the share of the run beyond the reference (``domain_shift``), ``prevalence``:
     the run's expected pneumonia share (the mean P(pneumonia))."""
     sys_half = systematic_half_width(auc)
-    unknown = unknown_shares(outside, prevalence)
-    if math.isfinite(auc) and auc >= SEVERE_DOMAIN_AUC:
-        # The features barely overlap the reference's: which of the run's images are positives is
-        # itself unknown, so sensitivity and specificity (ratios over that split) can be
-        # anything. Measured: the share-based bound covered the 70%-normal constructed site's
-        # sensitivity in 0-10% of trials, a flag-aware one in 20% (docs/MONITORING.md).
-        unknown["sensitivity"] = unknown["specificity"] = 1.0
+    unknown = unknown_shares(outside, prevalence, auc)
     chosen = figures[method]
     out: dict[str, Any] = {"method": method, "n_images": n}
     for m in METRICS:
