@@ -1,7 +1,7 @@
 """Variance of the default recipe: seeds x precisions, so a change of 1-2 points can be told from noise.
 
     .venv/bin/python benchmarks/recipe_variance.py --work /work/art/var \\
-        [--seeds 0,1,2] [--precisions bf16,fp32] [--reuse bf16-s0=/work/art/mnv2]
+        [--seeds 0,1,2] [--precisions bf16,fp32] [--reuse bf16-s0=/work/art/mnv2] [--config RECIPE]
 
 Trains the default recipe (``cxr-ray train ../shared/data/kermany224``, the built-in defaults:
 the same patient-grouped validation split for every run, ``data.split_seed`` 0) once per
@@ -11,7 +11,8 @@ max): validation accuracy and macro-F1, sensitivity and specificity at the card'
 threshold (the card's own validation figures), and the same on the constructed site (the
 validation images re-rendered by ``render_site`` with the mild site shift of
 ``benchmarks/site_calibration.py``; torch fp32 on the CPU). Each training takes the machine's
-two cores for ~14-28 min: not a test.
+two cores for ~14-28 min: not a test. ``--config RECIPE.toml`` trains a variant of the recipe
+instead (use its own ``--work``).
 """
 
 from __future__ import annotations
@@ -43,9 +44,10 @@ FIGURES = ("val_accuracy", "val_macro_f1", "val_sensitivity", "val_specificity")
 SITE_FIGURES = ("site_accuracy", "site_sensitivity", "site_specificity")
 
 
-def train(out: Path, seed: int, precision: str) -> float:
+def train(out: Path, seed: int, precision: str, config: str | None = None) -> float:
     start = time.time()
-    cmd = [sys.executable, "-m", "cxr_ray", "train", str(DATA), "--out", str(out)]
+    cmd = [sys.executable, "-m", "cxr_ray"] + (["--config", config] if config else [])
+    cmd += ["train", str(DATA), "--out", str(out)]
     cmd += ["--seed", str(seed), "--precision", precision, "--run-name", out.name]
     cmd += ["--storage-path", str(out.parent / "runs")]
     log = out.parent / f"{out.name}.log"
@@ -93,6 +95,7 @@ def main() -> None:
     ap.add_argument("--precisions", default="bf16,fp32")
     ap.add_argument("--reuse", action="append", default=[], help="NAME=ARTIFACT: an already trained run")
     ap.add_argument("--no-train", action="store_true", help="only evaluate the artifacts already there")
+    ap.add_argument("--config", default=None, help="a recipe TOML to train instead of the defaults")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -108,7 +111,7 @@ def main() -> None:
             if not (out / "model_card.json").exists():
                 if args.no_train:
                     continue
-                wall = train(out, seed, precision)
+                wall = train(out, seed, precision, args.config)
             row = {"run": name, "precision": precision, "seed": seed, "train_s": wall}
             row |= card_figures(str(out)) | site_figures(str(out), cache)
             rows.append(row)
