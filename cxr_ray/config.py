@@ -135,16 +135,6 @@ class AugmentSettings(_Section):
     blur_prob: float = Field(default=0.2, ge=0, le=1)
     #: Off by default: chest anatomy is not mirror-symmetric (heart on the left).
     hflip: bool = False
-    #: Share of images whose fine (< 0.7 px) and mid (0.7-2 px) detail get random gains, so the
-    #: network does not learn one resampler's texture (``cxr_ray.training.augment``).
-    texture_prob: float = Field(default=0.0, ge=0, le=1)
-    #: Fine-detail gain range: uniform in [-0.5, 1] x this.
-    texture_fine: float = Field(default=0.6, ge=0, le=2)
-    #: Mid-detail gain range: uniform in [-1, 1] x this.
-    texture_mid: float = Field(default=0.3, ge=0, le=1)
-    #: Share of images that go through a JPEG round trip at a random quality.
-    jpeg_prob: float = Field(default=0.0, ge=0, le=1)
-    jpeg_quality_min: int = Field(default=50, ge=1, le=95)
 
 
 class TrainSettings(_Section):

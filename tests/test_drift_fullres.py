@@ -11,7 +11,8 @@ scoring re-encodes resized images in it (``cxr_ray.imaging.storage_form``): 0.08
 -0.26 logits, sensitivity at the card threshold 0.962 -> 0.981 (copies 0.987), and only the
 features check still alerts (p 9e-06, effect 0.13; the 224 px copies themselves do not alert:
 p 0.016, effect 0.096). ``test_default_artifact_does_not_alert`` stays a strict xfail until the
-remaining fine-detail difference is gone. Skipped without the data, the artifact, or a card
+remaining fine-detail difference is gone (``benchmarks/fullres_pairs.py`` prints these figures
+for any artifact). Skipped without the data, the artifact, or a card
 recording the storage form (``/work/art/mnv2``'s card: retrained or given
 ``"storage_jpeg_quality": 75``, what training now detects from its split).
 """
@@ -197,7 +198,8 @@ def test_the_storage_form_restores_sensitivity_on_the_originals(default_run):
     strict=True,
     reason="the default artifact's network still sees the originals differently from the 224 px "
     "JPEG copies it was trained on (re-encoded in their storage form: features 0.087 std apart on "
-    "the same images, the features check alerts with effect 0.13)",
+    "the same images, the features check alerts with effect 0.13; neither a fitted post-resize filter "
+    "nor a texture augmentation in training closed it: docs/MONITORING.md, item 5)",
 )
 def test_default_artifact_does_not_alert(default_run):
     fig = default_run["original"]["figures"]
