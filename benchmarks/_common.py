@@ -1,4 +1,5 @@
-"""What the benchmarks share: timing one scoring run, a throughput artifact (not tests)."""
+"""What the benchmarks share: timing one scoring run, a throughput artifact, the scored block a
+drift check reads (not tests)."""
 
 from __future__ import annotations
 
@@ -87,3 +88,26 @@ def replicate(src: Path, dst: Path, n: int) -> list[Path]:
             shutil.copyfile(f, target)
         out.append(target)
     return out
+
+
+def drift_block(card: Any, logits: Any, stats: Any, feats: Any, patients: Any = None) -> Any:
+    """The columns of a scored block that ``DriftAccumulator`` reads, from the network's outputs
+    (``patients``: the patient id per row, for the cluster-robust tests)."""
+    import numpy as np
+    import pyarrow as pa
+
+    from cxr_ray.labels import LABELS, NORMAL
+
+    probs = card.probabilities(np.asarray(logits, np.float64))
+    extra = {} if patients is None else {"patient_id": [str(p) for p in patients]}
+    return pa.table(
+        {
+            **extra,
+            "status": ["ok"] * len(logits),
+            **{f"prob_{k}": probs[:, i].astype(np.float32) for i, k in enumerate(LABELS)},
+            "prob_pneumonia": (1 - probs[:, LABELS.index(NORMAL)]).astype(np.float32),
+            "pred_label": [LABELS[i] for i in probs.argmax(1)],
+            "input_stats": pa.FixedShapeTensorArray.from_numpy_ndarray(np.asarray(stats, np.float32)),
+            "features": pa.FixedShapeTensorArray.from_numpy_ndarray(np.asarray(feats, np.float32)),
+        }
+    )

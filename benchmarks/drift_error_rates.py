@@ -35,15 +35,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
+from _common import drift_block
 
 from cxr_ray.config import DriftSettings
 from cxr_ray.data.site_shift import SiteShift, render_site
 from cxr_ray.imaging.preprocess import decode
 from cxr_ray.imaging.stats import input_stats
 from cxr_ray.io import storage
-from cxr_ray.labels import LABELS, NORMAL, parse_kermany_path
+from cxr_ray.labels import parse_kermany_path
 from cxr_ray.models.artifact import load_artifact
 from cxr_ray.models.card import spec_for
 from cxr_ray.models.outputs import network_outputs
@@ -58,24 +58,6 @@ SITES = {
     "SiteShift() defaults": SiteShift(),
 }
 TESTS = ("p_pneumonia", "pred_label", "inputs", "features")
-
-
-def _block(
-    card: Any, logits: np.ndarray, stats: np.ndarray, feats: np.ndarray, patients: np.ndarray | None = None
-) -> pa.Table:
-    probs = card.probabilities(np.asarray(logits, np.float64))
-    extra = {} if patients is None else {"patient_id": [str(p) for p in patients]}
-    return pa.table(
-        {
-            **extra,
-            "status": ["ok"] * len(logits),
-            **{f"prob_{k}": probs[:, i].astype(np.float32) for i, k in enumerate(LABELS)},
-            "prob_pneumonia": (1 - probs[:, LABELS.index(NORMAL)]).astype(np.float32),
-            "pred_label": [LABELS[i] for i in probs.argmax(1)],
-            "input_stats": pa.FixedShapeTensorArray.from_numpy_ndarray(np.asarray(stats, np.float32)),
-            "features": pa.FixedShapeTensorArray.from_numpy_ndarray(np.asarray(feats, np.float32)),
-        }
-    )
 
 
 def check(
@@ -94,7 +76,7 @@ def check(
     reference = read_reference(reference_from_arrays(card, *ref, components=ref[2].shape[1]))
     units = None if ref_patients is None else [f"patient_id:{p}" for p in ref_patients]
     acc = DriftAccumulator(reference, card, settings, reference_units=units)
-    block = _block(card, *run, None if run_patients is None else run_patients[: len(run[0])])
+    block = drift_block(card, *run, None if run_patients is None else run_patients[: len(run[0])])
     for i in range(0, block.num_rows, 1000):
         acc.add(block.slice(i, 1000))
     fig = acc.figures()
@@ -246,7 +228,7 @@ def fullres(art: Any, folder: Path, work: Path, settings: Any) -> None:
         acc = DriftAccumulator(reference, card, settings, reference_units=reference_units(art, reference))
         feats = reference.feature_mean + run[2] @ reference.pca_components.astype(np.float64)
         patients = np.array([parse_kermany_path(str(f)).patient_id or f.name for f in files])
-        acc.add(_block(card, run[0], run[1], feats, patients))  # patients from the names, as a run has
+        acc.add(drift_block(card, run[0], run[1], feats, patients))  # patients from the names, as a run has
         fig = acc.figures()
         print(
             f"\nfull-resolution originals ({len(files)}) against the artifact's reference: alert {fig.alert}"

@@ -19,10 +19,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import numpy as np
-import pyarrow as pa
+from _common import drift_block
 
 from cxr_ray.config import DriftSettings
 from cxr_ray.imaging.preprocess import decode
@@ -46,23 +45,6 @@ def spectrum(a: np.ndarray) -> np.ndarray:
     y, x = np.indices(a.shape)
     r = np.hypot(y - a.shape[0] / 2, x - a.shape[1] / 2).astype(int).ravel()
     return np.bincount(r, power.ravel())[:112] / np.maximum(np.bincount(r)[:112], 1)
-
-
-def block(card: Any, logits: np.ndarray, stats: np.ndarray, feats: np.ndarray, files: list[Path]) -> pa.Table:
-    """The columns of a scored block that the drift accumulator reads."""
-    probs = card.probabilities(np.asarray(logits, np.float64))
-    return pa.table(
-        {
-            "patient_id": [parse_kermany_path(str(f)).patient_id for f in files],
-            "image_id": [f.name for f in files],
-            "status": ["ok"] * len(logits),
-            **{f"prob_{k}": probs[:, i].astype(np.float32) for i, k in enumerate(LABELS)},
-            "prob_pneumonia": (1 - probs[:, LABELS.index(NORMAL)]).astype(np.float32),
-            "pred_label": [LABELS[i] for i in probs.argmax(1)],
-            "input_stats": pa.FixedShapeTensorArray.from_numpy_ndarray(stats.astype(np.float32)),
-            "features": pa.FixedShapeTensorArray.from_numpy_ndarray(feats.astype(np.float32)),
-        }
-    )
 
 
 def main() -> None:
@@ -93,7 +75,8 @@ def main() -> None:
         logits, feats = network_outputs(art, px)
         sizes = np.array([d.width for d in decoded]), np.array([d.height for d in decoded])
         acc = DriftAccumulator(ref, art.card, DriftSettings(), reference_units=reference_units(art, ref))
-        acc.add(block(art.card, logits, input_stats(px, *sizes), feats, files))
+        patients = [parse_kermany_path(str(f)).patient_id or f.name for f in files]
+        acc.add(drift_block(art.card, logits, input_stats(px, *sizes), feats, patients))
         fig = acc.figures()
         probs = art.card.probabilities(logits.astype(np.float64))
         p = np.clip(1 - probs[:, LABELS.index(NORMAL)], 1e-7, 1 - 1e-7)
