@@ -75,18 +75,19 @@ def main() -> None:
         logits, feats = network_outputs(art, px)
         sizes = np.array([d.width for d in decoded]), np.array([d.height for d in decoded])
         acc = DriftAccumulator(ref, art.card, DriftSettings(), reference_units=reference_units(art, ref))
-        patients = [parse_kermany_path(str(f)).patient_id or f.name for f in files]
+        parsed = [parse_kermany_path(str(f)) for f in files]
+        patients = [k.patient_id or f.name for k, f in zip(parsed, files, strict=True)]
         acc.add(drift_block(art.card, logits, input_stats(px, *sizes), feats, patients))
         fig = acc.figures()
         probs = art.card.probabilities(logits.astype(np.float64))
         p = np.clip(1 - probs[:, LABELS.index(NORMAL)], 1e-7, 1 - 1e-7)
-        label = np.array([LABELS.index(parse_kermany_path(str(f)).label) for f in files])
+        label = np.array([LABELS.index(k.label) for k in parsed])
         pos = label != LABELS.index(NORMAL)
         tests = "  ".join(f"{t['check']} p {t['p_value']:.2g} effect {t['effect']:.3f}" for t in fig.tests())
         print(f"\n{name}: alert {fig.alerts() or 'none'}\n  {tests}")
-        sens, spec = np.mean(p[pos] >= threshold), np.mean(p[~pos] < threshold)
+        sens, specificity = np.mean(p[pos] >= threshold), np.mean(p[~pos] < threshold)
         acc3 = np.mean(probs.argmax(1) == label)
-        print(f"  sensitivity {sens:.3f}  specificity {spec:.3f}  3-class accuracy {acc3:.3f}")
+        print(f"  sensitivity {sens:.3f}  specificity {specificity:.3f}  3-class accuracy {acc3:.3f}")
         seen[name] = {"z": ref.project(feats) / ref.pca_std.astype(np.float64),
                       "logit": np.log(p) - np.log1p(-p), "pred": probs.argmax(1), "px": px}
     copy = seen["224 px copies"]
